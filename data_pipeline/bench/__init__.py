@@ -1,0 +1,1 @@
+"""Benchmarks of the data pipeline; each prints JSON."""
