@@ -1,5 +1,6 @@
-"""The arithmetic behind nulls_dist.sinks: the published mask hash, a splitmix64 stream, and GF(q) polynomial
-codewords, all in int64 torch ops (two's-complement wraparound, as torch does on every device).
+"""The arithmetic behind nulls_dist.sinks: the published mask hash (torch int64, two's-complement wraparound
+as on every torch device), a splitmix64 stream (numpy uint64, whose wraparound is defined) and GF(q)
+polynomial codewords (torch). Only integer arithmetic after set-up, so results are bit-identical everywhere.
 
 Shape legend:
     S  source ids in one chunk
@@ -38,7 +39,8 @@ def mix64_int(z: int) -> int:
 
 # ---------------------------------------------------------------------------------------------- reference
 def reference_table(pool_size: int) -> torch.Tensor:
-    """(P,) int64: a**j with int64 wraparound, then mod M (torch's floor-mod, so in [0, M))."""
+    """(P,) int64: a**j with int64 wraparound (= a**j mod 2**64 whatever the multiplication order), then mod M
+    (torch's floor-mod, so in [0, M))."""
     j = torch.arange(pool_size, dtype=torch.int64)
     return torch.pow(torch.tensor(REF_A, dtype=torch.int64), j) % REF_M
 

@@ -5,8 +5,9 @@ One abstraction, three strategies (see docs/sinks.md):
     uniform    exactly k distinct sinks per source, drawn from a splitmix64 stream seeded by the source
     code       a constant-weight code from polynomials over GF(q): two sources share at most r-1 sinks
 
-Everything is computed from the id on the fly (no per-source table), with int64 torch ops only, so the result
+Everything is computed from the id on the fly (no per-source table) with integer arithmetic only, so the result
 is the same in every process and on every machine. Work is chunked so temporaries stay a few tens of MiB.
+Results come back on the device of `source_ids` (uniform computes on the CPU, the others where the ids are).
 
 Shape legend:
     S  source ids in one call
@@ -26,8 +27,8 @@ from nulls_dist import sink_hash
 STRATEGIES = ("reference", "uniform", "code")
 ID_DTYPES = ("int64", "int32")
 VERSIONS = {"reference": "nulls-published-1", "uniform": "splitmix64-first-k-1", "code": "gf-poly-1"}
-# Elements per temporary (S_chunk x P or S_chunk x M): 2**21 int64 = 16 MiB, cache friendly; measured no faster
-# with larger chunks on the 2-core dev box (benchmarks/sink_assignment).
+# Elements per temporary (S_chunk x P, S_chunk x M or S_chunk x k): 2**21 int64 = 16 MiB. On the dev box
+# (65536 paper ids) 2**18..2**21 ran equally fast and 2**14 ~30% slower (per-call overhead).
 CHUNK_ELEMENTS = 1 << 21
 INT32_MAX = 2**31 - 1
 
@@ -38,8 +39,9 @@ class SinkAssignmentConfig:
 
     k: sinks per source. None derives it: round(p_mem * pool_size) for uniform, q for code; reference ignores
        k (each unit is on with probability ~p_mem). code accepts any k <= q (k evaluation points).
-    num_sources: number of sources the run will see; code refuses a config whose capacity q**r is smaller.
-       None for code means "every non-negative int32 id" (capacity >= 2**31).
+    num_sources: number of sources the run will see; code picks the smallest r with q**r >= num_sources and
+       refuses a config that would need r > k (capacity q**k too small). None for code means "every
+       non-negative int32 id" (capacity >= 2**31).
     min_source_id: code only; source index = source_id - min_source_id (e.g. 49152 for the paper's ids).
     """
 
@@ -73,7 +75,9 @@ class SinkAssignmentConfig:
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if self.strategy == "reference" and self.layer_specific:
-            raise ValueError("layer_specific=True is not available for strategy 'reference' (the published hash has no layer)")
+            raise ValueError(
+                "layer_specific=True is not available for strategy 'reference' (the published hash has no layer)"
+            )
 
 
 class SinkAssignment:
@@ -220,10 +224,10 @@ class SinkAssignment:
 def mask_to_rows(mask: torch.Tensor) -> torch.Tensor:
     """(S, P) bool -> (S, K) int64 ascending active indices, right-padded with -1; K = widest row."""
     num = mask.shape[0]
-    counts = mask.sum(dim=1)  # (S,)
+    row, col = mask.nonzero(as_tuple=True)  # row-major: grouped by row, ascending col
+    counts = torch.bincount(row, minlength=num)  # (S,); cheaper than mask.sum for sparse masks
     width = int(counts.max()) if num else 0
     out = torch.full((num, width), -1, dtype=torch.int64, device=mask.device)
-    row, col = mask.nonzero(as_tuple=True)  # row-major: grouped by row, ascending col
     starts = torch.cumsum(counts, 0) - counts  # (S,)
     pos = torch.arange(row.numel(), device=mask.device) - starts[row]
     out[row, pos] = col
@@ -234,7 +238,7 @@ def rows_to_mask(rows: torch.Tensor, pool_size: int) -> torch.Tensor:
     """(S, K) -1 padded indices -> (S, pool_size) bool."""
     mask = torch.zeros(rows.shape[0], pool_size + 1, dtype=torch.bool, device=rows.device)
     mask.scatter_(1, torch.where(rows < 0, pool_size, rows), True)
-    return mask[:, :pool_size]
+    return mask[:, :pool_size].contiguous()
 
 
 def largest_prime_at_most(n: int) -> int:

@@ -182,7 +182,8 @@ def _print_text(out: dict) -> None:
         k, load, pair = s["sinks_per_source"], s["unit_load"], s["pairwise_overlap"]
         print(f"{s['num_ids']} ids")
         print(f"sinks per source: mean {k['mean']:.2f} min {k['min']} max {k['max']} std {k['std']:.2f}")
-        print(f"unit load over {load['usable_units']} usable units: min {load['min']} max {load['max']} std {load['std']:.1f} "
+        print(f"unit load over {load['usable_units']} usable units: min {load['min']} max {load['max']} "
+              f"std {load['std']:.1f} "
               f"(binomial mean {load['binomial_mean']:.1f} std {load['binomial_std']:.1f}); "
               f"{load['units_never_used']} units never used")
         print(f"pairwise overlap: mean {pair['mean']:.3f} (ideal {pair['ideal_mean']:.3f}); max {pair['max']} "
