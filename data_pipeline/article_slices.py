@@ -1,0 +1,65 @@
+"""Random access to the ingested corpus by global row range: the ingest stage's part files
+(`ingest.article_parts`, in source-id order) are one table; a slice [start, stop) of it is read from only the row groups it overlaps, so that
+parallel shard workers each read their own deterministic slice in bounded memory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_pipeline.ingest import article_parts
+
+
+@dataclass(frozen=True)
+class CorpusIndex:
+    files: tuple[str, ...]
+    file_rows: tuple[tuple[int, ...], ...]  # rows per row group, per file
+
+    @property
+    def num_rows(self) -> int:
+        return sum(sum(groups) for groups in self.file_rows)
+
+    def fingerprint(self) -> str:
+        """Changes when any part file's name, size or row layout changes."""
+        parts = [(Path(f).name, Path(f).stat().st_size, rows) for f, rows in zip(self.files, self.file_rows)]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def index_corpus(ingest_dir: str | Path) -> CorpusIndex:
+    files = article_parts(ingest_dir)
+    if not files:
+        raise ValueError(f"ingest output {ingest_dir}: no articles (run the ingest stage)")
+    file_rows = []
+    for f in files:
+        meta = pq.ParquetFile(f).metadata
+        file_rows.append(tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups)))
+    return CorpusIndex(tuple(str(f) for f in files), tuple(file_rows))
+
+
+def read_rows(index: CorpusIndex, start: int, stop: int, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """Rows [start, stop) of the corpus, in order, as record batches of the given columns."""
+    offset = 0
+    for path, groups in zip(index.files, index.file_rows):
+        pf = None
+        for g, num in enumerate(groups):
+            lo, hi = offset, offset + num
+            offset = hi
+            if hi <= start or lo >= stop:
+                continue
+            pf = pf or pq.ParquetFile(path)
+            table = pf.read_row_group(g, columns=columns)
+            table = table.slice(max(start - lo, 0), min(stop, hi) - max(start, lo))
+            yield from table.to_batches()
+        if offset >= stop:
+            return
+
+
+def iter_all(index: CorpusIndex, columns: list[str], batch_rows: int = 8192) -> Iterator[pa.RecordBatch]:
+    for path in index.files:
+        yield from pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns)

@@ -1,0 +1,205 @@
+"""The data pipeline's typed configuration (`DataConfig`) and its stage runner (`run_stages`), shared by the
+`nulls-data` Hydra app and the trainer (which prepares missing demo data through it).
+
+Layout of `output_dir`:
+  ingest/articles/part-*.parquet, ingest/ingest_report.json   (stage ingest)
+  tokenizer.model, tokenizer.json                              (stage tokenizer; json = how it was made)
+  shard-*.tar, holdout/shard-*.tar, registry.parquet, manifest.json, .work/ (stage shard)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from data_pipeline.ingest import IngestConfig, iter_articles, read_report, run_ingest
+from data_pipeline.manifest import build_manifest, write_dataset_registry, write_manifest
+from data_pipeline.packing import PackingConfig
+from data_pipeline.registry import SourceRegistry
+from data_pipeline.selection import select_holdouts
+from data_pipeline.shards import ShardConfig, write_shards
+from data_pipeline.tokenizer import (MODEL_FILE, TokenizerConfig, describe_tokenizer, file_sha256, load_tokenizer,
+                                     train_tokenizer)
+
+log = logging.getLogger(__name__)
+
+STAGES = ("ingest", "tokenizer", "shard")
+BUNDLED_PREFIX = "bundled:"
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
+INGEST_SUBDIR = "ingest"
+TOKENIZER_INFO = "tokenizer.json"
+
+
+@dataclass
+class IngestSettings:
+    """Inputs: files, directories or globs; `bundled:<name>` is a dataset shipped in data_pipeline/bundled."""
+
+    inputs: list[str] = field(default_factory=list)
+    format: str = "auto"
+    rows_per_part: int = 50_000
+    batch_rows: int = 2_048
+
+
+@dataclass
+class HoldoutConfig:
+    """Sources never trained on: explicit `sources` (ids, titles, @file) plus a seeded `fraction` or `count`."""
+
+    sources: list = field(default_factory=list)
+    fraction: float = 0.0
+    count: int = 0
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    output_dir: str = "data/out"
+    id_offset: int | None = None  # None: the tokenizer's vocabulary size (the paper: 49152)
+    ingest: IngestSettings = field(default_factory=IngestSettings)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    packing: PackingConfig = field(default_factory=PackingConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    holdout: HoldoutConfig = field(default_factory=HoldoutConfig)
+
+    @property
+    def ingest_dir(self) -> Path:
+        return Path(self.output_dir) / INGEST_SUBDIR
+
+    def resolved_id_offset(self) -> int:
+        if self.id_offset is not None:
+            if self.id_offset < 0:
+                raise ValueError(f"id_offset must be >= 0, got {self.id_offset}")
+            return self.id_offset
+        if self.tokenizer.model_path:
+            return load_tokenizer(self.tokenizer.model_path).get_piece_size()
+        return self.tokenizer.vocab_size
+
+
+def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        sub = _NESTED.get((cls, name))
+        kwargs[name] = _build(sub, value, f"{where}.{name}") if sub else value
+    return cls(**kwargs)
+
+
+_NESTED = {(DataConfig, "ingest"): IngestSettings, (DataConfig, "tokenizer"): TokenizerConfig,
+           (DataConfig, "packing"): PackingConfig, (DataConfig, "shard"): ShardConfig,
+           (DataConfig, "holdout"): HoldoutConfig}
+
+
+def data_config_from_dict(d: dict) -> DataConfig:
+    """A plain dict (e.g. `OmegaConf.to_container(cfg.data)`) -> DataConfig; ValueError names unknown fields."""
+    cfg = _build(DataConfig, dict(d), "data")
+    cfg.ingest.inputs = list(cfg.ingest.inputs)
+    cfg.holdout.sources = list(cfg.holdout.sources or [])
+    return cfg
+
+
+def resolve_input(item: str) -> str:
+    if item.startswith(BUNDLED_PREFIX):
+        path = BUNDLED_DIR / item.removeprefix(BUNDLED_PREFIX)
+        if not path.exists():
+            raise ValueError(f"ingest.inputs: no bundled dataset {item!r} (looked in {path})")
+        return str(path)
+    return item
+
+
+# ---- stages ------------------------------------------------------------------------------------------------
+
+
+def run_ingest_stage(cfg: DataConfig) -> dict:
+    ingest = IngestConfig(inputs=[resolve_input(i) for i in cfg.ingest.inputs], format=cfg.ingest.format,
+                          output_dir=str(cfg.ingest_dir), id_offset=cfg.resolved_id_offset(),
+                          rows_per_part=cfg.ingest.rows_per_part, batch_rows=cfg.ingest.batch_rows)
+    return run_ingest(ingest)
+
+
+def tokenizer_path(cfg: DataConfig) -> Path:
+    return Path(cfg.tokenizer.model_path) if cfg.tokenizer.model_path else Path(cfg.output_dir) / MODEL_FILE
+
+
+def run_tokenizer_stage(cfg: DataConfig) -> Path:
+    """Adopt `tokenizer.model_path`, or train; an existing model trained with the same settings on the same
+    ingest output is kept."""
+    if cfg.tokenizer.model_path:
+        describe_tokenizer(cfg.tokenizer.model_path)  # checks the special ids
+        return Path(cfg.tokenizer.model_path)
+    report = read_report(cfg.ingest_dir)
+    if report is None:
+        raise ValueError(f"output_dir {cfg.output_dir}: no ingest output (run the ingest stage first)")
+    info = {"config": asdict(cfg.tokenizer), "ingest_fingerprint": report["fingerprint"]}
+    path, info_path = tokenizer_path(cfg), Path(cfg.output_dir) / TOKENIZER_INFO
+    if path.exists() and info_path.exists():
+        old = json.loads(info_path.read_text())
+        if {k: old.get(k) for k in info} == info and old.get("sha256") == file_sha256(path):
+            log.info("tokenizer: %s is up to date, keeping it", path)
+            return path
+    texts = tqdm((t for batch in iter_articles(cfg.ingest_dir, columns=["text"]) for t in batch.column(0).to_pylist()),
+                 total=report["num_written"], desc="tokenizer sample", unit="article")
+    path = train_tokenizer(texts, cfg.tokenizer, cfg.output_dir)
+    tmp = info_path.with_name(f"{info_path.name}.tmp.{os.getpid()}")
+    tmp.write_text(json.dumps({**info, "sha256": file_sha256(path)}, indent=1, sort_keys=True))
+    os.replace(tmp, info_path)
+    return path
+
+
+def _holdout_ids(cfg: DataConfig) -> list[int]:
+    h = cfg.holdout
+    if not h.sources and h.fraction == 0 and h.count == 0:
+        return []
+    # The ingested parts carry source_id and title, which is all a SourceRegistry lookup needs.
+    registry = SourceRegistry.open(cfg.ingest_dir / "articles")
+    return sorted(select_holdouts(registry, h.sources, fraction=h.fraction, count=h.count, seed=h.seed))
+
+
+def _manifest_tokenizer(cfg: DataConfig, path: Path) -> dict:
+    info = describe_tokenizer(path)
+    out = Path(cfg.output_dir).resolve()
+    full = Path(info["path"])
+    info["path"] = str(full.relative_to(out)) if full.is_relative_to(out) else str(full)
+    return info
+
+
+def run_shard_stage(cfg: DataConfig) -> dict:
+    tok_path = tokenizer_path(cfg)
+    if not tok_path.exists():
+        raise ValueError(f"tokenizer {tok_path} not found (run the tokenizer stage first)")
+    tokenizer = _manifest_tokenizer(cfg, tok_path)
+    holdout_ids = _holdout_ids(cfg)
+    plan, markers = write_shards(cfg.ingest_dir, cfg.output_dir, tok_path, cfg.packing, cfg.shard, holdout_ids,
+                                 tokenizer["vocab_size"])
+    registry = write_dataset_registry(cfg.ingest_dir, cfg.output_dir, plan, markers)
+    report = read_report(cfg.ingest_dir)
+    manifest = build_manifest(plan, markers, tokenizer, registry, report["id_offset"], holdout_ids)
+    write_manifest(cfg.output_dir, manifest)
+    log.info("shard: %d train shards (%d samples, %d tokens), %d holdout shards -> %s", manifest["num_shards"],
+             manifest["num_samples"], manifest["num_tokens"], len(manifest["holdout"]["shards"]), cfg.output_dir)
+    return manifest
+
+
+def run_stages(cfg: DataConfig, stages: list[str]) -> dict:
+    """Run the named stages in pipeline order ("all" = every stage). Returns {stage: result}."""
+    wanted = set(STAGES) if "all" in stages else set(stages)
+    unknown = sorted(wanted - set(STAGES))
+    if unknown:
+        raise ValueError(f"stage: unknown {unknown}; choose from {[*STAGES, 'all']}")
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+    if "ingest" in wanted:
+        results["ingest"] = run_ingest_stage(cfg)
+    if "tokenizer" in wanted:
+        results["tokenizer"] = str(run_tokenizer_stage(cfg))
+    if "shard" in wanted:
+        results["shard"] = run_shard_stage(cfg)
+    return results

@@ -1,0 +1,354 @@
+"""The shard stage: tokenize + pack the ingested corpus into WebDataset `.tar` shards, in parallel worker
+processes, each shard written atomically, resumable and idempotent.
+
+Work is split into deterministic tasks. Train task i owns corpus rows [i*A, (i+1)*A) (A = articles per shard,
+fixed in the plan) minus the holdout sources and writes exactly one shard, `shard-{i:06d}.tar`; the one holdout
+task reads every row, keeps only the holdout sources and writes `holdout/shard-{j:06d}.tar`. A task that
+finished leaves a done marker (`.work/<shard>.done.json`: samples, tokens, bytes, sha256, plan hash) and a
+stats file (tokens and shards per source, in corpus order). A rerun skips every task whose marker matches the
+plan and whose tar is still there with the recorded size; a changed plan (tokenizer, packing, shard size,
+holdouts, corpus) clears the old shards first. Memory per worker is bounded by one slice of A articles (the
+holdout task streams in windows of A), never by the corpus; only per-article counters grow.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import tarfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import webdataset as wds
+from tqdm import tqdm
+
+from data_pipeline import schema
+from data_pipeline.article_slices import CorpusIndex, index_corpus, read_rows
+from data_pipeline.packing import Context, PackingConfig, pack_articles, shuffled
+from data_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID, file_sha256, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+WORK_DIR = ".work"
+HOLDOUT_DIR = "holdout"
+PLAN_FILE = "plan.json"
+HOLDOUT_TASK = "holdout"
+# Per-sample tar overhead: three 512-byte headers, three 128-byte .npy headers, block padding (measured with
+# context 1024: 10,240 bytes per sample = 7 * 1024 + 3072).
+_TAR_BYTES_PER_SAMPLE = 3 * (512 + 128 + 384)
+_ESTIMATE_ARTICLES = 64
+
+
+@dataclass
+class ShardConfig:
+    """Shard size: `target_samples`, else `target_bytes` (converted with the per-sample size). The number of
+    articles per train shard is `articles_per_shard`, or estimated from the first articles of the corpus."""
+
+    target_bytes: int = 64 * 1024 * 1024
+    target_samples: int | None = None
+    articles_per_shard: int | None = None
+    num_workers: int = 1
+    encode_batch: int = 256
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"shard.num_workers must be >= 1, got {self.num_workers}")
+        if self.target_samples is not None and self.target_samples < 1:
+            raise ValueError(f"shard.target_samples must be >= 1, got {self.target_samples}")
+        if self.articles_per_shard is not None and self.articles_per_shard < 1:
+            raise ValueError(f"shard.articles_per_shard must be >= 1, got {self.articles_per_shard}")
+        if self.target_bytes < 1:
+            raise ValueError(f"shard.target_bytes must be >= 1, got {self.target_bytes}")
+
+
+def samples_per_shard(cfg: ShardConfig, context_length: int, token_dtype: np.dtype) -> int:
+    if cfg.target_samples is not None:
+        return cfg.target_samples
+    sample_bytes = context_length * (token_dtype.itemsize + 4 + 1) + _TAR_BYTES_PER_SAMPLE
+    return max(1, cfg.target_bytes // sample_bytes)
+
+
+# ---- writing one shard -------------------------------------------------------------------------------------
+
+
+class _HashingFile:
+    """A write-only file that hashes what passes through (tarfile's stream mode only calls write)."""
+
+    def __init__(self, f) -> None:
+        self.f, self.sha, self.num_bytes = f, hashlib.sha256(), 0
+        self.discard = False  # set when the shard failed: tarfile's finalizer may still try to write
+
+    def write(self, data) -> int:
+        if self.discard:
+            return len(data)
+        self.sha.update(data)
+        self.num_bytes += len(data)
+        return self.f.write(data)
+
+
+@functools.lru_cache(maxsize=16)
+def _npy_header(dtype: str, length: int) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.zeros(length, dtype=dtype), allow_pickle=False)
+    return buf.getvalue()[: -length * np.dtype(dtype).itemsize]
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    """np.save's bytes for a 1-D array (the header depends only on dtype and length: built once)."""
+    return _npy_header(array.dtype.str, len(array)) + array.tobytes()
+
+
+def write_shard(path: Path, shard_index: int, contexts: Iterable[Context], token_dtype: np.dtype) -> dict:
+    """Write contexts as one WebDataset tar at `path` (temp name, then rename). Byte-identical on rerun."""
+    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
+    num_samples = num_tokens = 0
+    with open(tmp, "wb") as raw:
+        out = _HashingFile(raw)
+        # A fixed integer mtime: byte-identical reruns and no pax record per member (a float mtime costs 1 KiB
+        # each). TarWriter does not forward `format`, so ustar (cheaper headers) is set on its tar stream.
+        writer = wds.TarWriter(out, encoder=False, mtime=0, user="nulls", group="nulls")
+        writer.tarstream.format = tarfile.USTAR_FORMAT
+        try:
+            for ctx in contexts:
+                writer.write({
+                    "__key__": schema.sample_key(shard_index, num_samples),
+                    schema.TOKENS_KEY: _npy_bytes(ctx.tokens.astype(token_dtype)),
+                    schema.SOURCE_IDS_KEY: _npy_bytes(ctx.source_ids.astype(schema.SOURCE_ID_DTYPE)),
+                    schema.LOSS_MASK_KEY: _npy_bytes(ctx.loss_mask.astype(schema.LOSS_MASK_DTYPE)),
+                })
+                num_samples += 1
+                num_tokens += int(ctx.loss_mask.sum())
+        except BaseException:
+            out.discard = True
+            tmp.unlink(missing_ok=True)
+            raise
+        writer.close()
+        raw.flush()
+        os.fsync(raw.fileno())
+    os.replace(tmp, path)
+    return {"samples": num_samples, "tokens": num_tokens, "bytes": out.num_bytes, "sha256": out.sha.hexdigest()}
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+# ---- tasks (run in worker processes) -----------------------------------------------------------------------
+
+
+def _encode(sp, texts: list[str], batch: int) -> Iterator[np.ndarray]:
+    for i in range(0, len(texts), batch):
+        for ids in sp.encode(texts[i : i + batch], out_type=int):
+            yield np.asarray(ids, dtype=np.int64)
+
+
+def _task_articles(task: dict, sp, window: int, source_ids: list[int], num_tokens: list[int]):
+    """(source_id, tokens) of the task's articles, read, encoded and shuffled `window` articles at a time (a
+    train task is one window; the holdout task streams over the whole corpus in windows). Appends every
+    article's source id and token count (BOS/EOS included) in corpus order to the two lists."""
+    index = CorpusIndex(tuple(task["files"]), tuple(tuple(r) for r in task["file_rows"]))
+    packing = PackingConfig(**task["packing"])
+    holdout = pa.array(task["holdout_ids"], type=pa.int64())
+    ids: list[int] = []
+    texts: list[str] = []
+    num_windows = 0
+
+    def flush():
+        nonlocal ids, texts, num_windows
+        tokens = list(_encode(sp, texts, task["encode_batch"]))
+        source_ids.extend(ids)
+        num_tokens.extend(len(t) + 2 for t in tokens)
+        articles = list(zip(ids, tokens))
+        if packing.shuffle:  # holdout task: index -1
+            articles = shuffled(articles, [packing.seed, task["task_index"] + 1, num_windows])
+        ids, texts, num_windows = [], [], num_windows + 1
+        return articles
+
+    for batch in read_rows(index, task["start"], task["stop"], ["source_id", "text"]):
+        keep = pc.is_in(batch.column("source_id"), value_set=holdout)
+        if not task["is_holdout"]:
+            keep = pc.invert(keep)
+        batch = batch.filter(keep)
+        ids.extend(batch.column("source_id").to_pylist())
+        texts.extend(batch.column("text").to_pylist())
+        if len(ids) >= window:
+            yield from flush()
+    if ids:
+        yield from flush()
+
+
+def _run_task(task: dict) -> dict:
+    """Tokenize, pack and write one task's shard(s); then its stats and done marker. Returns the marker."""
+    sp = load_tokenizer(task["tokenizer_path"])
+    packing = PackingConfig(**task["packing"])
+    token_dtype = np.dtype(task["token_dtype"])
+    out_dir, work = Path(task["out_dir"]), Path(task["out_dir"]) / WORK_DIR
+    source_ids: list[int] = []
+    num_tokens: list[int] = []
+    articles = _task_articles(task, sp, task["articles_per_shard"], source_ids, num_tokens)
+    contexts = pack_articles(articles, packing, BOS_ID, EOS_ID, PAD_ID)
+
+    if task["is_holdout"]:
+        (out_dir / HOLDOUT_DIR).mkdir(exist_ok=True)
+        names = (f"{HOLDOUT_DIR}/{schema.shard_name(j)}" for j in range(1 << 30))
+        shards, where = _write_chunks(out_dir, names, contexts, task["samples_per_shard"], token_dtype)
+    else:  # a train task writes exactly one shard, named by its task index
+        shards, where = _write_chunks(out_dir, iter([schema.shard_name(task["task_index"])]), contexts, None,
+                                      token_dtype)
+    stats = pa.table({"source_id": pa.array(source_ids, pa.int64()), "tokens": pa.array(num_tokens, pa.int64()),
+                      "shards": pa.array([where.get(s, []) for s in source_ids], pa.list_(pa.string()))})
+    stats_path = work / f"{task['name']}.stats.parquet"
+    tmp = stats_path.with_name(stats_path.name + f".tmp.{os.getpid()}")
+    pq.write_table(stats, tmp)
+    os.replace(tmp, stats_path)
+    marker = {"task": task["name"], "plan": task["plan_hash"], "shards": shards}
+    _write_json(work / f"{task['name']}.done.json", marker)
+    return marker
+
+
+def _write_chunks(out_dir: Path, names: Iterator[str], contexts: Iterable[Context], per_shard: int | None,
+                  token_dtype: np.dtype) -> tuple[list[dict], dict[int, list[str]]]:
+    """Write contexts into shards of `per_shard` samples (None: all in one). Returns the shard entries and,
+    per source, the shards holding its tokens."""
+    shards: list[dict] = []
+    where: dict[int, list[str]] = {}
+    chunk: list[Context] = []
+
+    def flush() -> None:
+        name = next(names)
+        index = int(Path(name).stem.removeprefix("shard-"))
+        shards.append({"name": name, **write_shard(out_dir / name, index, chunk, token_dtype)})
+        for source in np.unique(np.concatenate([c.source_ids[c.loss_mask == 1] for c in chunk])):
+            where.setdefault(int(source), []).append(name)
+
+    for ctx in contexts:
+        chunk.append(ctx)
+        if per_shard is not None and len(chunk) == per_shard:
+            flush()
+            chunk = []
+    if chunk:
+        flush()
+    return shards, where
+
+
+# ---- planning and running ----------------------------------------------------------------------------------
+
+
+def estimate_articles_per_shard(index: CorpusIndex, tokenizer_path: str, packing: PackingConfig,
+                                per_shard: int) -> int:
+    """Articles that fill about `per_shard` samples, measured by packing the first articles of the corpus."""
+    sp = load_tokenizer(tokenizer_path)
+    texts: list[str] = []
+    for batch in read_rows(index, 0, min(_ESTIMATE_ARTICLES, index.num_rows), ["source_id", "text"]):
+        texts.extend(batch.column("text").to_pylist())
+    articles = [(0, t) for t in _encode(sp, texts, 256)]
+    num_samples = sum(1 for _ in pack_articles(articles, packing, BOS_ID, EOS_ID, PAD_ID))
+    return max(1, round(per_shard * len(articles) / max(num_samples, 1)))
+
+
+def _plan(index, tokenizer_path, packing, cfg, holdout_ids, token_dtype) -> dict:
+    per_shard = samples_per_shard(cfg, packing.context_length, token_dtype)
+    aps = cfg.articles_per_shard or estimate_articles_per_shard(index, tokenizer_path, packing, per_shard)
+    plan = {
+        "schema_version": schema.SCHEMA_VERSION,
+        "corpus": index.fingerprint(),
+        "num_articles": index.num_rows,
+        "tokenizer_sha256": file_sha256(tokenizer_path),
+        "packing": asdict(packing),
+        "token_dtype": token_dtype.name,
+        "articles_per_shard": aps,
+        "samples_per_holdout_shard": per_shard,
+        "holdout_ids_sha256": hashlib.sha256(json.dumps(sorted(holdout_ids)).encode()).hexdigest(),
+    }
+    plan["hash"] = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+    return plan
+
+
+def _tasks(index, plan, out_dir, tokenizer_path, cfg, holdout_ids) -> list[dict]:
+    common = {"files": list(index.files), "file_rows": [list(r) for r in index.file_rows],
+              "tokenizer_path": str(tokenizer_path), "packing": plan["packing"], "token_dtype": plan["token_dtype"],
+              "holdout_ids": sorted(holdout_ids), "out_dir": str(out_dir), "plan_hash": plan["hash"],
+              "encode_batch": cfg.encode_batch, "samples_per_shard": plan["samples_per_holdout_shard"],
+              "articles_per_shard": plan["articles_per_shard"]}
+    aps, n = plan["articles_per_shard"], index.num_rows
+    tasks = [{**common, "name": schema.shard_name(i).removesuffix(".tar"), "task_index": i, "is_holdout": False,
+              "start": i * aps, "stop": min((i + 1) * aps, n)} for i in range((n + aps - 1) // aps)]
+    if holdout_ids:
+        tasks.append({**common, "name": HOLDOUT_TASK, "task_index": -1, "is_holdout": True, "start": 0, "stop": n})
+    return tasks
+
+
+def _is_done(out_dir: Path, task: dict) -> dict | None:
+    marker_path = out_dir / WORK_DIR / f"{task['name']}.done.json"
+    if not marker_path.exists() or not (out_dir / WORK_DIR / f"{task['name']}.stats.parquet").exists():
+        return None
+    marker = json.loads(marker_path.read_text())
+    if marker.get("plan") != task["plan_hash"]:
+        return None
+    for shard in marker["shards"]:
+        path = out_dir / shard["name"]
+        if not path.exists() or path.stat().st_size != shard["bytes"]:
+            return None
+    return marker
+
+
+def _reset_outputs(out_dir: Path) -> None:
+    """A different plan: the old shards, markers and stats describe other data."""
+    log.warning("shard plan changed in %s: removing the previous shards", out_dir)
+    for path in out_dir.glob("shard-*.tar"):
+        path.unlink()
+    shutil.rmtree(out_dir / HOLDOUT_DIR, ignore_errors=True)
+    shutil.rmtree(out_dir / WORK_DIR, ignore_errors=True)
+
+
+def _remove_temp_files(out_dir: Path) -> None:
+    for pattern in ("*.tmp.*", f"{HOLDOUT_DIR}/*.tmp.*", f"{WORK_DIR}/*.tmp.*"):
+        for path in out_dir.glob(pattern):
+            path.unlink()
+
+
+def write_shards(ingest_dir: str | Path, out_dir: str | Path, tokenizer_path: str | Path, packing: PackingConfig,
+                 cfg: ShardConfig, holdout_ids: Iterable[int], vocab_size: int) -> tuple[dict, list[dict]]:
+    """Run (or resume) every shard task. Returns the plan and the done markers in task order."""
+    out_dir = Path(out_dir)
+    (out_dir / WORK_DIR).mkdir(parents=True, exist_ok=True)
+    holdout_ids = sorted({int(i) for i in holdout_ids})
+    index = index_corpus(ingest_dir)
+    plan = _plan(index, str(tokenizer_path), packing, cfg, holdout_ids, schema.token_dtype(vocab_size))
+    plan_path = out_dir / WORK_DIR / PLAN_FILE
+    if plan_path.exists() and json.loads(plan_path.read_text()).get("hash") != plan["hash"]:
+        _reset_outputs(out_dir)
+        (out_dir / WORK_DIR).mkdir(parents=True)
+    _remove_temp_files(out_dir)
+    _write_json(plan_path, plan)
+
+    tasks = _tasks(index, plan, out_dir, tokenizer_path, cfg, holdout_ids)
+    markers = {t["name"]: _is_done(out_dir, t) for t in tasks}
+    pending = [t for t in tasks if markers[t["name"]] is None]
+    log.info("%d shard tasks, %d already done, %d to run on %d workers",
+             len(tasks), len(tasks) - len(pending), len(pending), cfg.num_workers)
+    progress = tqdm(total=len(pending), desc="shards", unit="task", disable=not pending)
+    if cfg.num_workers == 1:
+        for task in pending:
+            markers[task["name"]] = _run_task(task)
+            progress.update()
+    else:
+        # spawn, not fork: the parent holds pyarrow's thread pools, which fork can leave locked.
+        with mp.get_context("spawn").Pool(cfg.num_workers) as pool:
+            for marker in pool.imap_unordered(_run_task, pending):
+                markers[marker["task"]] = marker
+                progress.update()
+    progress.close()
+    return plan, [markers[t["name"]] for t in tasks]

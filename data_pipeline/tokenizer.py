@@ -1,0 +1,142 @@
+"""The sentencepiece tokenizer stage: train a BPE or unigram model on a bounded, seeded sample of the ingested
+corpus (or adopt an existing `.model`), load it, and hash it.
+
+Special ids, fixed for every model this stage trains (and checked on an adopted model):
+  pad = 0  padding in `single` packing and in the last partial `pack` context (loss_mask 0 there)
+  unk = 1  never emitted with byte_fallback (unknown characters become byte pieces <0x..>)
+  bos = 2  opens every article
+  eos = 3  closes every article
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import sentencepiece as spm
+
+log = logging.getLogger(__name__)
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+SPECIAL_IDS = {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID}
+MODEL_TYPES = ("bpe", "unigram")
+MODEL_FILE = "tokenizer.model"
+
+
+@dataclass
+class TokenizerConfig:
+    """`model_path` set: adopt that model, train nothing. Otherwise train on a sample of `sample_articles`
+    articles (reservoir sample, seeded), each cut to `max_chars_per_article` characters, so the trainer's
+    memory is bounded whatever the corpus size."""
+
+    model_path: str | None = None
+    model_type: str = "bpe"
+    vocab_size: int = 49152
+    sample_articles: int = 20000
+    max_chars_per_article: int = 20000
+    max_sentence_length: int = 8192
+    character_coverage: float = 0.9995
+    num_threads: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"tokenizer.model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        if self.vocab_size < 260:  # 256 byte pieces + 4 specials
+            raise ValueError(f"tokenizer.vocab_size must be >= 260 (byte fallback), got {self.vocab_size}")
+        if self.sample_articles <= 0:
+            raise ValueError(f"tokenizer.sample_articles must be positive, got {self.sample_articles}")
+
+
+def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def reservoir_sample(texts: Iterable[str], k: int, seed: int, max_chars: int) -> list[str]:
+    """A uniform sample of k texts from a stream of unknown length (Algorithm R), each cut to max_chars."""
+    rng = random.Random(seed)
+    sample: list[str] = []
+    for i, text in enumerate(texts):
+        if i < k:
+            sample.append(text[:max_chars])
+        else:
+            j = rng.randint(0, i)
+            if j < k:
+                sample[j] = text[:max_chars]
+    return sample
+
+
+def _sentences(texts: list[str], max_len: int) -> Iterator[str]:
+    # Paragraph lines are sentencepiece's "sentences"; over-long lines are cut, not dropped.
+    for text in texts:
+        for line in text.split("\n"):
+            line = line.strip()
+            while line:
+                yield line[:max_len]
+                line = line[max_len:]
+
+
+def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_dir: str | os.PathLike) -> Path:
+    """Train on a sample of `texts`; write `<out_dir>/tokenizer.model` atomically and return its path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sample = reservoir_sample(texts, cfg.sample_articles, cfg.seed, cfg.max_chars_per_article)
+    if not sample:
+        raise ValueError("tokenizer: the corpus is empty, nothing to train on")
+    log.info("training %s tokenizer, vocab %d, on %d sampled articles", cfg.model_type, cfg.vocab_size, len(sample))
+    spm.set_random_generator_seed(cfg.seed)
+    model = io.BytesIO()  # in memory: no file path ends up in the model's trainer spec, so bytes are reproducible
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_sentences(sample, cfg.max_sentence_length),
+        model_writer=model,
+        model_type=cfg.model_type,
+        vocab_size=cfg.vocab_size,
+        byte_fallback=True,
+        character_coverage=cfg.character_coverage,
+        pad_id=PAD_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        max_sentence_length=cfg.max_sentence_length * 4,  # bytes, the cut above is in characters
+        num_threads=cfg.num_threads,
+        shuffle_input_sentence=False,  # the sample is already a seeded random sample
+        minloglevel=2,
+    )
+    final = out_dir / MODEL_FILE
+    tmp = final.with_name(f"{final.name}.tmp.{os.getpid()}")
+    tmp.write_bytes(model.getvalue())
+    os.replace(tmp, final)
+    return final
+
+
+def load_tokenizer(path: str | os.PathLike, num_threads: int = 1) -> spm.SentencePieceProcessor:
+    """Load a model and check that its special ids are the ones the pipeline writes into shards. Batch encoding
+    uses `num_threads` threads (1: the shard stage parallelises over processes, one per core)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"tokenizer.model_path: no such file {path}")
+    sp = spm.SentencePieceProcessor(model_file=str(path), num_threads=num_threads)
+    found = {"pad": sp.pad_id(), "unk": sp.unk_id(), "bos": sp.bos_id(), "eos": sp.eos_id()}
+    if found != SPECIAL_IDS:
+        raise ValueError(f"tokenizer {path}: special ids {found}, the pipeline needs {SPECIAL_IDS}")
+    return sp
+
+
+def describe_tokenizer(path: str | os.PathLike) -> dict:
+    """What the dataset manifest records about the tokenizer."""
+    sp = load_tokenizer(path)
+    return {
+        "path": str(Path(path).resolve()),
+        "sha256": file_sha256(path),
+        "vocab_size": sp.get_piece_size(),
+        "special_ids": dict(SPECIAL_IDS),
+    }
