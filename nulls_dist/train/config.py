@@ -1,0 +1,239 @@
+"""Typed configuration of a training run: one dataclass per Hydra config group plus `TrainConfig`, and
+`train_config_from_omegaconf`, the single place a Hydra/OmegaConf object becomes typed values.
+
+Nothing below the entry point reads OmegaConf; every section validates itself and raises `ValueError`
+naming the field (`deepspeed.zero_stage`, `optim.lr`, ...) and its value.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+WANDB_MODES = ("offline", "online", "disabled")
+DEVICES = ("auto", "cpu", "cuda")
+SINK_PATHS = ("gathered", "masked")
+RESUME_KEYWORDS = ("auto", "never")
+
+
+def _check(condition: bool, name: str, value: Any, expected: str) -> None:
+    if not condition:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value, "a positive integer")
+
+
+@dataclass
+class ModelSection:
+    """A `NullConfig` preset plus field overrides (`conf/model/*.yaml`)."""
+
+    preset: str = "debug"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _check(isinstance(self.preset, str) and bool(self.preset), "model.preset", self.preset, "a preset name")
+        _check(isinstance(self.overrides, dict), "model.overrides", self.overrides, "a mapping")
+
+
+@dataclass
+class DataSection:
+    """The data pipeline's config (`conf/data/*.yaml`, owned by data_pipeline) and loader settings."""
+
+    pipeline: dict[str, Any] = field(default_factory=dict)
+    num_workers: int = 0
+    prepare_if_missing: bool = True
+    exclude_sources: list[Any] = field(default_factory=list)
+
+    def validate(self) -> None:
+        _check(isinstance(self.pipeline, dict) and bool(self.pipeline), "data", self.pipeline,
+               "a non-empty data pipeline config")
+        _check(isinstance(self.num_workers, int) and self.num_workers >= 0, "data_loader.num_workers",
+               self.num_workers, "a non-negative integer")
+        _check(isinstance(self.exclude_sources, list), "train.exclude_sources", self.exclude_sources,
+               "a list of source ids or titles")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup to `lr`, then cosine decay to `min_lr` at `max_steps`."""
+
+    lr: float = 5e-4
+    min_lr: float = 5e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+
+    def validate(self) -> None:
+        _check(isinstance(self.lr, (int, float)) and self.lr > 0, "optim.lr", self.lr, "a positive number")
+        _check(isinstance(self.min_lr, (int, float)) and 0 <= self.min_lr <= self.lr, "optim.min_lr", self.min_lr,
+               f"in [0, optim.lr={self.lr}]")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas,
+               "two numbers in [0, 1)")
+        _check(self.eps > 0, "optim.eps", self.eps, "positive")
+        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "non-negative")
+        _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "optim.warmup_steps",
+               self.warmup_steps, "a non-negative integer")
+
+
+@dataclass
+class DeepSpeedSection:
+    """ZeRO stage and batch geometry; the DeepSpeed JSON is generated from this (`ds_config.py`)."""
+
+    zero_stage: int = 1
+    micro_batch: int = 8
+    grad_accum: int = 1
+    clip: float = 1.0
+    activation_checkpointing: bool = False
+    offload: str = "no"
+
+    def validate(self) -> None:
+        _check(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", self.zero_stage, "one of 0, 1, 2, 3")
+        _positive_int("deepspeed.micro_batch", self.micro_batch)
+        _positive_int("deepspeed.grad_accum", self.grad_accum)
+        _check(isinstance(self.clip, (int, float)) and self.clip >= 0, "deepspeed.clip", self.clip,
+               "a non-negative number (0 disables clipping)")
+        _check(self.offload == "no", "deepspeed.offload", self.offload, "'no' (offload is not supported)")
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go: wandb (offline by default), the run's JSONL file, the console."""
+
+    wandb_mode: str = "offline"
+    project: str = "nulls_dist"
+    entity: str | None = None
+    log_every: int = 10
+    jsonl: bool = True
+
+    def validate(self) -> None:
+        _check(self.wandb_mode in WANDB_MODES, "logging.wandb_mode", self.wandb_mode, f"one of {WANDB_MODES}")
+        _positive_int("logging.log_every", self.log_every)
+
+
+@dataclass
+class CheckpointConfig:
+    """Save every N steps and at the end, keep the newest K; `resume` is auto | never | a checkpoint path."""
+
+    every_n_steps: int = 500
+    keep_last_k: int = 3
+    resume: str = "auto"
+
+    def validate(self) -> None:
+        _positive_int("checkpoint.every_n_steps", self.every_n_steps)
+        _positive_int("checkpoint.keep_last_k", self.keep_last_k)
+        _check(isinstance(self.resume, str) and bool(self.resume), "checkpoint.resume", self.resume,
+               "'auto', 'never' or a checkpoint path")
+
+
+@dataclass
+class EvalConfig:
+    """Periodic evaluation: `num_batches` micro-batches each of held-out and trained sources (0 = off)."""
+
+    every_n_steps: int = 200
+    num_batches: int = 2
+
+    def validate(self) -> None:
+        _positive_int("eval.every_n_steps", self.every_n_steps)
+        _check(isinstance(self.num_batches, int) and self.num_batches >= 0, "eval.num_batches", self.num_batches,
+               "a non-negative integer")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one run needs, fully typed."""
+
+    max_steps: int = 1000
+    stop_at_step: int | None = None  # end this invocation after that step (checkpointed); the schedule keeps max_steps
+    seed: int = 0
+    run_dir: str = "runs/default"
+    device: str = "auto"
+    cpu_threads: int | None = None  # torch intra-op threads on CPU (None: torch's default, one per core)
+    sink_path: str = "gathered"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        _positive_int("train.max_steps", self.max_steps)
+        if self.stop_at_step is not None:
+            _positive_int("train.stop_at_step", self.stop_at_step)
+        _check(isinstance(self.seed, int) and self.seed >= 0, "train.seed", self.seed, "a non-negative integer")
+        _check(isinstance(self.run_dir, str) and bool(self.run_dir), "train.run_dir", self.run_dir, "a path")
+        _check(self.device in DEVICES, "train.device", self.device, f"one of {DEVICES}")
+        if self.cpu_threads is not None:
+            _positive_int("train.cpu_threads", self.cpu_threads)
+        _check(self.sink_path in SINK_PATHS, "train.sink_path", self.sink_path, f"one of {SINK_PATHS}")
+        for section in (self.model, self.data, self.optim, self.deepspeed, self.logging, self.checkpoint, self.eval):
+            section.validate()
+        _check(self.optim.warmup_steps <= self.max_steps, "optim.warmup_steps", self.optim.warmup_steps,
+               f"at most train.max_steps={self.max_steps}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _section(cls: type, values: Any, name: str):
+    """Build dataclass `cls` from a plain mapping, rejecting unknown keys by name."""
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        raise ValueError(f"{name} must be a mapping, got {values!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown field(s) {[f'{name}.{k}' for k in unknown]}; known: {sorted(known)}")
+    values = dict(values)
+    if "betas" in values:
+        values["betas"] = tuple(values["betas"])
+    return cls(**values)
+
+
+def train_config_from_dict(raw: dict[str, Any]) -> TrainConfig:
+    """Typed, validated `TrainConfig` from the resolved root config as plain containers.
+
+    Layout (conf/nulls_train.yaml): `train` (run fields), `model`, `data` (pipeline config), `data_loader`,
+    `optim`, `deepspeed`, `logging`, `checkpoint`, `eval`.
+    """
+    known = {"train", "model", "data", "data_loader", "optim", "deepspeed", "logging", "checkpoint", "eval",
+             "experiment"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"unknown top-level config key(s) {unknown}; known: {sorted(known)}")
+    train = dict(raw.get("train") or {})
+    loader = dict(raw.get("data_loader") or {})
+    if "exclude_sources" in train:
+        loader["exclude_sources"] = list(train.pop("exclude_sources") or [])
+    run_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {
+        "model", "data", "optim", "deepspeed", "logging", "checkpoint", "eval"}
+    unknown = sorted(set(train) - run_fields)
+    if unknown:
+        raise ValueError(f"unknown field(s) {[f'train.{k}' for k in unknown]}; known: {sorted(run_fields)}")
+    cfg = TrainConfig(
+        **train,
+        model=_section(ModelSection, raw.get("model"), "model"),
+        data=_section(DataSection, {"pipeline": dict(raw.get("data") or {}), **loader}, "data_loader"),
+        optim=_section(OptimConfig, raw.get("optim"), "optim"),
+        deepspeed=_section(DeepSpeedSection, raw.get("deepspeed"), "deepspeed"),
+        logging=_section(LoggingConfig, raw.get("logging"), "logging"),
+        checkpoint=_section(CheckpointConfig, raw.get("checkpoint"), "checkpoint"),
+        eval=_section(EvalConfig, raw.get("eval"), "eval"),
+    )
+    cfg.validate()
+    return cfg
+
+
+def train_config_from_omegaconf(cfg: Any) -> TrainConfig:
+    """Resolve an OmegaConf/Hydra config and build the typed `TrainConfig` (the entry point's only job)."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(cfg, resolve=True)
+    if not isinstance(raw, dict):
+        raise ValueError(f"the training config must be a mapping, got {type(raw).__name__}")
+    return train_config_from_dict(raw)

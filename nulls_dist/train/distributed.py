@@ -1,0 +1,128 @@
+"""Process-group set-up and tear-down: the only module that reads launcher environment variables.
+
+Supported launchers: `torchrun` / the `deepspeed` launcher (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT), SLURM `srun` with one task per GPU (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the master is the
+first host of `scontrol show hostnames $SLURM_JOB_NODELIST`, the port MASTER_PORT or one derived from
+SLURM_JOB_ID), and a plain single process (world size 1 on 127.0.0.1 and a free port).
+Backend: gloo on CPU, NCCL on GPU.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+from typing import Mapping
+
+SLURM_PORT_BASE = 20000  # ports 20000-39999: above the well-known range, below the usual ephemeral range
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun" | "slurm" | "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _int_env(environ: Mapping[str, str], name: str) -> int:
+    value = environ[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def slurm_master_addr(nodelist: str, scontrol: str = "scontrol") -> str:
+    """First hostname of a SLURM nodelist expression such as `node[01-04]`."""
+    try:
+        out = subprocess.run([scontrol, "show", "hostnames", nodelist], check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise RuntimeError(f"`{scontrol} show hostnames {nodelist}` failed: {exc}") from exc
+    hosts = out.stdout.split()
+    if not hosts:
+        raise RuntimeError(f"`{scontrol} show hostnames {nodelist}` printed no hostnames")
+    return hosts[0]
+
+
+def dist_env_from_environ(environ: Mapping[str, str] | None = None, scontrol: str = "scontrol") -> DistEnv:
+    """Read the launcher's variables. torchrun's win over SLURM's (torchrun inside an sbatch allocation)."""
+    environ = os.environ if environ is None else environ
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return DistEnv(
+            rank=_int_env(environ, "RANK"),
+            world_size=_int_env(environ, "WORLD_SIZE"),
+            local_rank=_int_env(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else 0,
+            master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=_int_env(environ, "MASTER_PORT") if "MASTER_PORT" in environ else 29500,
+            launcher="torchrun",
+        )
+    if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+        if "MASTER_ADDR" in environ:
+            master = environ["MASTER_ADDR"]
+        elif "SLURM_JOB_NODELIST" in environ:
+            master = slurm_master_addr(environ["SLURM_JOB_NODELIST"], scontrol)
+        else:
+            raise RuntimeError("SLURM launch without SLURM_JOB_NODELIST or MASTER_ADDR: cannot find the master")
+        if "MASTER_PORT" in environ:
+            port = _int_env(environ, "MASTER_PORT")
+        else:
+            port = SLURM_PORT_BASE + _int_env(environ, "SLURM_JOB_ID") % 20000 if "SLURM_JOB_ID" in environ else 29500
+        return DistEnv(
+            rank=_int_env(environ, "SLURM_PROCID"),
+            world_size=_int_env(environ, "SLURM_NTASKS"),
+            local_rank=_int_env(environ, "SLURM_LOCALID") if "SLURM_LOCALID" in environ else 0,
+            master_addr=master,
+            master_port=port,
+            launcher="slurm",
+        )
+    return DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=free_port(),
+                   launcher="single")
+
+
+def resolve_device(requested: str):
+    """torch.device for `train.device` (auto | cpu | cuda)."""
+    import torch
+
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device='cuda' but no CUDA device is available")
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def setup_distributed(env: DistEnv, device) -> str:
+    """Export the torch.distributed variables for `env` and start the process group; returns the backend."""
+    import deepspeed
+    import torch
+
+    for name, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank),
+                        ("MASTER_ADDR", env.master_addr), ("MASTER_PORT", env.master_port)):
+        os.environ[name] = str(value)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(env.local_rank)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=env.rank,
+                               world_size=env.world_size)
+    return backend
+
+
+def teardown_distributed() -> None:
+    """Barrier, then destroy the process group (no rank leaves while another still talks to it)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

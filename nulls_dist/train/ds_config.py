@@ -1,0 +1,79 @@
+"""The DeepSpeed config of a run, generated from the typed `TrainConfig` (never hand-written JSON, no "auto"),
+and the learning-rate schedule handed to `deepspeed.initialize`.
+
+Precision: bf16 on GPU, fp32 on CPU. Optimizer: torch AdamW (DeepSpeed `torch_adam`), which runs on every
+device without building DeepSpeed's fused ops. Schedule: a torch `LambdaLR` over `WarmupCosine` (linear warmup
+to `lr`, cosine decay to `min_lr` at `max_steps`); DeepSpeed saves and restores its state with the checkpoint,
+so a resumed run continues on exactly the same learning rates.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from nulls_dist.train.config import TrainConfig
+
+
+def build_ds_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
+    """The complete DeepSpeed config dict for `world_size` data-parallel ranks."""
+    if world_size <= 0:
+        raise ValueError(f"world_size must be positive, got {world_size}")
+    ds = cfg.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1:
+        # overlap_comm off: on CPU/gloo it buys nothing and keeps reductions in one fixed order.
+        zero.update({"overlap_comm": on_gpu, "contiguous_gradients": True, "reduce_scatter": True})
+    if ds.zero_stage == 3:
+        zero.update({"stage3_gather_16bit_weights_on_model_save": False})
+    return {
+        "train_batch_size": ds.micro_batch * ds.grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": ds.micro_batch,
+        "gradient_accumulation_steps": ds.grad_accum,
+        "gradient_clipping": float(ds.clip),
+        "bf16": {"enabled": bool(on_gpu)},
+        "fp16": {"enabled": False},
+        "zero_optimization": zero,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": float(cfg.optim.lr),
+                "betas": [float(b) for b in cfg.optim.betas],
+                "eps": float(cfg.optim.eps),
+                "weight_decay": float(cfg.optim.weight_decay),
+                "torch_adam": True,
+                "adam_w_mode": True,
+            },
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "dump_state": False,
+    }
+
+
+class WarmupCosine:
+    """lr multiplier at optimizer step s (0-based): (s+1)/warmup during warmup, then cosine from 1 down to
+    min_lr/lr at `max_steps`. A plain object (not a lambda) so `LambdaLR.state_dict()` can hold it."""
+
+    def __init__(self, warmup_steps: int, max_steps: int, min_ratio: float):
+        self.warmup_steps = warmup_steps
+        self.max_steps = max_steps
+        self.min_ratio = min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        decay_steps = max(1, self.max_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / decay_steps)
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_scheduler_factory(cfg: TrainConfig):
+    """A callable optimizer -> LambdaLR, the form `deepspeed.initialize(lr_scheduler=...)` accepts."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    schedule = WarmupCosine(cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr / cfg.optim.lr)
+
+    def make(optimizer):
+        return LambdaLR(optimizer, schedule)
+
+    return make

@@ -1,0 +1,229 @@
+"""Unit tests of the trainer's pieces that need no process group: typed config and its errors, the generated
+DeepSpeed config, the lr schedule, launcher environment parsing, checkpoint compatibility, the loss mask,
+sink statistics and the device peak table."""
+import json
+import math
+import stat
+
+import pytest
+import torch
+
+from nulls_dist.config import NullConfig
+from nulls_dist.sinks import SinkAssignment
+from nulls_dist.train import callbacks as cb
+from nulls_dist.train.checkpoint import (check_compatible, find_resume_point, write_atomic)
+from nulls_dist.train.config import train_config_from_dict
+from nulls_dist.train.distributed import dist_env_from_environ
+from nulls_dist.train.ds_config import WarmupCosine, build_ds_config
+from nulls_dist.train.trainer import next_token_loss, param_groups
+
+BASE = {
+    "train": {"max_steps": 10, "seed": 0, "run_dir": "runs/x", "device": "cpu", "sink_path": "gathered",
+              "exclude_sources": []},
+    "model": {"preset": "debug", "overrides": {}},
+    "data": {"name": "synthwiki"},
+    "data_loader": {"num_workers": 0, "prepare_if_missing": True},
+    "optim": {"lr": 1e-3, "min_lr": 1e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1,
+              "warmup_steps": 2},
+    "deepspeed": {"zero_stage": 2, "micro_batch": 4, "grad_accum": 3, "clip": 1.0,
+                  "activation_checkpointing": False, "offload": "no"},
+    "logging": {"wandb_mode": "disabled", "project": "p", "entity": None, "log_every": 1, "jsonl": True},
+    "checkpoint": {"every_n_steps": 5, "keep_last_k": 2, "resume": "auto"},
+    "eval": {"every_n_steps": 5, "num_batches": 1},
+}
+
+
+def with_change(section, key, value):
+    raw = json.loads(json.dumps(BASE))
+    raw[section][key] = value
+    return raw
+
+
+def test_valid_config_round_trips():
+    cfg = train_config_from_dict(BASE)
+    assert cfg.deepspeed.zero_stage == 2 and cfg.optim.betas == (0.9, 0.95)
+    assert cfg.data.pipeline == {"name": "synthwiki"} and cfg.data.exclude_sources == []
+
+
+@pytest.mark.parametrize("section,key,value,field", [
+    ("deepspeed", "zero_stage", 4, "deepspeed.zero_stage"),
+    ("deepspeed", "micro_batch", 0, "deepspeed.micro_batch"),
+    ("deepspeed", "offload", "cpu", "deepspeed.offload"),
+    ("optim", "lr", -1.0, "optim.lr"),
+    ("optim", "min_lr", 1.0, "optim.min_lr"),
+    ("optim", "warmup_steps", 11, "optim.warmup_steps"),
+    ("logging", "wandb_mode", "sometimes", "logging.wandb_mode"),
+    ("checkpoint", "keep_last_k", 0, "checkpoint.keep_last_k"),
+    ("train", "device", "tpu", "train.device"),
+    ("train", "sink_path", "dense", "train.sink_path"),
+    ("train", "max_steps", 0, "train.max_steps"),
+    ("train", "bogus", 1, "train.bogus"),
+    ("optim", "momentum", 0.9, "optim.momentum"),
+])
+def test_bad_config_names_the_field(section, key, value, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        train_config_from_dict(with_change(section, key, value))
+
+
+def test_unknown_top_level_key():
+    with pytest.raises(ValueError, match="optimizer"):
+        train_config_from_dict({**BASE, "optimizer": {}})
+
+
+def test_ds_config_has_no_auto_and_matches_the_typed_config():
+    cfg = train_config_from_dict(BASE)
+    ds = build_ds_config(cfg, world_size=2, on_gpu=False)
+    assert "auto" not in json.dumps(ds)
+    assert ds["train_batch_size"] == 4 * 3 * 2 and ds["gradient_accumulation_steps"] == 3
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_clipping"] == 1.0
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
+    assert ds["optimizer"]["params"]["lr"] == 1e-3 and ds["optimizer"]["params"]["betas"] == [0.9, 0.95]
+    assert build_ds_config(cfg, world_size=1, on_gpu=True)["bf16"]["enabled"] is True
+
+
+def test_warmup_cosine_schedule():
+    sched = WarmupCosine(warmup_steps=4, max_steps=14, min_ratio=0.1)
+    assert [sched(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert sched(4) == pytest.approx(1.0)
+    assert sched(9) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert sched(14) == pytest.approx(0.1) and sched(100) == pytest.approx(0.1)
+
+
+def test_dist_env_torchrun_and_single():
+    env = dist_env_from_environ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "h0",
+                                 "MASTER_PORT": "1234", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port, env.launcher) == \
+        (3, 8, 1, "h0", 1234, "torchrun")
+    single = dist_env_from_environ({})
+    assert (single.rank, single.world_size, single.launcher) == (0, 1, "single") and single.master_port > 0
+    with pytest.raises(ValueError, match="WORLD_SIZE"):
+        dist_env_from_environ({"RANK": "0", "WORLD_SIZE": "two"})
+
+
+def test_dist_env_slurm_uses_scontrol_for_the_master(tmp_path):
+    # A stand-in for SLURM's scontrol (not under test): prints the expanded host list, as the real one does.
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text("#!/bin/sh\n[ \"$1 $2 $3\" = 'show hostnames gpu[07-08]' ] && printf 'gpu07\\ngpu08\\n'\n")
+    scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
+    env = dist_env_from_environ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+                                 "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123456"}, scontrol=str(scontrol))
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.launcher) == (5, 8, 1, "gpu07", "slurm")
+    assert env.master_port == 20000 + 123456 % 20000
+    with pytest.raises(RuntimeError, match="show hostnames x"):
+        dist_env_from_environ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_NODELIST": "x"},
+                              scontrol=str(tmp_path / "missing"))
+
+
+def test_check_compatible_lists_every_difference():
+    model = NullConfig.from_preset("debug").to_dict()
+    sinks = SinkAssignment(NullConfig.from_preset("debug").sink_assignment_config()).describe()
+    saved = {"model": model, "sinks": sinks, "data_manifest_sha256": "aa", "exclude_sources": [],
+             "world_size": 2}
+    check_compatible(saved, {**saved, "model": {**model, "sink_path": "masked"}}, where="ck")  # path may change
+    other_model = {**model, "n_embd": 128}
+    other_sinks = SinkAssignment(NullConfig.from_preset("debug", sink_strategy="uniform").sink_assignment_config())
+    with pytest.raises(RuntimeError) as err:
+        check_compatible(saved, {**saved, "model": other_model, "sinks": other_sinks.describe(),
+                                 "data_manifest_sha256": "bb"}, where="ck")
+    msg = str(err.value)
+    assert "model.n_embd: checkpoint 64 != run 128" in msg and "sinks.strategy" in msg
+    assert "data_manifest_sha256: checkpoint 'aa' != run 'bb'" in msg
+
+
+def test_find_resume_point_and_atomic_write(tmp_path):
+    assert find_resume_point("auto", tmp_path) is None and find_resume_point("never", tmp_path) is None
+    ck = tmp_path / "checkpoints"
+    (ck / "step_00000004").mkdir(parents=True)
+    (ck / "step_00000004" / "nulls_meta.json").write_text("{}")
+    write_atomic(ck / "latest", b"step_00000004\n")
+    assert not [p for p in ck.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    point = find_resume_point("auto", tmp_path)
+    assert point.tag == "step_00000004" and point.load_dir == ck
+    assert find_resume_point(str(ck / "step_00000004"), "elsewhere") == point
+    assert find_resume_point(str(tmp_path), "elsewhere") == point
+    with pytest.raises(ValueError, match="checkpoint.resume"):
+        find_resume_point(str(tmp_path / "nothing"), tmp_path)
+
+
+def test_loss_counts_only_same_source_unpadded_targets():
+    torch.manual_seed(0)
+    B, T, V = 2, 7, 11
+    tokens = torch.randint(0, V, (B, T))
+    source_ids = torch.tensor([[5, 5, 5, 6, 6, 6, 6], [7, 7, 7, 7, 7, 7, 7]])
+    loss_mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    logits = torch.randn(B, T - 1, V)
+    loss, num = next_token_loss(logits, {"tokens": tokens, "source_ids": source_ids, "loss_mask": loss_mask})
+    terms = [torch.nn.functional.cross_entropy(logits[b, t], tokens[b, t + 1])
+             for b in range(B) for t in range(T - 1)
+             if loss_mask[b, t + 1] and source_ids[b, t + 1] == source_ids[b, t]]
+    assert int(num) == len(terms) == 5 + 4
+    assert torch.allclose(loss, torch.stack(terms).mean(), atol=1e-6)
+
+
+def test_sink_statistics_and_param_groups():
+    from nulls_dist.model import NullTransformer
+
+    model = NullTransformer(NullConfig.from_preset("debug"))
+    source_ids = torch.tensor([[4096, 4096, 4097], [4098, 4098, 4098]])
+    stats = cb.sink_statistics(model.sink_assignment, source_ids)
+    rows = model.sink_assignment.rows(torch.tensor([4096, 4097, 4098]))
+    sets = [set(r[r >= 0].tolist()) for r in rows]
+    shared = len((sets[0] & sets[1]) | (sets[0] & sets[2]) | (sets[1] & sets[2]))
+    assert stats["sinks/distinct_sources"] == 3
+    assert stats["sinks/active_per_source"] == pytest.approx(sum(map(len, sets)) / 3)
+    assert stats["sinks/shared_units"] == shared
+    decay, no_decay = param_groups(model, 0.1)
+    assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    sink_ids = {id(b.mlp.sink_gate) for b in model.transformer.h}
+    assert sink_ids <= {id(p) for p in no_decay["params"]} and no_decay["weight_decay"] == 0.0
+
+
+def test_no_mfu_without_a_known_peak():
+    assert cb.device_peak_flops(torch.device("cpu")) is None
+
+
+def test_real_conf_composes_into_typed_config():
+    from hydra import compose, initialize_config_module
+
+    from nulls_dist.train.config import train_config_from_omegaconf
+
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        demo = compose(config_name="nulls_train", overrides=["experiment=demo"])
+        zero3 = compose(config_name="nulls_train", overrides=["deepspeed=zero3", "model=paper_hp"])
+    cfg = train_config_from_omegaconf(demo)
+    assert cfg.max_steps == 300 and cfg.device == "cpu" and cfg.cpu_threads == 1 and cfg.model.overrides == {"vocab_size": 2048}
+    assert cfg.data.pipeline["output_dir"] == "data/synthwiki" and cfg.checkpoint.resume == "auto"
+    cfg = train_config_from_omegaconf(zero3)
+    assert cfg.deepspeed.zero_stage == 3 and cfg.model.preset == "paper_hp" and cfg.logging.wandb_mode == "offline"
+
+
+def test_activation_checkpointing_keeps_loss_gradients_and_keys():
+    from nulls_dist.model import NullTransformer
+    from nulls_dist.train.trainer import enable_activation_checkpointing
+
+    cfg = NullConfig.from_preset("debug")
+    torch.manual_seed(0)
+    plain = NullTransformer(cfg)
+    recompute = NullTransformer(cfg)
+    recompute.load_state_dict(plain.state_dict())
+    enable_activation_checkpointing(recompute)
+    assert list(recompute.state_dict()) == list(plain.state_dict())
+    tokens = torch.randint(0, cfg.vocab_size, (2, 17))
+    source_ids = torch.tensor([[4096] * 9 + [4100] * 8, [4101] * 17])
+    batch = {"tokens": tokens, "source_ids": source_ids, "loss_mask": torch.ones(2, 17, dtype=torch.bool)}
+    losses = []
+    for model in (plain, recompute):
+        loss, _ = next_token_loss(model(tokens[:, :-1], source_ids=source_ids[:, :-1]), batch)
+        loss.backward()
+        losses.append(loss)
+    assert torch.equal(losses[0], losses[1])
+    for (name, a), b in zip(plain.named_parameters(), recompute.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-5), name
+
+
+def test_deepspeed_launcher_local_rank_argument_is_dropped():
+    from nulls_dist.train.cli import strip_launcher_args
+
+    assert strip_launcher_args(["--local_rank=3", "deepspeed=zero2", "--local-rank", "1", "train.seed=2"]) == \
+        ["deepspeed=zero2", "train.seed=2"]

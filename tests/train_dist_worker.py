@@ -1,0 +1,128 @@
+"""One torchrun launch (2 gloo ranks) that runs every multi-process trainer check, to pay DeepSpeed's start-up
+once: exact resume at ZeRO 2 and 1 (2N straight == N, resume, N), resume mismatches (model shape, sink
+assignment, data manifest), short ZeRO 0 and 3 runs, and consolidation of a ZeRO checkpoint into
+NullTransformer keys. Each rank writes `rank<r>.json` (its results) as its success marker, then meets the other
+at a barrier before `destroy_process_group`. Run by tests/test_train_distributed.py, not collected itself.
+
+usage: python -m torch.distributed.run --nproc_per_node 2 tests/train_dist_worker.py BASE_CONFIG.json OUT_DIR
+"""
+import copy
+import json
+import shutil
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from nulls_dist.train.cli import prepare_data
+from nulls_dist.train.config import train_config_from_dict
+from nulls_dist.train.distributed import dist_env_from_environ, resolve_device, setup_distributed, teardown_distributed
+from nulls_dist.train.trainer import train
+
+N = 3  # steps before the interruption; the straight run does 2N
+
+
+def config(base: dict, run_dir: Path, **changes) -> dict:
+    raw = copy.deepcopy(base)
+    raw["train"]["run_dir"] = str(run_dir)
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        raw[section][key] = value
+    return raw
+
+
+def run(raw: dict, env, device) -> int:
+    cfg = train_config_from_dict(raw)
+    return train(cfg, raw, env, device, prepare_data(cfg.data, env.is_main))
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def resume_equality(base: dict, out: Path, stage: int, env, device) -> dict:
+    straight, resumed = out / f"zero{stage}_straight", out / f"zero{stage}_resumed"
+    assert run(config(base, straight, deepspeed__zero_stage=stage, train__max_steps=2 * N), env, device) == 0
+    assert run(config(base, resumed, deepspeed__zero_stage=stage, train__max_steps=2 * N, train__stop_at_step=N),
+               env, device) == 0
+    assert run(config(base, resumed, deepspeed__zero_stage=stage, train__max_steps=2 * N), env, device) == 0
+    result = {}
+    if env.is_main:
+        a, b = read_metrics(straight), read_metrics(resumed)
+        keys = ("step", "train/loss", "train/grad_norm", "train/lr", "eval/trained_sink_on_loss",
+                "eval/heldout_backbone_only_loss")
+        result = {
+            "steps_straight": [m["step"] for m in a], "steps_resumed": [m["step"] for m in b],
+            "losses_straight": [m["train/loss"] for m in a], "losses_resumed": [m["train/loss"] for m in b],
+            "identical": [{k: m.get(k) for k in keys} for m in a] == [{k: m.get(k) for k in keys} for m in b],
+        }
+    return result
+
+
+def mismatch(raw: dict, env, device) -> str:
+    try:
+        run(raw, env, device)
+    except RuntimeError as err:
+        return str(err)
+    return "no error"
+
+
+def main() -> None:
+    base = json.loads(Path(sys.argv[1]).read_text())
+    out = Path(sys.argv[2])
+    env = dist_env_from_environ()
+    device = resolve_device("cpu")
+    setup_distributed(env, device)
+    results: dict = {"world_size": env.world_size}
+    try:
+        for stage in (2, 1):
+            results[f"zero{stage}"] = resume_equality(base, out, stage, env, device)
+        source = out / "zero1_resumed"  # holds step 2N; `resume` points at it from fresh run dirs
+        results["mismatch_model"] = mismatch(config(base, out / "m1", checkpoint__resume=str(source),
+                                                    model__overrides={"n_layer": 3}), env, device)
+        results["mismatch_sinks"] = mismatch(config(base, out / "m2", checkpoint__resume=str(source),
+                                                    model__overrides={"sink_strategy": "uniform"}), env, device)
+        tampered = out / "other_data" / "checkpoints" / f"step_{2 * N:08d}"
+        if env.is_main:  # a checkpoint as if trained on another dataset: only its manifest hash differs
+            shutil.copytree(source / "checkpoints" / f"step_{2 * N:08d}", tampered)
+            meta = json.loads((tampered / "nulls_meta.json").read_text())
+            meta["data_manifest_sha256"] = "0" * 64
+            (tampered / "nulls_meta.json").write_text(json.dumps(meta))
+        dist.barrier()
+        results["mismatch_data"] = mismatch(config(base, out / "m3", checkpoint__resume=str(tampered)), env, device)
+        for stage in (0, 3):
+            run_dir = out / f"zero{stage}_short"
+            code = run(config(base, run_dir, deepspeed__zero_stage=stage, train__max_steps=2), env, device)
+            if env.is_main:
+                losses = [m["train/loss"] for m in read_metrics(run_dir)]
+                results[f"zero{stage}_short"] = {"code": code, "losses": losses,
+                                                 "latest": (run_dir / "checkpoints" / "latest").read_text().strip()}
+        if env.is_main:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            from nulls_dist.config import NullConfig
+            from nulls_dist.model import NullTransformer
+
+            state = get_fp32_state_dict_from_zero_checkpoint(str(out / "zero2_straight" / "checkpoints"),
+                                                             tag=f"step_{2 * N:08d}")
+            meta = json.loads((out / "zero2_straight" / "checkpoints" / f"step_{2 * N:08d}" /
+                               "nulls_meta.json").read_text())
+            model = NullTransformer(NullConfig(**meta["model"]))
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            results["consolidated"] = {"missing": list(missing), "unexpected": list(unexpected),
+                                       "num_tensors": len(state), "step": meta["step"],
+                                       "finite": all(torch.isfinite(v).all().item() for v in state.values())}
+        results["ok"] = True
+    except Exception:  # noqa: BLE001 - the marker must carry the failure to the test
+        results["ok"] = False
+        results["error"] = traceback.format_exc()
+        raise
+    finally:
+        (out / f"rank{env.rank}.json").write_text(json.dumps(results, indent=1))
+        teardown_distributed()
+
+
+if __name__ == "__main__":
+    main()
