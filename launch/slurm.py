@@ -1,0 +1,183 @@
+"""SLURM batch scripts for `nulls-train`: the typed job spec, the rendered sbatch script, the run directory
+(launch config, code version, logs) and submission with `sbatch --parsable`.
+
+Signal design: `#SBATCH --signal=USR1@<s>` (no `B:`) makes SLURM send SIGUSR1 to every task of the job's
+steps -- every `nulls-train` rank -- `<s>` seconds before the time limit, and not to the batch shell (whose
+default USR1 action would kill it). Each rank checkpoints collectively and exits with
+`requeue_exit_code`; srun returns it, and the batch shell then runs `scontrol requeue $SLURM_JOB_ID`. The
+requeued job keeps its id, so it reuses the run directory, the rendezvous port and the logs (appended), and
+`nulls-train` resumes from `<run_dir>/checkpoints/latest` in the same wandb run. Preemption with
+PreemptMode=REQUEUE sends SIGTERM instead; the trainer checkpoints on it too and SLURM requeues the job.
+This module sets no hyperparameters: trainer arguments are forwarded verbatim.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from launch.task import PORT_BASE, PORT_SPAN
+
+TIME_RE = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
+MEM_RE = re.compile(r"^\d+[KMGT]?$")
+
+
+@dataclass
+class SlurmSpec:
+    """Resources and behaviour of one SLURM job; one task per GPU (or `tasks_per_node` on CPU nodes)."""
+
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: int | None = None  # None: one per GPU (1 when gpus_per_node is 0)
+    cpus_per_task: int = 1
+    mem: str | None = None  # per node, sbatch syntax ("480G"); None: the partition's default
+    time: str = "01:00:00"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    exclusive: bool = False
+    signal_warning_s: int = 300  # USR1 this long before the time limit: must cover one checkpoint save
+    requeue: bool = True
+    requeue_exit_code: int = 75  # nulls-train's exit code after "checkpointed on signal" (EX_TEMPFAIL)
+    train_command: str | None = None  # None: the nulls-train beside `python`, else `nulls-train` on PATH
+    python: str | None = None  # runs `-m launch.task` on every task; None: this interpreter
+    setup: list[str] = field(default_factory=list)  # shell lines before srun (module load, source venv)
+    env: dict[str, str] = field(default_factory=dict)  # exported before srun (NCCL_*, WANDB_MODE, ...)
+    sbatch_args: list[str] = field(default_factory=list)  # extra `#SBATCH` options, verbatim
+    srun_args: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "cpus_per_task"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"launcher.{name} must be >= 1, got {getattr(self, name)}")
+        if self.gpus_per_node < 0:
+            raise ValueError(f"launcher.gpus_per_node must be >= 0, got {self.gpus_per_node}")
+        if self.python is None:
+            self.python = sys.executable
+        if self.train_command is None:
+            sibling = Path(self.python).parent / "nulls-train"
+            self.train_command = str(sibling) if sibling.exists() else "nulls-train"
+        if self.tasks_per_node is None:
+            self.tasks_per_node = max(self.gpus_per_node, 1)
+        if self.tasks_per_node < 1:
+            raise ValueError(f"launcher.tasks_per_node must be >= 1, got {self.tasks_per_node}")
+        if self.gpus_per_node and self.tasks_per_node != self.gpus_per_node:
+            raise ValueError(f"launcher.tasks_per_node must equal gpus_per_node ({self.gpus_per_node}) on GPU "
+                             f"nodes (one rank per GPU), got {self.tasks_per_node}")
+        if not TIME_RE.match(str(self.time)):
+            raise ValueError(f"launcher.time must be SLURM time ([D-]HH:MM:SS or minutes), got {self.time!r}")
+        if self.mem is not None and not MEM_RE.match(str(self.mem)):
+            raise ValueError(f"launcher.mem must look like 480G or 64000M, got {self.mem!r}")
+        if self.signal_warning_s < 0 or self.signal_warning_s > 65535:
+            raise ValueError(f"launcher.signal_warning_s must be in [0, 65535], got {self.signal_warning_s}")
+        if not 1 <= self.requeue_exit_code <= 255:
+            raise ValueError(f"launcher.requeue_exit_code must be in [1, 255], got {self.requeue_exit_code}")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+    def directives(self, job_name: str, log_dir: Path, workdir: Path) -> list[str]:
+        """The `#SBATCH` options, in a fixed order."""
+        opts = [
+            f"--job-name={job_name}",
+            f"--nodes={self.nodes}",
+            f"--ntasks-per-node={self.tasks_per_node}",
+            f"--cpus-per-task={self.cpus_per_task}",
+            f"--time={self.time}",
+        ]
+        if self.gpus_per_node:
+            opts.append(f"--gpus-per-node={self.gpus_per_node}")
+        for name in ("mem", "partition", "account", "qos", "constraint"):
+            value = getattr(self, name)
+            if value is not None:
+                opts.append(f"--{name}={value}")
+        if self.exclusive:
+            opts.append("--exclusive")
+        if self.signal_warning_s:
+            opts.append(f"--signal=USR1@{self.signal_warning_s}")
+        opts.append("--requeue" if self.requeue else "--no-requeue")
+        opts += ["--open-mode=append", f"--output={log_dir}/slurm-%j.out", f"--chdir={workdir}"]
+        return opts + list(self.sbatch_args)
+
+
+def render_sbatch(spec: SlurmSpec, job_name: str, run_dir: Path, train_args: list[str],
+                  workdir: Path | None = None) -> str:
+    """The batch script: one srun step with one `nulls-train` task per GPU, requeue on the checkpoint code.
+    The job runs in `workdir` (default: the current directory), where relative paths in the config resolve."""
+    run_dir = Path(run_dir).resolve()
+    workdir = Path.cwd() if workdir is None else Path(workdir).resolve()
+    log_dir = run_dir / "logs"
+    lines = ["#!/bin/bash", f"# Generated by nulls-launch for run directory {run_dir}"]
+    lines += [f"#SBATCH {opt}" for opt in spec.directives(job_name, log_dir, workdir)]
+    lines += [
+        "",
+        "set -uo pipefail",
+        f"RUN_DIR={shlex.quote(str(run_dir))}",
+        '# Rendezvous from the node list; the port is a function of the job id, so a requeued job reuses it.',
+        'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+        f"export MASTER_PORT=$(( {PORT_BASE} + SLURM_JOB_ID % {PORT_SPAN} ))",
+        'echo "[nulls-launch] job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} nodes $SLURM_JOB_NODELIST '
+        'rendezvous $MASTER_ADDR:$MASTER_PORT $(date -u +%FT%TZ)"',
+    ]
+    lines += list(spec.setup)
+    lines += [f"export {key}={shlex.quote(str(value))}" for key, value in spec.env.items()]
+    srun = ["srun", f"--ntasks-per-node={spec.tasks_per_node}", f"--cpus-per-task={spec.cpus_per_task}",
+            "--open-mode=append", f"--output={log_dir}/rank%t-%j.out", *spec.srun_args]
+    task = [spec.python, "-m", "launch.task", *shlex.split(spec.train_command), *train_args]
+    lines += [
+        " ".join(shlex.quote(part) for part in srun + task),
+        "rc=$?",
+        f"if [ \"$rc\" -eq {spec.requeue_exit_code} ]; then",
+        '  echo "[nulls-launch] nulls-train checkpointed on signal; requeueing job $SLURM_JOB_ID"',
+        '  scontrol requeue "$SLURM_JOB_ID" && exit 0',
+        "fi",
+        'echo "[nulls-launch] srun exited with $rc"',
+        "exit $rc",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def code_version(repo: Path) -> dict[str, object]:
+    """`git rev-parse HEAD` and `git status --porcelain` of the code being launched."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
+
+    head = git("rev-parse", "HEAD")
+    if head.returncode != 0:
+        return {"repo": str(repo), "commit": None, "error": head.stderr.strip()}
+    status = git("status", "--porcelain").stdout.splitlines()
+    return {"repo": str(repo), "commit": head.stdout.strip(), "dirty": bool(status), "status": status}
+
+
+def write_run_dir(run_dir: Path, script: str, launch_yaml: str, train_config: str | None) -> Path:
+    """Create the run directory: sbatch script, launch config, resolved trainer config, code version."""
+    run_dir = Path(run_dir)
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    repo = Path(__file__).resolve().parent.parent
+    files = {
+        "sbatch.sh": script,
+        "launch.yaml": launch_yaml,
+        "code_version.json": json.dumps(code_version(repo), indent=2) + "\n",
+    }
+    if train_config is not None:
+        files["train_config.yaml"] = train_config
+    for name, text in files.items():
+        tmp = run_dir / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(run_dir / name)
+    (run_dir / "sbatch.sh").chmod(0o755)
+    return run_dir / "sbatch.sh"
+
+
+def submit(script_path: Path, env: dict[str, str] | None = None) -> int:
+    """`sbatch --parsable SCRIPT` -> the job id."""
+    result = subprocess.run(["sbatch", "--parsable", str(script_path)], capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"sbatch {script_path} failed ({result.returncode}): {result.stderr.strip()}")
+    return int(result.stdout.strip().split(";")[0])

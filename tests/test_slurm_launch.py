@@ -1,0 +1,242 @@
+"""nulls-launch: rendered sbatch scripts, the SLURM -> torch.distributed mapping, and real jobs of the real
+trainer (debug model, bundled SynthWiki data, 2 gloo ranks) on a local SLURM cluster that this module starts
+(munged + slurmctld + slurmd as root, stopped by PID at the end). Without the SLURM/munge binaries or root,
+the cluster tests skip and say why; `.ci/run` installs them (apt-get install slurm-wlm munge).
+"""
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from launch.cli import flatten_overrides, spec_from_config, split_forwarded
+from launch.local_cluster import LocalSlurmCluster, missing_requirements
+from launch.slurm import SlurmSpec, render_sbatch
+from launch.submitit_task import slurm_minutes
+from launch.task import master_port, rendezvous_env, tasks_on_node
+
+pytestmark = pytest.mark.slurm
+
+BIN = Path(sys.executable).parent
+LAUNCH = [str(BIN / "nulls-launch")]
+# The debug model on bundled SynthWiki, 2 CPU ranks at ZeRO 1, small and quick; eval off.
+TRAIN_ARGS = ["experiment=demo", "train.device=cpu", "deepspeed.micro_batch=2", "eval.num_batches=0",
+              "logging.log_every=1", "optim.warmup_steps=1"]
+
+
+def _launch(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([*LAUNCH, *args], capture_output=True, text=True, env=env, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"nulls-launch {args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+# ---- rendering (no cluster needed) ---------------------------------------------------------------------------
+
+
+def test_dry_run_renders_multi_node_script(tmp_path):
+    run_dir = tmp_path / "run"
+    out = _launch("launcher=slurm_8gpu", "launcher.nodes=16", "launcher.partition=gpu", "launcher.account=proj",
+                  "launcher.qos=high", "launcher.constraint=h100", "launcher.mem=480G", "launcher.time=2-00:00:00",
+                  "launcher.signal_warning_s=900", f"run_dir={run_dir}", "dry_run=true", "name=wiki",
+                  "--", "experiment=demo", "optim.lr=0.0003", "train.max_steps=7").stdout
+    directives = re.findall(r"^#SBATCH (\S+)$", out, flags=re.M)
+    for expected in ("--job-name=wiki", "--nodes=16", "--ntasks-per-node=8", "--gpus-per-node=8",
+                     "--cpus-per-task=12", "--mem=480G", "--time=2-00:00:00", "--partition=gpu", "--account=proj",
+                     "--qos=high", "--constraint=h100", "--exclusive", "--signal=USR1@900", "--requeue",
+                     "--open-mode=append", f"--output={run_dir}/logs/slurm-%j.out", f"--chdir={Path.cwd()}"):
+        assert expected in directives, (expected, directives)
+    assert not any(d.startswith("--signal=B:") for d in directives)  # the ranks, not the shell, get USR1
+    srun = next(line for line in out.splitlines() if line.startswith("srun "))
+    assert "--ntasks-per-node=8" in srun and f"--output={run_dir}/logs/rank%t-%j.out" in srun
+    assert srun.endswith(f"-m launch.task {BIN / 'nulls-train'} experiment=demo optim.lr=0.0003 "
+                         f"train.max_steps=7 train.run_dir={run_dir}")
+    assert 'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"' in out
+    assert "export MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 10000 ))" in out
+    assert 'if [ "$rc" -eq 75 ]; then' in out and 'scontrol requeue "$SLURM_JOB_ID"' in out
+    assert not run_dir.exists()  # a dry run creates nothing
+
+
+def test_dry_run_multirun_renders_one_script_per_sweep_point(tmp_path):
+    out = _launch("--multirun", "dry_run=true", f"run_dir={tmp_path}", f"runs_root={tmp_path}",
+                  "+train.optim.lr=0.0001,0.0005",
+                  "--", "experiment=demo").stdout
+    scripts = out.split("#!/bin/bash")[1:]
+    assert len(scripts) == 2
+    for num, lr in enumerate(("0.0001", "0.0005")):
+        srun = next(line for line in scripts[num].splitlines() if line.startswith("srun "))
+        assert srun.endswith(f"experiment=demo optim.lr={lr} train.run_dir={tmp_path / str(num)}")
+
+
+def test_overrides_are_forwarded_verbatim():
+    own, forwarded = split_forwarded(["launcher=local_cpu", "--", "model=paper_wiki_1b", "train.run_dir=a b"])
+    assert own == ["launcher=local_cpu"] and forwarded == ["model=paper_wiki_1b", "train.run_dir=a b"]
+    assert flatten_overrides({"optim": {"lr": 3e-4, "betas": [0.9, 0.95]}, "experiment": "demo"}) == [
+        "optim.lr=0.0003", "optim.betas=[0.9,0.95]", "experiment=demo"]
+    script = render_sbatch(SlurmSpec(), "x", Path("/r"), ["train.run_dir=a b", "data.title='x y'"])
+    assert "'train.run_dir=a b' 'data.title='\"'\"'x y'\"'\"''" in script  # shell-quoted, one argv each
+
+
+def test_slurm_minutes_for_submitit():
+    assert [slurm_minutes(t) for t in ("30", "05:30", "01:00:00", "00:00:30", "2-00:00:00", "1-12")] == [
+        30, 6, 60, 1, 2880, 2160]
+
+
+def test_spec_errors_name_the_field():
+    with pytest.raises(ValueError, match="launcher.tasks_per_node"):
+        SlurmSpec(gpus_per_node=8, tasks_per_node=4)
+    with pytest.raises(ValueError, match="launcher.time"):
+        SlurmSpec(time="two hours")
+    with pytest.raises(ValueError, match="launcher.mem"):
+        SlurmSpec(mem="lots")
+    with pytest.raises(ValueError, match=r"launcher\.gpus"):
+        spec_from_config({"gpus": 8})
+    assert SlurmSpec(gpus_per_node=8).tasks_per_node == 8 and SlurmSpec().tasks_per_node == 1
+
+
+def test_rendezvous_env_maps_slurm_variables():
+    slurm = {"SLURM_PROCID": "13", "SLURM_NTASKS": "32", "SLURM_LOCALID": "5", "SLURM_NODEID": "1",
+             "SLURM_TASKS_PER_NODE": "8(x4)", "SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu[01-04]",
+             "MASTER_ADDR": "gpu01"}
+    assert rendezvous_env(slurm) == {"RANK": "13", "WORLD_SIZE": "32", "LOCAL_RANK": "5", "NODE_RANK": "1",
+                                     "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "gpu01", "MASTER_PORT": "23456"}
+    assert master_port(123456) == 23456
+    assert [tasks_on_node("8(x2),4", n) for n in range(3)] == [8, 8, 4]
+    with pytest.raises(ValueError, match="SLURM_PROCID"):
+        rendezvous_env({})
+
+
+# ---- a real local cluster ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def synthwiki_dir(tmp_path_factory) -> Path:
+    """This module's own copy of the prepared SynthWiki shards: the default `data/synthwiki` under the working
+    directory is shared with other runs, and a resume refuses shards that changed under it."""
+    out = tmp_path_factory.mktemp("synthwiki")
+    subprocess.run([str(BIN / "nulls-data"), "data=synthwiki", f"data.output_dir={out}"], check=True,
+                   capture_output=True, timeout=600)
+    return out
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    reason = missing_requirements()
+    if reason:
+        pytest.skip(f"no local SLURM cluster: {reason}")
+    cluster = LocalSlurmCluster(tmp_path_factory.mktemp("slurm"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+def _job_field(env: dict, job_id: int, name: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", str(job_id)], env=env, capture_output=True, text=True).stdout
+    match = re.search(rf"\b{name}=(\S+)", out)
+    return match.group(1) if match else ""
+
+
+def _logs(run_dir: Path) -> str:
+    return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in sorted((run_dir / "logs").glob("*")))
+
+
+def _wait(predicate, what: str, timeout_s: float, run_dir: Path):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}\n{_logs(run_dir)}")
+
+
+def _wait_job_end(env: dict, job_id: int, run_dir: Path, timeout_s: float) -> None:
+    """Wait until the job has ended and assert it COMPLETED with exit code 0 (logs in the message if not)."""
+    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+    state = _wait(lambda: (s := _job_field(env, job_id, "JobState")) in ended and s, "the job to end", timeout_s,
+                  run_dir)
+    exit_code = _job_field(env, job_id, "ExitCode")
+    assert (state, exit_code) == ("COMPLETED", "0:0"), f"job {job_id}: {state} {exit_code}\n{_logs(run_dir)}"
+
+
+def _submit(cluster, run_dir: Path, data_dir: Path, *train_args: str) -> int:
+    out = _launch(f"run_dir={run_dir}", "--", *TRAIN_ARGS, f"data.output_dir={data_dir}", *train_args,
+                  env=cluster.env).stdout
+    assert f"run directory {run_dir}" in out
+    return int((run_dir / "job_id").read_text())
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    complete = path.read_text().rpartition("\n")[0]  # the trainer may be writing the last line right now
+    return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+
+def _steps(run_dir: Path) -> list[int]:
+    return [row["step"] for row in _metrics(run_dir) if "train/loss" in row]
+
+
+def test_two_rank_job_checkpoints_on_signal_requeues_resumes_and_completes(slurm_cluster, synthwiki_dir, tmp_path):
+    """One 2-rank CPU job through nulls-launch: SIGUSR1 (what `--signal=USR1@<s>` sends at the time limit)
+    -> checkpoint -> exit 75 -> `scontrol requeue` -> restart 1 resumes from `latest` -> both ranks finish.
+    (A single job covers "completes with both ranks" and the requeue: each trainer start costs ~1 min here.)"""
+    run_dir = tmp_path / "run"
+    max_steps = 40
+    env = slurm_cluster.env
+    job_id = _submit(slurm_cluster, run_dir, synthwiki_dir, f"train.max_steps={max_steps}",
+                     "checkpoint.every_n_steps=1000")
+    _wait(lambda: len(_steps(run_dir)) >= 2, "training steps", 240, run_dir)
+    subprocess.run(["scancel", "--signal=USR1", str(job_id)], env=env, check=True)  # the job's steps' tasks
+    _wait(lambda: int(_job_field(env, job_id, "Restarts") or 0) >= 1, "the requeue", 120, run_dir)
+    stopped_at = int((run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
+    assert 2 <= stopped_at < max_steps
+    wandb_id = (run_dir / "wandb_run_id").read_text().strip()
+    _wait_job_end(env, job_id, run_dir, 300)
+
+    batch_log = (run_dir / "logs" / f"slurm-{job_id}.out").read_text()
+    assert "checkpointed on signal; requeueing" in batch_log
+    assert f"job {job_id} restart 1 " in batch_log  # SLURM_RESTART_COUNT in the requeued run
+    for rank in (0, 1):  # both ranks ran in both attempts, under the rendezvous the batch script derived
+        log = (run_dir / "logs" / f"rank{rank}-{job_id}.out").read_text()
+        for restart in (0, 1):
+            assert (f"[launch.task] rank {rank}/2 local {rank} node 0 host {socket.gethostname()} "
+                    f"master localhost:{master_port(job_id)} restart {restart}") in log
+    rank0 = (run_dir / "logs" / f"rank0-{job_id}.out").read_text()
+    assert f"checkpointed step {stopped_at}, exiting with code 75" in rank0
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped_at:08d}'} at step {stopped_at}" in rank0
+    steps = _steps(run_dir)  # metrics.jsonl is appended across the restart: no step repeated or skipped
+    assert steps == list(range(1, max_steps + 1)), steps
+    tag_dir = run_dir / "checkpoints" / f"step_{max_steps:08d}"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == tag_dir.name
+    assert (tag_dir / "nulls_rank_00001.pt").is_file()  # rank 1's loader/RNG state
+    assert list(tag_dir.glob("*zero_pp_rank_1_*"))  # rank 1's ZeRO partition
+    assert (run_dir / "wandb_run_id").read_text().strip() == wandb_id  # the same wandb run continues
+    version = json.loads((run_dir / "code_version.json").read_text())
+    assert len(version["commit"]) == 40 and isinstance(version["status"], list)
+    assert OmegaConf.create((run_dir / "train_config.yaml").read_text()).train.max_steps == max_steps
+    assert (run_dir / "sbatch.sh").read_text().startswith("#!/bin/bash")
+
+
+def test_submitit_sweep_runs_one_job_per_point(slurm_cluster, synthwiki_dir, tmp_path):
+    """`--multirun hydra/launcher=nulls_submitit`: a job array, one single-rank nulls-train run per point."""
+    result = _launch("--multirun", "hydra/launcher=nulls_submitit", f"runs_root={tmp_path}", "name=sweep",
+                     "launcher.tasks_per_node=1", "+train.optim.lr=0.001,0.002", "--", *TRAIN_ARGS,
+                     f"data.output_dir={synthwiki_dir}", "train.max_steps=2", "checkpoint.every_n_steps=2",
+                     "logging.wandb_mode=disabled",
+                     env=slurm_cluster.env)
+    run_dirs = sorted(tmp_path.glob("sweep-*_*"))
+    assert [d.name.rsplit("_", 1)[1] for d in run_dirs] == ["0", "1"], (run_dirs, result.stdout, result.stderr)
+    for run_dir, lr in zip(run_dirs, (0.001, 0.002)):
+        rows = _metrics(run_dir)
+        assert [row["step"] for row in rows if "train/loss" in row] == [1, 2]
+        assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+        assert OmegaConf.load(run_dir / "launch.yaml").train.optim.lr == lr
