@@ -20,6 +20,7 @@ from data_pipeline.pipeline import data_config_from_dict, run_stages
 from nulls_dist.train.config import DataSection, train_config_from_dict
 from nulls_dist.train.distributed import (dist_env_from_environ, resolve_device, setup_distributed,
                                           teardown_distributed)
+from nulls_dist.train.signals import StopFlag
 
 log = logging.getLogger("nulls_dist.train")
 
@@ -67,6 +68,7 @@ def run(raw: dict[str, Any]) -> int:
     from nulls_dist.train.trainer import train
 
     cfg = train_config_from_dict(raw)  # fail on bad config before any process group exists
+    stop = StopFlag().install()  # before the slow start-up, so an early pre-emption warning is not fatal
     env = dist_env_from_environ()
     logging.getLogger().setLevel(logging.INFO if env.is_main else logging.WARNING)
     device = resolve_device(cfg.device)
@@ -74,8 +76,9 @@ def run(raw: dict[str, Any]) -> int:
     try:
         raw = _share_from_rank0(raw, env.world_size)
         cfg = train_config_from_dict(raw)
-        return train(cfg, raw, env, device, prepare_data(cfg.data, env.is_main))
+        return train(cfg, raw, env, device, prepare_data(cfg.data, env.is_main), stop)
     finally:
+        stop.restore()
         teardown_distributed()
 
 

@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Mapping
 
-SLURM_PORT_BASE = 20000  # ports 20000-39999: above the well-known range, below the usual ephemeral range
+SLURM_PORT_BASE = 20000  # ports 20000-29999 (as launch/slurm.py): above the registered range, below Linux ephemeral ports (32768+)
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def dist_env_from_environ(environ: Mapping[str, str] | None = None, scontrol: st
         if "MASTER_PORT" in environ:
             port = _int_env(environ, "MASTER_PORT")
         else:
-            port = SLURM_PORT_BASE + _int_env(environ, "SLURM_JOB_ID") % 20000 if "SLURM_JOB_ID" in environ else 29500
+            port = SLURM_PORT_BASE + _int_env(environ, "SLURM_JOB_ID") % 10000 if "SLURM_JOB_ID" in environ else 29500
         return DistEnv(
             rank=_int_env(environ, "SLURM_PROCID"),
             world_size=_int_env(environ, "SLURM_NTASKS"),

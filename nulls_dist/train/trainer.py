@@ -223,10 +223,11 @@ class Trainer:
             "train/tokens_seen": self.tokens_seen,
         }
 
-    def fit(self) -> int:
+    def fit(self, stop: StopFlag | None = None) -> int:
         cfg = self.cfg
         self._resume()
-        stop = StopFlag().install()
+        owns_stop = stop is None
+        stop = stop or StopFlag().install()
         for callback in self.callbacks:
             callback.on_train_start(self)
         batches = iter(self.loader)
@@ -251,12 +252,18 @@ class Trainer:
                     exit_code = REQUEUE_EXIT_CODE
                     break
         finally:
-            stop.restore()
+            if owns_stop:
+                stop.restore()
             for callback in self.callbacks:
                 callback.on_train_end(self)
         return exit_code
 
 
-def train(cfg: TrainConfig, resolved: dict[str, Any], env: DistEnv, device: torch.device, data: DataHandle) -> int:
-    """Run one training job on this rank (process group up, data prepared); returns the exit code."""
-    return Trainer(cfg, resolved, env, device, data).fit()
+def train(cfg: TrainConfig, resolved: dict[str, Any], env: DistEnv, device: torch.device, data: DataHandle,
+          stop: StopFlag | None = None) -> int:
+    """Run one training job on this rank (process group up, data prepared); returns the exit code.
+
+    `stop` is the entry point's already-installed signal flag, so a signal during start-up (DeepSpeed
+    initialisation takes a minute on a small CPU) is not lost: it is honoured at the first step boundary.
+    """
+    return Trainer(cfg, resolved, env, device, data).fit(stop)
