@@ -1,0 +1,134 @@
+"""`nulls-eval`: the unlearning report for a model + forget set, optionally against a retrain oracle and a
+hard-unlearned checkpoint, with post-hoc GA / NPO baselines it runs itself.
+
+    nulls-eval --checkpoint runs/demo --manifest runs/demo/manifest --forget-set forget.json \
+        --oracle runs/oracle --data data/synthwiki/shards --probes data_pipeline/bundled/synthwiki/probes.jsonl \
+        --out runs/eval
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from nulls_dist.unlearn.checkpoint_io import build_model, load_checkpoint
+from nulls_dist.unlearn.evaluate import (
+    EvalConfig, EvalData, baseline_deployments, gold_deployment, routed_deployment, run_evaluation,
+)
+from nulls_dist.unlearn.manifest import iter_manifest
+from nulls_dist.unlearn.posthoc import FinetuneConfig
+from nulls_dist.unlearn.report import write_report
+from nulls_dist.unlearn.routing import SourceIndex, make_embedder
+from nulls_dist.unlearn.source_text import read_source_tokens
+from nulls_dist.unlearn.unlearn import load_forget_set
+
+log = logging.getLogger("nulls_dist.unlearn")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nulls-eval", description="Evaluate unlearning (JSON + markdown + PNG)")
+    p.add_argument("--checkpoint", required=True, help="the trained (original) checkpoint")
+    p.add_argument("--manifest", required=True, help="its manifest directory")
+    p.add_argument("--forget-set", required=True)
+    p.add_argument("--oracle", default=None, help="checkpoint of a run trained with exclude_sources = the forget set")
+    p.add_argument("--hard", default=None, help="a hard-unlearned deployed checkpoint to evaluate too")
+    p.add_argument("--data", required=True, help="dataset directory (manifest.json, shard-*.tar, holdout/)")
+    p.add_argument("--probes", default=None, help="SynthWiki probes.jsonl (source ids must match the data)")
+    p.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: the data manifest's)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--embedder", default="auto", choices=["auto", "minilm", "model"])
+    p.add_argument("--steps", type=int, default=20, help="GA / NPO / relearning fine-tuning steps")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--baselines", default="ga,npo", help="comma list of ga,npo (empty: none)")
+    p.add_argument("--max-retained", type=int, default=32)
+    p.add_argument("--max-holdout", type=int, default=64)
+    return p
+
+
+def _manifest_table(manifest_dir) -> dict[int, tuple[str, bool, str]]:
+    out = {}
+    for batch in iter_manifest(manifest_dir, columns=["source_id", "title", "trained", "split"]):
+        for sid, title, trained, split in zip(*(batch.column(c).to_pylist() for c in
+                                                ("source_id", "title", "trained", "split"))):
+            out[sid] = (title, trained, split)
+    return out
+
+
+def _tokenizer(data_dir: Path, override: str | None):
+    import sentencepiece as spm
+
+    doc = json.loads((data_dir / "manifest.json").read_text())
+    path = Path(override or doc["tokenizer"]["path"])
+    path = path if path.is_absolute() or override else data_dir / path  # the manifest's path is relative to it
+    if not path.is_file():
+        raise ValueError(f"tokenizer model not found: {path}")
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    bos = doc.get("special_ids", {}).get("bos", sp.bos_id())
+    return (lambda text: sp.encode(text)), (int(bos) if bos is not None and bos >= 0 else None)
+
+
+def _related(probes: list[dict], forget: set[int], trained: set[int]) -> list[int]:
+    rel = {int(s) for p in probes if p["kind"] == "shared" and forget & set(p["source_ids"])
+           for s in p["source_ids"]}
+    return sorted((rel - forget) & trained)
+
+
+def run(args) -> dict:
+    data_dir = Path(args.data)
+    table = _manifest_table(args.manifest)
+    forget = [int(s) for s in load_forget_set(args.forget_set)["source_ids"]]
+    trained = {s for s, (_, t, _) in table.items() if t}
+    holdout = sorted(s for s, (_, _, split) in table.items() if split == "holdout")[: args.max_holdout]
+    probes = [json.loads(line) for line in Path(args.probes).read_text().splitlines() if line] if args.probes else []
+    related = _related(probes, set(forget), trained)
+    retained = sorted(trained - set(forget))
+    encode, bos = _tokenizer(data_dir, args.tokenizer)
+    wanted = set(forget) | set(related) | set(retained[: args.max_retained]) | set(holdout)
+    data = EvalData(forget_ids=forget, retained_ids=retained, related_ids=related, holdout_ids=holdout,
+                    titles={s: v[0] for s, v in table.items()}, tokens=read_source_tokens(data_dir, wanted),
+                    probes=probes, encode=encode, bos_id=bos)
+    original_ckpt = load_checkpoint(args.checkpoint)
+    original = build_model(original_ckpt)
+    embedder = make_embedder(args.embedder, original.transformer.wte.weight, encode)
+    survivors = sorted(trained)
+    index = SourceIndex.build(survivors, [data.titles[s] for s in survivors], embedder)
+    route_all = routed_deployment("routed", original, index, embedder, [], data.titles).mode_for
+    deployments = [gold_deployment("original", original, trained, route_all),
+                   routed_deployment("unlearned", original, index, embedder, forget, data.titles)]
+    if args.hard:
+        deployments.append(routed_deployment("hard", build_model(load_checkpoint(args.hard)), index, embedder,
+                                             forget, data.titles))
+    if args.oracle:
+        oracle_ckpt = load_checkpoint(args.oracle)
+        excluded = {str(x) for x in oracle_ckpt.meta.get("exclude_sources", [])}
+        oracle_trained = sorted(s for s in trained if str(s) not in excluded and data.titles[s] not in excluded)
+        oracle_index = SourceIndex(np.asarray(oracle_trained), index.embeddings[np.isin(index.source_ids, oracle_trained)])
+        deployments.append(routed_deployment("oracle", build_model(oracle_ckpt), oracle_index, embedder, [],
+                                             data.titles))
+    cfg = EvalConfig(finetune=FinetuneConfig(steps=args.steps, lr=args.lr), max_retained=args.max_retained,
+                     baselines=tuple(b for b in args.baselines.split(",") if b))
+    deployments += baseline_deployments(deployments[0], data, cfg)
+    result = run_evaluation(deployments, data, cfg)
+    result["embedder"] = embedder.name
+    result["checkpoint"] = str(original_ckpt.path)
+    result["files"] = write_report(result, args.out)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    try:
+        result = run(args)
+    except ValueError as exc:
+        print(f"nulls-eval: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps({"files": result["files"], "embedder": result["embedder"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

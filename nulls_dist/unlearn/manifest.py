@@ -1,0 +1,334 @@
+"""The per-source sink manifest of a trained checkpoint: one record per registry source, written streaming as
+sharded Parquet (each shard through a temporary name and a rename) plus `index.json`.
+
+Record columns (see docs/unlearning.md):
+    source_id int64, title string, split string, trained bool, tokens int64 (tokens trained on; 0 if not trained),
+    strategy string, strategy_version string, sinks list<list<int32>> (active pool indices per layer),
+    num_sharing int64, max_overlap int32, max_overlap_source int64 (-1: none), overlap_exact bool,
+    sink_digest string (sha256 over the per-row digests of its sink rows, layer-major; see `row_digests`).
+
+Memory is bounded by the chunk size: the registry is read in row batches, the overlap reference (all trained
+sources for `exact`, a seeded sample for `sampled`) is a sparse incidence matrix, and records leave as soon
+as a shard is full. The index (`index.json`, written last) is the manifest's root: its sha256 is the
+manifest digest that certificates cite.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from data_pipeline.schema import SPLIT_TRAIN
+from nulls_dist.config import NullConfig
+from nulls_dist.sinks import SinkAssignment
+from nulls_dist.unlearn.checkpoint_io import file_sha256, sink_table_keys, write_json_atomic
+from nulls_dist.unlearn.overlap import OverlapIndex, pair_work
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "index.json"
+MANIFEST_FORMAT = "nulls-sink-manifest"
+MANIFEST_VERSION = 1
+SHARD_PATTERN = "manifest-{index:05d}.parquet"
+OVERLAP_METHODS = ("auto", "exact", "sampled")
+
+SCHEMA = pa.schema([
+    ("source_id", pa.int64()), ("title", pa.string()), ("split", pa.string()), ("trained", pa.bool_()),
+    ("tokens", pa.int64()), ("strategy", pa.string()), ("strategy_version", pa.string()),
+    ("sinks", pa.list_(pa.list_(pa.int32()))), ("num_sharing", pa.int64()), ("max_overlap", pa.int32()),
+    ("max_overlap_source", pa.int64()), ("overlap_exact", pa.bool_()), ("sink_digest", pa.string()),
+])
+
+
+@dataclass
+class ManifestOptions:
+    """Typed options of `build_manifest` (the Hydra entry point fills them from conf/unlearn/manifest.yaml)."""
+
+    shard_rows: int = 1_000_000
+    chunk_rows: int = 65_536
+    overlap: str = "auto"  # exact | sampled | auto (exact while the pair work fits exact_budget)
+    overlap_sample: int = 1024
+    exact_budget: int = 200_000_000  # incidences sum_u load_u^2 an exact pass may touch
+    product_budget: int = 16_000_000  # result entries per chunk product (~130 MB of int64/float temporaries)
+    seed: int = 0
+    exclude_source_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.overlap not in OVERLAP_METHODS:
+            raise ValueError(f"overlap must be one of {OVERLAP_METHODS}, got {self.overlap!r}")
+        for name in ("shard_rows", "chunk_rows", "overlap_sample", "product_budget"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+class SinkKeys:
+    """Source ids -> (S, L*K) sink keys over all layers (or (S, K) units when every layer shares one mask)."""
+
+    def __init__(self, model_cfg: NullConfig) -> None:
+        self.assignment = SinkAssignment(model_cfg.sink_assignment_config())
+        self.n_layer = model_cfg.n_layer
+        self.n_sink = model_cfg.n_sink
+        self.layer_specific = model_cfg.sink_layer_specific
+        self.num_keys = self.n_sink * (self.n_layer if self.layer_specific else 1)
+
+    def per_layer(self, source_ids: np.ndarray) -> np.ndarray:
+        """(S,) -> (S, L, K) int64 pool indices, -1 padded."""
+        ids = torch.from_numpy(np.ascontiguousarray(source_ids, dtype=np.int64))
+        if not self.layer_specific:
+            rows = self.assignment.rows(ids, 0).numpy()  # (S, K)
+            return np.repeat(rows[:, None, :], self.n_layer, axis=1)
+        return np.stack([self.assignment.rows(ids, layer).numpy() for layer in range(self.n_layer)], axis=1)
+
+    def keys(self, rows: np.ndarray) -> np.ndarray:
+        """(S, L, K) pool indices -> (S, K') overlap keys (layer-offset when layer-specific), -1 padded."""
+        if not self.layer_specific:
+            return rows[:, 0, :]
+        offsets = (np.arange(self.n_layer, dtype=np.int64) * self.n_sink)[None, :, None]
+        return np.where(rows >= 0, rows + offsets, -1).reshape(rows.shape[0], -1)
+
+
+def row_digests(state_dict: dict[str, torch.Tensor], n_layer: int) -> np.ndarray:
+    """(L, P+1, 32) uint8: sha256 of each sink row's gate||up||down fp32 bytes; index P (= -1) is zeros."""
+    tables = []
+    for layer in range(n_layer):
+        gate, up, down = (state_dict[k].detach().to(torch.float32).numpy() for k in sink_table_keys(layer))
+        rows = np.concatenate([gate, up, down], axis=1)  # (P, 3D)
+        digests = [hashlib.sha256(rows[j].tobytes()).digest() for j in range(rows.shape[0])]
+        table = np.zeros((rows.shape[0] + 1, 32), dtype=np.uint8)
+        if digests:
+            table[:-1] = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, 32)
+        tables.append(table)
+    return np.stack(tables)
+
+
+def source_digests(rows: np.ndarray, digests: np.ndarray) -> list[str]:
+    """(S, L, K) rows -> per-source sha256 over its row digests (layer-major, -1 padding as 32 zero bytes)."""
+    layer = np.arange(rows.shape[1])[None, :, None]
+    gathered = np.ascontiguousarray(digests[layer, rows])  # (S, L, K, 32); rows == -1 picks the zero entry
+    width = gathered.shape[1] * gathered.shape[2] * 32
+    buf = memoryview(gathered.reshape(-1))
+    return [hashlib.sha256(buf[i * width:(i + 1) * width]).hexdigest() for i in range(rows.shape[0])]
+
+
+def iter_registry(path: Path, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """Row batches of source_id, title, tokens, split from registry.parquet."""
+    if not path.is_file():
+        raise ValueError(f"registry file not found: {path}")
+    pf = pq.ParquetFile(path)
+    missing = {"source_id", "title", "tokens", "split"} - set(pf.schema_arrow.names)
+    if missing:
+        raise ValueError(f"{path}: registry lacks column(s) {sorted(missing)}")
+    yield from pf.iter_batches(batch_size=batch_rows, columns=["source_id", "title", "tokens", "split"])
+
+
+def trained_mask(batch: pa.RecordBatch, excluded: np.ndarray) -> np.ndarray:
+    ids = batch.column("source_id").to_numpy().astype(np.int64)
+    is_train = pc.equal(batch.column("split"), SPLIT_TRAIN).to_numpy(zero_copy_only=False)
+    return is_train.astype(bool) & ~np.isin(ids, excluded)
+
+
+def _trained_ids(registry: Path, opts: ManifestOptions, excluded: np.ndarray) -> np.ndarray:
+    parts = [b.column("source_id").to_numpy().astype(np.int64)[trained_mask(b, excluded)]
+             for b in iter_registry(registry, opts.chunk_rows)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def build_overlap_index(trained: np.ndarray, keys: SinkKeys, opts: ManifestOptions) -> OverlapIndex:
+    """Exact over all trained sources when the pair work fits the budget (or is forced), else a sample."""
+    method = opts.overlap
+    if method == "auto":  # estimate sum_u load_u^2 from a sample of sources (only for the decision)
+        rng = np.random.default_rng(opts.seed)
+        probe = trained if len(trained) <= opts.chunk_rows else rng.choice(trained, opts.chunk_rows, replace=False)
+        k = keys.keys(keys.per_layer(probe))
+        loads = np.bincount(k[k >= 0], minlength=keys.num_keys) * (len(trained) / max(1, len(probe)))
+        method = "exact" if pair_work(loads) <= opts.exact_budget else "sampled"
+    if method == "exact" or len(trained) <= opts.overlap_sample:
+        ref = trained
+        exact = True
+    else:
+        rng = np.random.default_rng(opts.seed)
+        ref = np.sort(rng.choice(trained, size=opts.overlap_sample, replace=False))
+        exact = False
+    ref_keys = [keys.keys(keys.per_layer(ref[i:i + opts.chunk_rows])) for i in range(0, len(ref), opts.chunk_rows)]
+    ref_keys = np.concatenate(ref_keys) if ref_keys else np.zeros((0, 1), np.int64)
+    log.info("overlap: %s against %d reference sources", "exact" if exact else "sampled", len(ref))
+    return OverlapIndex(ref, ref_keys, keys.num_keys, len(trained), exact)
+
+
+def _lists(rows: np.ndarray) -> pa.Array:
+    """(S, L, K) -1 padded -> list<list<int32>> dropping the padding."""
+    s, num_layers, _ = rows.shape
+    valid = rows >= 0
+    inner_len = valid.sum(axis=2).reshape(-1)  # (S*L,)
+    inner_off = np.zeros(s * num_layers + 1, dtype=np.int32)
+    np.cumsum(inner_len, out=inner_off[1:])
+    inner = pa.ListArray.from_arrays(pa.array(inner_off), pa.array(rows[valid].astype(np.int32)))
+    outer_off = pa.array(np.arange(0, s * num_layers + 1, num_layers, dtype=np.int32))
+    return pa.ListArray.from_arrays(outer_off, inner)
+
+
+class _ShardWriter:
+    """Parquet shards of at most `shard_rows` records, each written to a temp name and renamed on close."""
+
+    def __init__(self, out_dir: Path, shard_rows: int) -> None:
+        self.out_dir, self.shard_rows = out_dir, shard_rows
+        self.shards: list[dict[str, Any]] = []
+        self._writer = None
+        self._rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        start = 0
+        while start < table.num_rows:
+            if self._writer is None:
+                self._open()
+            take = min(self.shard_rows - self._rows, table.num_rows - start)
+            part = table.slice(start, take)
+            self._writer.write_table(part)
+            ids = part.column("source_id").to_numpy()
+            info = self.shards[-1]
+            info["first_source_id"] = int(ids[0]) if info["first_source_id"] is None else info["first_source_id"]
+            info["last_source_id"] = int(ids[-1])
+            info["min_source_id"] = min(info["min_source_id"], int(ids.min()))
+            info["max_source_id"] = max(info["max_source_id"], int(ids.max()))
+            self._rows += take
+            start += take
+            if self._rows == self.shard_rows:
+                self._close()
+
+    def _open(self) -> None:
+        name = SHARD_PATTERN.format(index=len(self.shards))
+        self._tmp = self.out_dir / f".{name}.tmp-{os.getpid()}"
+        self._writer = pq.ParquetWriter(self._tmp, SCHEMA)
+        self.shards.append({"name": name, "rows": 0, "first_source_id": None, "last_source_id": None,
+                            "min_source_id": np.iinfo(np.int64).max, "max_source_id": -1})
+        self._rows = 0
+
+    def _close(self) -> None:
+        self._writer.close()
+        final = self.out_dir / self.shards[-1]["name"]
+        os.replace(self._tmp, final)
+        self.shards[-1].update(rows=self._rows, sha256=file_sha256(final))
+        self._writer = None
+
+    def finish(self) -> list[dict[str, Any]]:
+        if self._writer is not None:
+            self._close()
+        return self.shards
+
+
+def build_manifest(
+    out_dir: str | Path,
+    *,
+    state_dict: dict[str, torch.Tensor],
+    model_cfg: NullConfig,
+    registry_path: str | Path,
+    checkpoint_sha256: str,
+    data_manifest_sha256: str | None = None,
+    checkpoint_path: str = "",
+    opts: ManifestOptions | None = None,
+) -> dict[str, Any]:
+    """Write the manifest shards and index of one checkpoint; returns the index."""
+    opts = opts or ManifestOptions()
+    out_dir, registry_path = Path(out_dir), Path(registry_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keys = SinkKeys(model_cfg)
+    describe = keys.assignment.describe()
+    excluded = np.asarray(sorted(opts.exclude_source_ids), dtype=np.int64)
+    trained = _trained_ids(registry_path, opts, excluded)
+    index = build_overlap_index(trained, keys, opts)
+    chunk = min(opts.chunk_rows, index.chunk_rows_for(opts.product_budget))
+    digests = row_digests(state_dict, model_cfg.n_layer)
+    writer = _ShardWriter(out_dir, opts.shard_rows)
+    num_sources = 0
+    total = pq.ParquetFile(registry_path).metadata.num_rows
+    with tqdm(total=total, desc="manifest", unit="src", disable=None) as bar:
+        for batch in iter_registry(registry_path, chunk):
+            writer.write(_records(batch, keys, index, digests, describe, excluded))
+            num_sources += batch.num_rows
+            bar.update(batch.num_rows)
+    shards = writer.finish()
+    index_doc = {
+        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
+        "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "checkpoint_sha256": checkpoint_sha256, "checkpoint_path": checkpoint_path,
+        "data_manifest_sha256": data_manifest_sha256, "registry_sha256": file_sha256(registry_path),
+        "strategy": describe, "model_config": model_cfg.to_dict(),
+        "layer_specific": keys.layer_specific, "n_layer": keys.n_layer, "n_sink": keys.n_sink,
+        "num_sources": num_sources, "num_trained": int(len(trained)),
+        "exclude_source_ids": [int(x) for x in excluded],
+        "overlap": {"method": "exact" if index.exact else "sampled", "reference_sources": int(len(index.ref_ids)),
+                    "seed": opts.seed, "unit": "layer*n_sink+unit" if keys.layer_specific else "pool unit"},
+        "schema": {f.name: str(f.type) for f in SCHEMA},
+        "shards": shards,
+    }
+    write_json_atomic(out_dir / INDEX_NAME, index_doc)
+    return index_doc
+
+
+def _records(batch: pa.RecordBatch, keys: SinkKeys, index: OverlapIndex, digests: np.ndarray,
+             describe: dict[str, Any], excluded: np.ndarray) -> pa.Table:
+    ids = batch.column("source_id").to_numpy().astype(np.int64)  # (c,)
+    trained = trained_mask(batch, excluded)
+    rows = keys.per_layer(ids)  # (c, L, K)
+    stats = index.query(ids, keys.keys(rows))
+    tokens = np.where(trained, batch.column("tokens").to_numpy(zero_copy_only=False).astype(np.int64), 0)
+    c = len(ids)
+    return pa.table({
+        "source_id": ids, "title": batch.column("title"), "split": batch.column("split"), "trained": trained,
+        "tokens": tokens, "strategy": pa.array([describe["strategy"]] * c, pa.string()),
+        "strategy_version": pa.array([describe["version"]] * c, pa.string()), "sinks": _lists(rows),
+        "num_sharing": stats.num_sharing, "max_overlap": stats.max_overlap,
+        "max_overlap_source": stats.max_overlap_source, "overlap_exact": np.full(c, index.exact),
+        "sink_digest": pa.array(source_digests(rows, digests), pa.string()),
+    }, schema=SCHEMA)
+
+
+def manifest_digest(manifest_dir: str | Path) -> str:
+    """sha256 of index.json (which pins every shard's sha256)."""
+    path = Path(manifest_dir) / INDEX_NAME
+    if not path.is_file():
+        raise ValueError(f"manifest index not found: {path}")
+    return file_sha256(path)
+
+
+def read_index(manifest_dir: str | Path) -> dict[str, Any]:
+    path = Path(manifest_dir) / INDEX_NAME
+    if not path.is_file():
+        raise ValueError(f"manifest index not found: {path}")
+    return json.loads(path.read_text())
+
+
+def iter_manifest(manifest_dir: str | Path, columns: list[str] | None = None,
+                  batch_rows: int = 65_536) -> Iterator[pa.RecordBatch]:
+    """Record batches of every shard, in order."""
+    manifest_dir = Path(manifest_dir)
+    for shard in read_index(manifest_dir)["shards"]:
+        yield from pq.ParquetFile(manifest_dir / shard["name"]).iter_batches(batch_size=batch_rows, columns=columns)
+
+
+def sinks_array(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A `sinks` list<list<int32>> column -> (S, L, K) int64, -1 padded."""
+    if isinstance(column, pa.ChunkedArray):
+        column = pa.concat_arrays(column.chunks) if column.num_chunks else pa.array([], SCHEMA.field("sinks").type)
+    s = len(column)
+    inner = column.flatten()  # (S*L) lists
+    lengths = np.asarray(inner.value_lengths().to_numpy(zero_copy_only=False), dtype=np.int64)
+    num_layers = len(inner) // s if s else 0
+    width = int(lengths.max()) if len(lengths) else 0
+    out = np.full((len(inner), width), -1, dtype=np.int64)
+    values = inner.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    pos = np.arange(len(values)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out[np.repeat(np.arange(len(inner)), lengths), pos] = values
+    return out.reshape(s, num_layers, width)

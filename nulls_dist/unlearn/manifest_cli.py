@@ -1,0 +1,87 @@
+"""`nulls-manifest`: the Hydra entry point (conf/unlearn/manifest.yaml) that post-processes a training
+checkpoint into its per-source sink manifest. Hydra stops here: the config becomes plain arguments of
+`build_manifest`."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pyarrow.compute as pc
+import pyarrow as pa
+from omegaconf import DictConfig, OmegaConf
+
+from data_pipeline.schema import REGISTRY_NAME
+from nulls_dist.unlearn.checkpoint_io import file_sha256, load_checkpoint, state_dict_digest
+from nulls_dist.unlearn.manifest import ManifestOptions, build_manifest, iter_registry
+
+log = logging.getLogger("nulls_dist.unlearn")
+
+
+def resolve_registry_ids(registry: Path, items: list[Any]) -> list[int]:
+    """Ids for a mixed list of ids and titles (as the trainer's `exclude_sources`); unknown -> ValueError."""
+    ids = {int(x) for x in items if isinstance(x, int) or str(x).isdigit()}
+    titles = {str(x) for x in items if not (isinstance(x, int) or str(x).isdigit())}
+    found_ids, found_titles = set(), set()
+    for batch in iter_registry(registry, 65_536):
+        sid = batch.column("source_id")
+        found_ids |= set(sid.filter(pc.is_in(sid, pa.array(sorted(ids), pa.int64()))).to_pylist())
+        hit = pc.is_in(batch.column("title"), pa.array(sorted(titles), pa.string()))
+        for s, t in zip(sid.filter(hit).to_pylist(), batch.column("title").filter(hit).to_pylist()):
+            found_ids.add(s)
+            found_titles.add(t)
+    unknown = sorted(str(i) for i in ids - found_ids) + sorted(titles - found_titles)
+    if unknown:
+        raise ValueError(f"exclude_sources: not in the registry {registry}: {unknown}")
+    return sorted(found_ids)
+
+
+def run(raw: dict[str, Any]) -> dict[str, Any]:
+    ckpt = load_checkpoint(raw["checkpoint"], raw.get("tag"))
+    meta = ckpt.meta
+    data_manifest = raw.get("data_manifest") or meta.get("data_manifest_path")
+    registry = raw.get("registry")
+    if registry is None:
+        if not data_manifest:
+            raise ValueError("registry: not given and the checkpoint meta names no data_manifest_path")
+        doc = json.loads(Path(data_manifest).read_text())
+        registry = Path(data_manifest).parent / doc.get("registry", {}).get("path", REGISTRY_NAME)
+    registry = Path(registry)
+    data_sha = file_sha256(data_manifest) if data_manifest and Path(data_manifest).is_file() else meta.get(
+        "data_manifest_sha256")
+    exclude = raw.get("exclude_sources")
+    exclude = list(meta.get("exclude_sources") or []) if exclude is None else list(exclude)
+    opts = ManifestOptions(shard_rows=raw["shard_rows"], chunk_rows=raw["chunk_rows"], overlap=raw["overlap"],
+                           overlap_sample=raw["overlap_sample"], exact_budget=raw["exact_budget"],
+                           seed=raw["seed"], exclude_source_ids=resolve_registry_ids(registry, exclude))
+    index = build_manifest(raw["out"], state_dict=ckpt.state_dict, model_cfg=ckpt.model_config,
+                           registry_path=registry, checkpoint_sha256=state_dict_digest(ckpt.state_dict),
+                           data_manifest_sha256=data_sha, checkpoint_path=str(ckpt.path), opts=opts)
+    summary = {k: index[k] for k in ("num_sources", "num_trained", "checkpoint_sha256", "overlap")}
+    summary["out"] = str(raw["out"])
+    summary["shards"] = len(index["shards"])
+    return summary
+
+
+def main() -> None:
+    result: dict[str, int] = {}
+
+    @hydra.main(config_path="pkg://conf", config_name="unlearn/manifest", version_base="1.3")
+    def _hydra_main(cfg: DictConfig) -> None:
+        logging.getLogger().setLevel(logging.INFO)
+        try:
+            print(json.dumps(run(OmegaConf.to_container(cfg, resolve=True)), indent=2))
+            result["code"] = 0
+        except ValueError as exc:
+            print(f"nulls-manifest: error: {exc}", file=sys.stderr)
+            result["code"] = 2
+
+    _hydra_main()
+    sys.exit(result.get("code", 0))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Unlearning metrics on one deployed model: per-token log-probabilities in a deployment mode, text loss,
+cloze fact probes (Truth Ratio, accuracy), verbatim extraction (exact-match length, ROUGE-L), Min-K% prob
+membership scores and a rank AUC.
+
+Definitions (docs/unlearning.md):
+- P̄(a | q) = exp(mean log-prob of the answer tokens after the prompt) (length-normalised probability);
+- Truth Ratio R = mean over distractors d of P̄(d | q) / P̄(a | q) (TOFU's R_truth with the gold answer in
+  place of the paraphrase): ~0 when the fact is known, ~1 when the answer is no likelier than distractors;
+- accuracy: P̄(a | q) is the largest among the answer and its distractors;
+- Min-K% prob: mean of the lowest k% token log-probs of a text (higher = more member-like);
+- AUC: P(score of a member > score of a non-member), ties counted half (Mann-Whitney).
+
+Shape legend:  T tokens of a text   C candidates of a probe   V vocabulary
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nulls_dist.model import SinkMode
+from nulls_dist.unlearn.generate import SamplingConfig, generate
+
+
+@torch.no_grad()
+def token_logprobs(model, tokens: np.ndarray | torch.Tensor, mode: SinkMode) -> np.ndarray:
+    """(T,) token ids -> (T-1,) log p(t_i | t_<i) in `mode`, in block_size windows (no context across them)."""
+    tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.int64)
+    block = model.cfg.block_size
+    out = []
+    for start in range(0, max(1, len(tokens) - 1), block):
+        window = tokens[start:start + block + 1]
+        if len(window) < 2:
+            break
+        logits = model(window[None, :-1], None, mode=mode)[0]  # (w, V)
+        out.append(torch.log_softmax(logits.float(), dim=-1).gather(1, window[1:, None])[:, 0])
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+
+
+def text_loss(model, tokens, mode: SinkMode) -> float:
+    """Mean next-token NLL (nats) of a text."""
+    lp = token_logprobs(model, tokens, mode)
+    return float(-lp.mean()) if len(lp) else float("nan")
+
+
+@torch.no_grad()
+def candidate_logprobs(model, prompt: list[int], candidates: list[list[int]], mode: SinkMode) -> np.ndarray:
+    """Mean log-prob of each candidate's tokens after `prompt`: (C,). One right-padded batch (causal, so the
+    padding never influences the scored positions)."""
+    seqs = [prompt + c for c in candidates]
+    width = max(len(s) for s in seqs)
+    batch = torch.zeros(len(seqs), width, dtype=torch.int64)  # (C, W)
+    for i, s in enumerate(seqs):
+        batch[i, :len(s)] = torch.tensor(s)
+    logp = torch.log_softmax(model(batch, None, mode=mode).float(), dim=-1)  # (C, W, V)
+    out = np.zeros(len(seqs))
+    for i, c in enumerate(candidates):
+        pos = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(c))
+        out[i] = logp[i, pos, torch.tensor(c)].mean().item()
+    return out
+
+
+@dataclass
+class ProbeResult:
+    probe_id: str
+    kind: str
+    truth_ratio: float
+    correct: bool
+
+
+def score_probe(model, probe: dict, mode: SinkMode, encode: Callable[[str], list[int]], bos_id: int | None) -> ProbeResult:
+    prompt = ([bos_id] if bos_id is not None else []) + encode(probe["prompt"])
+    candidates = [encode(" " + probe["answer"])] + [encode(" " + d) for d in probe["distractors"]]
+    mean_lp = candidate_logprobs(model, prompt, candidates, mode)  # (C,) log P̄
+    ratio = float(np.mean(np.exp(mean_lp[1:] - mean_lp[0])))
+    return ProbeResult(probe["probe_id"], probe["kind"], ratio, bool(mean_lp[0] > mean_lp[1:].max()))
+
+
+def summarise_probes(results: list[ProbeResult]) -> dict:
+    if not results:
+        return {"num": 0, "truth_ratio": float("nan"), "accuracy": float("nan")}
+    return {"num": len(results), "truth_ratio": float(np.mean([r.truth_ratio for r in results])),
+            "accuracy": float(np.mean([r.correct for r in results]))}
+
+
+def lcs_length(a: list, b: list) -> int:
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(pred: list[int], ref: list[int]) -> float:
+    """ROUGE-L F1 on token ids (rouge-score's formula; ids sidestep its English word tokenizer)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_IdTokenizer())
+    return scorer.score(" ".join(map(str, ref)), " ".join(map(str, pred)))["rougeL"].fmeasure
+
+
+class _IdTokenizer:
+    def tokenize(self, text: str) -> list[str]:
+        return text.split()
+
+
+def verbatim_extraction(model, tokens: np.ndarray, mode: SinkMode, prefix_len: int, cont_len: int,
+                        num_prefixes: int) -> dict:
+    """Greedy continuations of `num_prefixes` evenly spaced prefixes: mean exact-match length and ROUGE-L."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    span = prefix_len + cont_len
+    if len(tokens) < span:
+        prefix_len, cont_len = max(1, len(tokens) // 2), len(tokens) - max(1, len(tokens) // 2)
+        span = len(tokens)
+    if cont_len <= 0:
+        return {"num": 0, "exact_match_len": float("nan"), "rouge_l": float("nan")}
+    starts = np.unique(np.linspace(0, len(tokens) - span, num=num_prefixes).astype(int))
+    matches, rouges = [], []
+    for s in starts:
+        prefix = torch.from_numpy(tokens[s:s + prefix_len])
+        truth = tokens[s + prefix_len:s + span].tolist()
+        gen = generate(model, prefix, mode, SamplingConfig(max_new_tokens=cont_len)).tokens[0, prefix_len:].tolist()
+        first_miss = next((i for i, (g, t) in enumerate(zip(gen, truth)) if g != t), len(truth))
+        matches.append(first_miss)
+        rouges.append(rouge_l(gen, truth))
+    return {"num": len(starts), "exact_match_len": float(np.mean(matches)), "rouge_l": float(np.mean(rouges))}
+
+
+def min_k_prob(logprobs: np.ndarray, k: float = 0.2) -> float:
+    if len(logprobs) == 0:
+        return float("nan")
+    n = max(1, int(np.ceil(k * len(logprobs))))
+    return float(np.sort(logprobs)[:n].mean())
+
+
+def rank_auc(members: list[float], non_members: list[float]) -> float:
+    """P(member score > non-member score) + 0.5 P(tie)."""
+    pos, neg = np.asarray(members, float), np.asarray(non_members, float)
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+def priv_leak(auc_model: float, auc_oracle: float) -> float:
+    """MUSE PrivLeak: relative AUC gap to the retrained oracle, in percent (0 = indistinguishable)."""
+    return float((auc_model - auc_oracle) / auc_oracle * 100.0)
+
+
+def seq_logprob(model, tokens: torch.Tensor, mode: SinkMode) -> torch.Tensor:
+    """Differentiable sum of log p over a (1, T) sequence's next tokens -> scalar."""
+    logits = model(tokens[:, :-1], None, mode=mode)  # (1, T-1, V)
+    return -F.cross_entropy(logits[0].float(), tokens[0, 1:], reduction="sum")

@@ -1,0 +1,239 @@
+"""Forget sets, the two unlearning methods and their audit certificates.
+
+- `resolve_sources`: ids and titles -> manifest records; every unknown one is reported at once (ValueError),
+  before anything is written.
+- A forget set (JSON) is cumulative: each request adds sources and appends its resulting hash to `history`,
+  so successive requests compose and an older certificate still verifies against a later forget set.
+- `mask` (the paper's method) changes no weight: deployment activates the routed source's sinks minus the
+  union of the forgotten sources' sinks. `hard` writes a new deployed checkpoint whose forgotten sink rows are
+  zero in every layer (gate, up and down tables); every source sharing such a row loses capacity.
+- The certificate lists the request's sources and their sink indices, the checkpoint / manifest / forget-set
+  digests, the method, the UTC time and the collateral: every other trained source that shares a forgotten
+  sink row, with how many rows it shares. `verify` re-checks all of it against a deployed checkpoint.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from nulls_dist.unlearn.checkpoint_io import (
+    LoadedCheckpoint, save_deployed, sink_table_keys, state_dict_digest, write_json_atomic,
+)
+from nulls_dist.unlearn.manifest import iter_manifest, manifest_digest, read_index, sinks_array
+
+FORGET_SET_FORMAT = "nulls-forget-set"
+CERTIFICATE_FORMAT = "nulls-unlearning-certificate"
+METHODS = ("mask", "hard")
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _sha256_json(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass
+class SourceRecord:
+    source_id: int
+    title: str
+    trained: bool
+    tokens: int
+    sinks: list[list[int]]  # per layer, ascending pool indices
+    sink_digest: str
+
+
+# --------------------------------------------------------------------------------------------- resolution
+def parse_requests(items: Iterable[str], file: str | Path | None = None) -> list[str]:
+    """Request strings from the command line and/or a file (one per line, `#` comments, blanks skipped)."""
+    out = [str(x).strip() for x in items if str(x).strip()]
+    if file is not None:
+        path = Path(file)
+        if not path.is_file():
+            raise ValueError(f"sources file not found: {path}")
+        out += [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    if not out:
+        raise ValueError("no sources given: pass source ids, titles or a file of them")
+    return out
+
+
+def _split_request(item: str) -> tuple[str, Any]:
+    """`id:123` / `title:Foo` force a kind; a bare integer is an id, anything else a title."""
+    if item.startswith("id:"):
+        return "id", int(item[3:])
+    if item.startswith("title:"):
+        return "title", item[6:]
+    return ("id", int(item)) if item.lstrip("-").isdigit() else ("title", item)
+
+
+def resolve_sources(manifest_dir: str | Path, requests: list[str]) -> list[SourceRecord]:
+    """Manifest records for every request; ValueError listing every unknown or untrained one."""
+    wanted_ids, wanted_titles = set(), set()
+    for item in requests:
+        kind, value = _split_request(item)
+        (wanted_ids if kind == "id" else wanted_titles).add(value)
+    found: dict[int, SourceRecord] = {}
+    seen_ids, seen_titles = set(), set()
+    cols = ["source_id", "title", "trained", "tokens", "sinks", "sink_digest"]
+    for batch in iter_manifest(manifest_dir, columns=cols):
+        hit = pc.or_(pc.is_in(batch.column("source_id"), pa.array(sorted(wanted_ids), pa.int64())),
+                     pc.is_in(batch.column("title"), pa.array(sorted(wanted_titles), pa.string())))
+        sub = batch.filter(hit)
+        for row in sub.to_pylist():
+            seen_ids.add(row["source_id"])
+            seen_titles.add(row["title"])
+            found[row["source_id"]] = SourceRecord(row["source_id"], row["title"], row["trained"], row["tokens"],
+                                                   row["sinks"], row["sink_digest"])
+    unknown = sorted(f"id:{i}" for i in wanted_ids - seen_ids) + sorted(f"title:{t}" for t in wanted_titles - seen_titles)
+    if unknown:
+        raise ValueError(f"unknown source(s) not in the manifest {manifest_dir}: {unknown}")
+    untrained = sorted(f"{r.source_id} ({r.title})" for r in found.values() if not r.trained)
+    if untrained:
+        raise ValueError(f"source(s) never trained on (holdout or excluded), nothing to unlearn: {untrained}")
+    return [found[k] for k in sorted(found)]
+
+
+# --------------------------------------------------------------------------------------------- forget sets
+def forget_set_hash(source_ids: Iterable[int], checkpoint_sha256: str, manifest_sha256: str) -> str:
+    return _sha256_json({"source_ids": sorted(int(s) for s in source_ids), "checkpoint_sha256": checkpoint_sha256,
+                         "manifest_sha256": manifest_sha256})
+
+
+def load_forget_set(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"forget set not found: {path}")
+    doc = json.loads(path.read_text())
+    if doc.get("format") != FORGET_SET_FORMAT:
+        raise ValueError(f"{path}: not a forget set (format {doc.get('format')!r})")
+    return doc
+
+
+def compose_forget_set(existing: dict[str, Any] | None, records: list[SourceRecord], checkpoint_sha256: str,
+                       manifest_sha256: str, method: str) -> dict[str, Any]:
+    """The forget set after adding `records` (a new document; the caller writes it)."""
+    if existing is not None:
+        for field, value in (("checkpoint_sha256", checkpoint_sha256), ("manifest_sha256", manifest_sha256)):
+            if existing[field] != value:
+                raise ValueError(f"forget set {field}={existing[field]} differs from this request's {value}")
+    ids = dict(existing["sources"]) if existing else {}
+    ids = {int(k): v for k, v in ids.items()}
+    added = [r.source_id for r in records if r.source_id not in ids]
+    ids.update({r.source_id: r.title for r in records})
+    digest = forget_set_hash(ids, checkpoint_sha256, manifest_sha256)
+    history = list(existing["history"]) if existing else []
+    history.append({"time_utc": _now(), "method": method, "added": added, "sha256": digest})
+    return {"format": FORGET_SET_FORMAT, "version": 1, "checkpoint_sha256": checkpoint_sha256,
+            "manifest_sha256": manifest_sha256, "source_ids": sorted(ids),
+            "sources": {str(k): ids[k] for k in sorted(ids)}, "sha256": digest, "history": history}
+
+
+# --------------------------------------------------------------------------------------------- rows
+def forgotten_rows(manifest_dir: str | Path, source_ids: Iterable[int]) -> np.ndarray:
+    """(L, P) bool: the union of the given sources' sink rows in every layer (from the manifest)."""
+    index = read_index(manifest_dir)
+    union = np.zeros((index["n_layer"], index["n_sink"]), dtype=bool)
+    wanted = pa.array(sorted(int(s) for s in source_ids), pa.int64())
+    for batch in iter_manifest(manifest_dir, columns=["source_id", "sinks"]):
+        sub = batch.filter(pc.is_in(batch.column("source_id"), wanted))
+        if sub.num_rows:
+            rows = sinks_array(sub.column("sinks"))  # (s, L, K)
+            layer = np.broadcast_to(np.arange(rows.shape[1])[None, :, None], rows.shape)
+            union[layer[rows >= 0], rows[rows >= 0]] = True
+    return union
+
+
+def collateral(manifest_dir: str | Path, union: np.ndarray, forget_ids: Iterable[int]) -> list[list[int]]:
+    """[[source_id, shared_rows]] for every trained source outside the forget set sharing a forgotten row
+    (rows counted over all layers)."""
+    forget = pa.array(sorted(int(s) for s in forget_ids), pa.int64())
+    padded = np.concatenate([union, np.zeros((union.shape[0], 1), bool)], axis=1)  # column P: -1 padding
+    out: list[list[int]] = []
+    for batch in iter_manifest(manifest_dir, columns=["source_id", "trained", "sinks"]):
+        keep = pc.and_(batch.column("trained"), pc.invert(pc.is_in(batch.column("source_id"), forget)))
+        sub = batch.filter(keep)
+        if not sub.num_rows:
+            continue
+        rows = sinks_array(sub.column("sinks"))  # (s, L, K)
+        rows = np.where(rows >= 0, rows, union.shape[1])
+        shared = padded[np.arange(rows.shape[1])[None, :, None], rows].sum(axis=(1, 2))  # (s,)
+        ids = sub.column("source_id").to_numpy()
+        hit = np.nonzero(shared)[0]
+        out += [[int(ids[i]), int(shared[i])] for i in hit]
+    return out
+
+
+def zero_rows(state_dict: dict[str, torch.Tensor], union: np.ndarray) -> dict[str, torch.Tensor]:
+    """A copy of the state dict with the union's rows zeroed in every layer's three sink tables."""
+    out = dict(state_dict)
+    for layer in range(union.shape[0]):
+        rows = torch.from_numpy(np.nonzero(union[layer])[0])
+        for key in sink_table_keys(layer):
+            table = state_dict[key].clone()
+            table[rows] = 0
+            out[key] = table
+    return out
+
+
+# --------------------------------------------------------------------------------------------- unlearn
+def base_checkpoint_sha256(ckpt: LoadedCheckpoint, digest: str) -> str:
+    """The trained checkpoint a (possibly hard-unlearned) checkpoint derives from."""
+    return ckpt.meta.get("unlearning", {}).get("base_checkpoint_sha256", digest)
+
+
+def unlearn(ckpt: LoadedCheckpoint, manifest_dir: str | Path, requests: list[str], method: str,
+            forget_set_path: str | Path, certificate_path: str | Path,
+            output_checkpoint: str | Path | None = None) -> dict[str, Any]:
+    """Resolve, compose the forget set, (hard: write the zeroed checkpoint), write the certificate."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "hard" and output_checkpoint is None:
+        raise ValueError("method 'hard' needs output_checkpoint (the directory of the new deployed checkpoint)")
+    manifest_dir = Path(manifest_dir)
+    index = read_index(manifest_dir)
+    manifest_sha = manifest_digest(manifest_dir)
+    digest = state_dict_digest(ckpt.state_dict)
+    base = base_checkpoint_sha256(ckpt, digest)
+    if base != index["checkpoint_sha256"]:
+        raise ValueError(f"checkpoint {ckpt.path} (base sha256 {base}) is not the checkpoint the manifest "
+                         f"{manifest_dir} was built from ({index['checkpoint_sha256']})")
+    records = resolve_sources(manifest_dir, requests)
+    existing = load_forget_set(forget_set_path) if Path(forget_set_path).exists() else None
+    forget = compose_forget_set(existing, records, base, manifest_sha, method)
+    union = forgotten_rows(manifest_dir, forget["source_ids"])
+    cert: dict[str, Any] = {
+        "format": CERTIFICATE_FORMAT, "version": 1, "method": method, "time_utc": _now(),
+        "sources": [{"source_id": r.source_id, "title": r.title, "tokens": r.tokens, "sinks": r.sinks,
+                     "sink_digest": r.sink_digest} for r in records],
+        "forget_set": {"path": str(forget_set_path), "sha256": forget["sha256"], "source_ids": forget["source_ids"]},
+        "checkpoint": {"path": str(ckpt.path), "sha256": digest, "base_sha256": base},
+        "manifest": {"path": str(manifest_dir), "sha256": manifest_sha},
+        "strategy": index["strategy"],
+        "forgotten_rows": [np.nonzero(union[layer])[0].tolist() for layer in range(union.shape[0])],
+    }
+    cert["collateral"] = {"meaning": "trained sources outside the forget set sharing >= 1 forgotten sink row; "
+                                     "[source_id, rows shared over all layers]",
+                          "sources": collateral(manifest_dir, union, forget["source_ids"])}
+    cert["collateral"]["num_sources"] = len(cert["collateral"]["sources"])
+    if method == "hard":
+        state = zero_rows(ckpt.state_dict, union)
+        meta = {**ckpt.meta, "unlearning": {"method": "hard", "base_checkpoint_sha256": base,
+                                            "forget_set_sha256": forget["sha256"], "time_utc": cert["time_utc"]}}
+        save_deployed(output_checkpoint, state, meta)
+        cert["output_checkpoint"] = {"path": str(output_checkpoint), "sha256": state_dict_digest(state)}
+        cert["collateral"]["meaning"] += " (hard: each loses that much capacity)"
+    cert["certificate_sha256"] = _sha256_json(cert)
+    # the forget set and the certificate are written only after every check above passed
+    write_json_atomic(forget_set_path, forget)
+    write_json_atomic(certificate_path, cert)
+    return cert

@@ -1,0 +1,71 @@
+"""`nulls-unlearn`: forget sources (mask or hard) and write the certificate; `nulls-unlearn verify` checks a
+deployed checkpoint and forget set against a certificate. Exit codes: 0 ok, 1 verification failed, 2 bad input
+(nothing written).
+
+    nulls-unlearn --checkpoint runs/demo --manifest runs/demo/manifest --method mask \
+        --forget-set forget.json --certificate cert-1.json 49160 "Zukquy" --file more.txt
+    nulls-unlearn --method hard --output deployed/ ...
+    nulls-unlearn verify --certificate cert-1.json --checkpoint runs/demo --forget-set forget.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from nulls_dist.unlearn.checkpoint_io import load_checkpoint
+from nulls_dist.unlearn.unlearn import METHODS, parse_requests, unlearn
+from nulls_dist.unlearn.verify import verify_paths
+
+
+def _forget_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nulls-unlearn", description="Unlearn sources; write forget set + certificate")
+    p.add_argument("sources", nargs="*", help="source ids or titles (id:N / title:T force the kind)")
+    p.add_argument("--file", help="a file of source ids or titles, one per line")
+    p.add_argument("--checkpoint", required=True, help="training run/checkpoint dir or deployed dir")
+    p.add_argument("--tag", default=None)
+    p.add_argument("--manifest", required=True, help="the checkpoint's manifest directory (nulls-manifest)")
+    p.add_argument("--method", choices=METHODS, default="mask")
+    p.add_argument("--forget-set", required=True, help="forget-set JSON (created, or extended when it exists)")
+    p.add_argument("--certificate", required=True, help="where the certificate JSON goes")
+    p.add_argument("--output", default=None, help="hard: directory of the new deployed checkpoint")
+    return p
+
+
+def _verify_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nulls-unlearn verify", description="Verify a deployment against a certificate")
+    p.add_argument("--certificate", required=True)
+    p.add_argument("--checkpoint", required=True, help="the deployed checkpoint (hard: the certified output)")
+    p.add_argument("--tag", default=None)
+    p.add_argument("--forget-set", required=True)
+    p.add_argument("--manifest", default=None, help="also check the manifest digest")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if argv and argv[0] == "verify":
+            args = _verify_parser().parse_args(argv[1:])
+            report = verify_paths(args.certificate, load_checkpoint(args.checkpoint, args.tag), args.forget_set,
+                                  args.manifest)
+            print(json.dumps(report, indent=2))
+            sys.exit(0 if report["ok"] else 1)
+        args = _forget_parser().parse_args(argv)
+        requests = parse_requests(args.sources, args.file)
+        cert = unlearn(load_checkpoint(args.checkpoint, args.tag), args.manifest, requests, args.method,
+                       args.forget_set, args.certificate, args.output)
+    except ValueError as exc:
+        print(f"nulls-unlearn: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps({"method": cert["method"], "certificate": args.certificate,
+                      "sources": [s["source_id"] for s in cert["sources"]],
+                      "forget_set_size": len(cert["forget_set"]["source_ids"]),
+                      "collateral_sources": cert["collateral"]["num_sources"],
+                      "output_checkpoint": cert.get("output_checkpoint")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

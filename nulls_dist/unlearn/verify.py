@@ -1,0 +1,89 @@
+"""`nulls-unlearn verify`: check a deployed checkpoint and a forget set against an unlearning certificate.
+
+Checks (each reported with ok/detail; the verdict is their conjunction):
+- the certificate's own sha256;
+- the forget set's hash recomputes, the certificate's forget-set hash is in its history (later requests may
+  have added sources) and it contains every certified source;
+- the checkpoint's content digest: the certified input checkpoint (mask) or the certified output (hard);
+- the certified sink indices of every source are what the checkpoint's sink assignment gives;
+- hard: every forgotten row is zero in every layer's gate/up/down tables;
+- optionally the manifest digest.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nulls_dist.sinks import SinkAssignment
+from nulls_dist.unlearn.checkpoint_io import LoadedCheckpoint, sink_table_keys, state_dict_digest
+from nulls_dist.unlearn.manifest import manifest_digest
+from nulls_dist.unlearn.unlearn import CERTIFICATE_FORMAT, _sha256_json, forget_set_hash, load_forget_set
+
+
+def load_certificate(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"certificate not found: {path}")
+    cert = json.loads(path.read_text())
+    if cert.get("format") != CERTIFICATE_FORMAT:
+        raise ValueError(f"{path}: not an unlearning certificate (format {cert.get('format')!r})")
+    return cert
+
+
+def _check(checks: list[dict], name: str, ok: bool, detail: str = "") -> None:
+    checks.append({"check": name, "ok": bool(ok), "detail": detail})
+
+
+def verify(cert: dict[str, Any], ckpt: LoadedCheckpoint, forget: dict[str, Any],
+           manifest_dir: str | Path | None = None) -> dict[str, Any]:
+    checks: list[dict] = []
+    body = {k: v for k, v in cert.items() if k != "certificate_sha256"}
+    _check(checks, "certificate_sha256", _sha256_json(body) == cert.get("certificate_sha256"))
+
+    recomputed = forget_set_hash(forget["source_ids"], forget["checkpoint_sha256"], forget["manifest_sha256"])
+    _check(checks, "forget_set_sha256", recomputed == forget["sha256"], f"recomputed {recomputed}")
+    history = {h["sha256"] for h in forget.get("history", [])}
+    _check(checks, "forget_set_history", cert["forget_set"]["sha256"] in history,
+           "the certified forget set is this forget set or an earlier state of it")
+    certified = {s["source_id"] for s in cert["sources"]} | set(cert["forget_set"]["source_ids"])
+    missing = sorted(certified - set(forget["source_ids"]))
+    _check(checks, "forget_set_contains_sources", not missing, f"missing {missing}" if missing else "")
+    _check(checks, "forget_set_checkpoint", forget["checkpoint_sha256"] == cert["checkpoint"]["base_sha256"])
+
+    digest = state_dict_digest(ckpt.state_dict)
+    expected = cert["output_checkpoint"]["sha256"] if cert["method"] == "hard" else cert["checkpoint"]["sha256"]
+    _check(checks, "checkpoint_sha256", digest == expected, f"got {digest}, certified {expected}")
+
+    cfg = ckpt.model_config
+    assignment = SinkAssignment(cfg.sink_assignment_config())
+    wrong = []
+    for src in cert["sources"]:
+        for layer in range(cfg.n_layer):
+            rows = assignment.rows(torch.tensor([src["source_id"]]), layer)[0]
+            if rows[rows >= 0].tolist() != src["sinks"][layer]:
+                wrong.append((src["source_id"], layer))
+    _check(checks, "certified_sinks_match_assignment", not wrong, f"mismatch at {wrong[:5]}" if wrong else "")
+
+    if cert["method"] == "hard":
+        nonzero = []
+        for layer, rows in enumerate(cert["forgotten_rows"]):
+            index = torch.tensor(rows, dtype=torch.int64)
+            for key in sink_table_keys(layer):
+                if index.numel() and ckpt.state_dict[key][index].abs().sum() != 0:
+                    nonzero.append(key)
+        _check(checks, "forgotten_rows_zero", not nonzero, f"non-zero rows in {nonzero}" if nonzero else "")
+        union = {(layer, r) for layer in range(cfg.n_layer) for s in cert["sources"] for r in s["sinks"][layer]}
+        covered = all(r in set(cert["forgotten_rows"][layer]) for layer, r in union)
+        _check(checks, "forgotten_rows_cover_sources", covered)
+    if manifest_dir is not None:
+        got = manifest_digest(manifest_dir)
+        _check(checks, "manifest_sha256", got == cert["manifest"]["sha256"], f"got {got}")
+    return {"ok": all(c["ok"] for c in checks), "method": cert["method"], "checks": checks}
+
+
+def verify_paths(certificate: str | Path, checkpoint: LoadedCheckpoint, forget_set: str | Path,
+                 manifest_dir: str | Path | None = None) -> dict[str, Any]:
+    return verify(load_certificate(certificate), checkpoint, load_forget_set(forget_set), manifest_dir)

@@ -1,0 +1,166 @@
+"""nulls-eval pieces: metric definitions against independent computations, post-hoc fine-tuning directions,
+reading source tokens back from shards, and a small end-to-end evaluation + report."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from nulls_dist.config import NullConfig
+from nulls_dist.model import NullTransformer, SinkMode
+from nulls_dist.unlearn import metrics as M
+from nulls_dist.unlearn.evaluate import EvalConfig, EvalData, gold_deployment, routed_deployment, run_evaluation
+from nulls_dist.unlearn.posthoc import FinetuneConfig, finetune
+from nulls_dist.unlearn.report import write_report
+from nulls_dist.unlearn.routing import ModelEmbedder, SourceIndex
+from nulls_dist.unlearn.source_text import read_source_tokens
+
+BASE = 4096
+
+
+def _model() -> NullTransformer:
+    torch.manual_seed(0)
+    return NullTransformer(NullConfig.from_preset("debug", sink_strategy="uniform")).eval()
+
+
+def test_metric_definitions():
+    assert M.rank_auc([3, 4], [1, 2]) == 1.0 and M.rank_auc([1], [2]) == 0.0
+    assert M.rank_auc([1, 2], [2, 0]) == pytest.approx((1 + 0.5 + 1 + 1) / 4 - 0.25)  # ties count half
+    assert M.min_k_prob(np.array([-5.0, -1.0, -0.5, -0.1, -3.0]), k=0.4) == pytest.approx(-4.0)
+    assert M.priv_leak(0.75, 0.5) == pytest.approx(50.0)
+    assert M.rouge_l([1, 2, 3, 4], [1, 2, 3, 4]) == pytest.approx(1.0)
+    assert M.rouge_l([1, 9, 3], [1, 2, 3]) == pytest.approx(2 / 3)
+    assert M.lcs_length([1, 2, 3, 4], [2, 4, 9]) == 2
+
+
+def test_probe_scores_match_direct_log_probs():
+    model = _model()
+    mode = SinkMode.sink_on(BASE + 1)
+    vocab = {w: i + 10 for i, w in enumerate("the capital of vokfu is gropa zeta tarn moss".split())}
+    encode = lambda text: [vocab[w] for w in text.lower().split()]  # noqa: E731
+    probe = {"probe_id": "p", "kind": "unique", "prompt": "The capital of Vokfu is", "answer": "gropa",
+             "distractors": ["zeta tarn", "moss"], "source_ids": [BASE + 1]}
+    res = M.score_probe(model, probe, mode, encode, bos_id=2)
+    prompt = [2] + encode(probe["prompt"])
+
+    def mean_lp(answer):  # independent: score the full sequence and average the answer's tokens
+        lp = M.token_logprobs(model, np.array(prompt + encode(answer)), mode)
+        return lp[len(prompt) - 1:].mean()
+
+    a, d1, d2 = mean_lp("gropa"), mean_lp("zeta tarn"), mean_lp("moss")
+    assert res.truth_ratio == pytest.approx((np.exp(d1 - a) + np.exp(d2 - a)) / 2, rel=1e-4)
+    assert res.correct == bool(a > max(d1, d2))
+
+
+def test_finetune_directions_and_verbatim_memorisation():
+    model = _model()
+    text = np.random.default_rng(0).integers(10, 4000, size=40)
+    mode = SinkMode.sink_on(BASE + 3)
+    before = M.text_loss(model, text, mode)
+    cfg = FinetuneConfig(steps=40, lr=1e-2, window=40)
+    learned = finetune(model, [text], [mode], "nll", cfg)
+    after = M.text_loss(learned, text, mode)
+    assert after < before - 2.0
+    ver = M.verbatim_extraction(learned, text, mode, prefix_len=8, cont_len=8, num_prefixes=2)
+    assert ver["num"] == 2 and ver["exact_match_len"] >= 4 and ver["rouge_l"] > 0.5
+    assert M.verbatim_extraction(model, text, mode, 8, 8, 2)["exact_match_len"] < 1
+    short = FinetuneConfig(steps=5, lr=1e-2, window=40)
+    assert M.text_loss(finetune(learned, [text], [mode], "ga", short), text, mode) > after + 0.5
+    assert M.text_loss(finetune(learned, [text], [mode], "npo", short), text, mode) > after + 0.5
+    with pytest.raises(ValueError, match="loss"):
+        finetune(model, [text], [mode], "bogus", short)
+
+
+def _write_shard(path, samples):
+    with tarfile.open(path, "w") as tar:
+        for i, (tokens, sources, mask) in enumerate(samples):
+            for suffix, arr in (("tokens.npy", tokens), ("source_ids.npy", sources), ("loss_mask.npy", mask)):
+                buf = io.BytesIO()
+                np.save(buf, arr)
+                info = tarfile.TarInfo(f"000000-{i:08d}.{suffix}")
+                info.size = buf.getbuffer().nbytes
+                buf.seek(0)
+                tar.addfile(info, buf)
+
+
+def test_read_source_tokens(tmp_path):
+    s = np.array([7, 7, 7, 8, 8, 8], dtype=np.uint32)
+    _write_shard(tmp_path / "shard-000000.tar",
+                 [(np.arange(6, dtype=np.uint16), s, np.ones(6, np.uint8)),
+                  (np.arange(10, 16, dtype=np.uint16), np.array([8, 8, 9, 9, 9, 9], np.uint32),
+                   np.array([1, 1, 1, 1, 0, 0], np.uint8))])
+    (tmp_path / "holdout").mkdir()
+    _write_shard(tmp_path / "holdout" / "shard-000000.tar",
+                 [(np.arange(3, dtype=np.uint16) + 50, np.full(3, 11, np.uint32), np.ones(3, np.uint8))])
+    out = read_source_tokens(tmp_path, [8, 9, 11])
+    assert out[8].tolist() == [3, 4, 5, 10, 11] and out[9].tolist() == [12, 13] and out[11].tolist() == [50, 51, 52]
+    assert 7 not in out
+    with pytest.raises(ValueError, match="no shard"):
+        read_source_tokens(tmp_path / "holdout" / "none", [1])
+
+
+def test_end_to_end_evaluation_report(tmp_path):
+    model = _model()
+    rng = np.random.default_rng(1)
+    ids = list(range(BASE, BASE + 8))
+    titles = {s: f"alpha {s}" if s < BASE + 4 else f"beta {s}" for s in ids}
+    tokens = {s: rng.integers(10, 4000, size=30) for s in ids}
+    words = {w: i + 10 for i, w in enumerate("alpha beta q a b c d".split())}
+    encode = lambda text: [words.get(w, 11) for w in text.lower().split()]  # noqa: E731
+    probes = [{"probe_id": "u0", "kind": "unique", "prompt": "q", "answer": "a", "distractors": ["b", "c"],
+               "source_ids": [BASE]},
+              {"probe_id": "s0", "kind": "shared", "prompt": "q", "answer": "d", "distractors": ["b"],
+               "source_ids": [BASE, BASE + 1]},
+              {"probe_id": "u1", "kind": "unique", "prompt": "q", "answer": "c", "distractors": ["a"],
+               "source_ids": [BASE + 1]}]
+    data = EvalData(forget_ids=[BASE], retained_ids=ids[1:6], related_ids=[BASE + 1], holdout_ids=[BASE + 6, BASE + 7],
+                    titles=titles, tokens=tokens, probes=probes, encode=encode, bos_id=None)
+    embedder = ModelEmbedder(model.transformer.wte.weight, lambda t: [words.get(w, 11) for w in t.split()])
+    index = SourceIndex.build(ids[:6], [titles[s] for s in ids[:6]], embedder)
+    unlearned = routed_deployment("unlearned", model, index, embedder, [BASE], titles)
+    assert BASE not in (unlearned.mode_for(BASE).source_id, None)
+    assert unlearned.mode_for(BASE).forget_ids == (BASE,)
+    deployments = [gold_deployment("original", model, set(ids[:6]), unlearned.mode_for), unlearned]
+    cfg = EvalConfig(finetune=FinetuneConfig(steps=2, window=16), relearn_sources=1, relearn_points=3)
+    result = run_evaluation(deployments, data, cfg)
+    assert result["num_probes"] == {"unique_forget": 1, "shared_forget": 1, "unique_related": 1}
+    orig = result["deployments"]["original"]
+    assert orig["loss"]["forget"] == pytest.approx(M.text_loss(model, tokens[BASE], SinkMode.sink_on(BASE)))
+    assert orig["relearning"]["steps"] == [0, 1, 2] and len(orig["relearning"]["loss_rest"]) == 3
+    assert 0.0 <= orig["membership"]["auc_forget_vs_holdout"] <= 1.0
+    files = write_report(result, tmp_path / "report")
+    doc = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert set(doc["deployments"]) == {"original", "unlearned"}
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| unlearned |" in md and "Truth Ratio" in md
+    for png in files["plots"]:
+        assert (tmp_path / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class _Req:
+    def __init__(self, *args):
+        self.args = args
+
+
+def test_lm_eval_adapter_scores_match_direct_log_probs():
+    from nulls_dist.unlearn.lm_eval_adapter import NullsLM
+
+    model = _model()
+    words = "the cat sat on a mat dog ran".split()
+    encode = lambda text: [words.index(w) + 10 for w in text.split()]  # noqa: E731
+    decode = lambda ids: " ".join(words[i - 10] if 10 <= i < 18 else "?" for i in ids)  # noqa: E731
+    mode = SinkMode.sink_on(BASE + 2)
+    lm = NullsLM(model, encode, decode, mode_for=lambda _ctx: mode, bos_id=2)
+    (score, greedy), = lm.loglikelihood([_Req("the cat sat", "on a mat")])
+    direct = M.token_logprobs(model, np.array([2] + encode("the cat sat on a mat")), mode)
+    assert score == pytest.approx(direct[-3:].sum(), rel=1e-5)
+    assert isinstance(greedy, bool)
+    (rolling,) = lm.loglikelihood_rolling([_Req("the dog ran on a mat")])
+    assert rolling == pytest.approx(M.token_logprobs(model, np.array([2] + encode("the dog ran on a mat")), mode).sum(),
+                                    rel=1e-5)
+    (text,) = lm.generate_until([_Req("the cat", {"until": ["?"], "max_gen_toks": 5})])
+    assert "?" not in text and len(text.split()) <= 5

@@ -1,0 +1,192 @@
+"""nulls-unlearn: source resolution, cumulative forget sets, mask/hard unlearning, certificates (collateral
+checked by brute force) and `verify`, including tampering that verification must catch."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from unlearn_helpers import ID_OFFSET, NUM_TRAIN, make_ds_checkpoint, make_registry  # noqa: E402
+
+from nulls_dist.unlearn.checkpoint_io import (  # noqa: E402
+    load_checkpoint, save_deployed, sink_table_keys, state_dict_digest,
+)
+from nulls_dist.unlearn.manifest import ManifestOptions, build_manifest  # noqa: E402
+from nulls_dist.unlearn.unlearn import load_forget_set, parse_requests, resolve_sources, unlearn  # noqa: E402
+from nulls_dist.unlearn.unlearn_cli import main as unlearn_main  # noqa: E402
+from nulls_dist.unlearn.verify import load_certificate, verify_paths  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("unlearn")
+    make_ds_checkpoint(root / "run", zero_stage=1)
+    make_registry(root / "registry.parquet")
+    ckpt = load_checkpoint(root / "run")
+    build_manifest(root / "manifest", state_dict=ckpt.state_dict, model_cfg=ckpt.model_config,
+                   registry_path=root / "registry.parquet", checkpoint_sha256=state_dict_digest(ckpt.state_dict),
+                   opts=ManifestOptions(shard_rows=20))
+    return {"root": root, "ckpt": ckpt, "manifest": root / "manifest"}
+
+
+def _rows(ckpt, sid, layer=0):
+    a = ckpt.model_config.sink_assignment_config()
+    from nulls_dist.sinks import SinkAssignment
+
+    rows = SinkAssignment(a).rows(torch.tensor([sid]), layer)[0]
+    return set(rows[rows >= 0].tolist())
+
+
+def _expected_collateral(ckpt, forget):
+    union = set().union(*(_rows(ckpt, f) for f in forget))
+    n_layer = ckpt.model_config.n_layer
+    out = []
+    for sid in range(ID_OFFSET, ID_OFFSET + NUM_TRAIN):
+        shared = len(_rows(ckpt, sid) & union)
+        if sid not in forget and shared:
+            out.append([sid, shared * n_layer])
+    return out
+
+
+def test_resolution_and_unknown_sources(env, tmp_path):
+    recs = resolve_sources(env["manifest"], ["4099", "Article 7", "title:Article 8", "id:4100"])
+    assert [r.source_id for r in recs] == [4099, 4100, 4103, 4104]
+    with pytest.raises(ValueError) as err:
+        resolve_sources(env["manifest"], ["4099", "No such article", "123456"])
+    assert "title:No such article" in str(err.value) and "id:123456" in str(err.value)
+    with pytest.raises(ValueError, match="never trained"):
+        resolve_sources(env["manifest"], [str(ID_OFFSET + NUM_TRAIN + 1)])  # a holdout source
+    (tmp_path / "list.txt").write_text("# forget these\n4097\n\nArticle 3\n")
+    assert parse_requests(["4098"], tmp_path / "list.txt") == ["4098", "4097", "Article 3"]
+    with pytest.raises(ValueError, match="no sources"):
+        parse_requests([], None)
+    # nothing is written when a request is bad
+    with pytest.raises(ValueError, match="unknown"):
+        unlearn(env["ckpt"], env["manifest"], ["4099", "Nope"], "mask", tmp_path / "fs.json", tmp_path / "c.json")
+    assert not (tmp_path / "fs.json").exists() and not (tmp_path / "c.json").exists()
+
+
+def test_mask_certificates_compose_and_verify(env, tmp_path):
+    fs, c1, c2 = tmp_path / "fs.json", tmp_path / "c1.json", tmp_path / "c2.json"
+    ckpt = env["ckpt"]
+    cert1 = unlearn(ckpt, env["manifest"], ["4100", "Article 11"], "mask", fs, c1)
+    assert [s["source_id"] for s in cert1["sources"]] == [4100, 4107]
+    assert cert1["sources"][0]["sinks"] == [sorted(_rows(ckpt, 4100, layer)) for layer in range(2)]
+    assert cert1["checkpoint"]["sha256"] == state_dict_digest(ckpt.state_dict)
+    assert cert1["collateral"]["sources"] == _expected_collateral(ckpt, {4100, 4107})
+    assert cert1["collateral"]["num_sources"] == len(cert1["collateral"]["sources"]) > 0
+    assert "output_checkpoint" not in cert1
+    cert2 = unlearn(ckpt, env["manifest"], ["4120"], "mask", fs, c2)
+    forget = load_forget_set(fs)
+    assert forget["source_ids"] == [4100, 4107, 4120] and len(forget["history"]) == 2
+    assert cert2["forget_set"]["source_ids"] == [4100, 4107, 4120]
+    assert cert2["collateral"]["sources"] == _expected_collateral(ckpt, {4100, 4107, 4120})
+    for cert in (c1, c2):  # the first certificate still verifies against the grown forget set
+        report = verify_paths(cert, ckpt, fs, env["manifest"])
+        assert report["ok"], report
+    # a forget set that lacks the certified sources fails
+    other_fs, other_c = tmp_path / "other.json", tmp_path / "other_c.json"
+    unlearn(ckpt, env["manifest"], ["4130"], "mask", other_fs, other_c)
+    report = verify_paths(c1, ckpt, other_fs)
+    failed = {c["check"] for c in report["checks"] if not c["ok"]}
+    assert not report["ok"] and {"forget_set_contains_sources", "forget_set_history"} <= failed
+    # a tampered certificate fails its own hash
+    doc = json.loads(c1.read_text())
+    doc["collateral"]["sources"] = doc["collateral"]["sources"][1:]
+    (tmp_path / "tampered.json").write_text(json.dumps(doc))
+    report = verify_paths(tmp_path / "tampered.json", ckpt, fs)
+    assert [c["check"] for c in report["checks"] if not c["ok"]] == ["certificate_sha256"]
+
+
+def test_hard_zeroes_rows_composes_and_verifies(env, tmp_path):
+    fs = tmp_path / "fs.json"
+    ckpt = env["ckpt"]
+    cert = unlearn(ckpt, env["manifest"], ["4101"], "hard", fs, tmp_path / "c1.json", tmp_path / "dep1")
+    dep1 = load_checkpoint(tmp_path / "dep1")
+    rows1 = sorted(_rows(ckpt, 4101))
+    assert cert["forgotten_rows"] == [rows1, rows1]
+    for layer in range(2):
+        for key in sink_table_keys(layer):
+            assert torch.count_nonzero(dep1.state_dict[key][rows1]) == 0
+            keep = [r for r in range(dep1.state_dict[key].shape[0]) if r not in rows1]
+            assert torch.equal(dep1.state_dict[key][keep], ckpt.state_dict[key][keep])
+    untouched = [k for k in ckpt.state_dict if ".sink_" not in k]
+    assert all(torch.equal(dep1.state_dict[k], ckpt.state_dict[k]) for k in untouched)
+    assert cert["collateral"]["sources"] == _expected_collateral(ckpt, {4101})
+    assert verify_paths(tmp_path / "c1.json", dep1, fs)["ok"]
+    # the original (un-zeroed) weights do not pass as the certified hard deployment
+    report = verify_paths(tmp_path / "c1.json", ckpt, fs)
+    assert not report["ok"] and {"checkpoint_sha256", "forgotten_rows_zero"} <= {
+        c["check"] for c in report["checks"] if not c["ok"]}
+    # compose: hard-unlearn another source starting from the deployed checkpoint
+    cert2 = unlearn(dep1, env["manifest"], ["Article 30"], "hard", fs, tmp_path / "c2.json", tmp_path / "dep2")
+    dep2 = load_checkpoint(tmp_path / "dep2")
+    both = sorted(_rows(ckpt, 4101) | _rows(ckpt, 4126))
+    assert cert2["forgotten_rows"][0] == both and cert2["checkpoint"]["base_sha256"] == cert["checkpoint"]["sha256"]
+    assert torch.count_nonzero(dep2.state_dict["transformer.h.1.mlp.sink_up"][both]) == 0
+    assert verify_paths(tmp_path / "c2.json", dep2, fs, env["manifest"])["ok"]
+    # re-enabling one zeroed row is caught
+    state = dict(dep2.state_dict)
+    state["transformer.h.0.mlp.sink_down"] = state["transformer.h.0.mlp.sink_down"].clone()
+    state["transformer.h.0.mlp.sink_down"][both[0]] = 1.0
+    save_deployed(tmp_path / "evil", state, dep2.meta)
+    report = verify_paths(tmp_path / "c2.json", load_checkpoint(tmp_path / "evil"), fs)
+    assert not report["ok"] and "forgotten_rows_zero" in {c["check"] for c in report["checks"] if not c["ok"]}
+
+
+def test_hard_requires_output_and_matching_manifest(env, tmp_path):
+    with pytest.raises(ValueError, match="output_checkpoint"):
+        unlearn(env["ckpt"], env["manifest"], ["4101"], "hard", tmp_path / "fs.json", tmp_path / "c.json")
+    other = dict(env["ckpt"].state_dict)
+    other["lm_head.weight"] = other["lm_head.weight"] + 1
+    save_deployed(tmp_path / "other", other, env["ckpt"].meta)
+    with pytest.raises(ValueError, match="not the checkpoint the manifest"):
+        unlearn(load_checkpoint(tmp_path / "other"), env["manifest"], ["4101"], "mask", tmp_path / "fs.json",
+                tmp_path / "c.json")
+    assert not (tmp_path / "fs.json").exists()
+
+
+def test_cli_exit_codes(env, tmp_path, capsys):
+    base = ["--checkpoint", str(env["root"] / "run"), "--manifest", str(env["manifest"]),
+            "--forget-set", str(tmp_path / "fs.json"), "--certificate", str(tmp_path / "c.json")]
+    with pytest.raises(SystemExit) as exit_info:
+        unlearn_main(base + ["4102", "Missing title"])
+    assert exit_info.value.code == 2 and "Missing title" in capsys.readouterr().err
+    assert not (tmp_path / "c.json").exists()
+    unlearn_main(base + ["--method", "mask", "4102"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["sources"] == [4102] and load_certificate(tmp_path / "c.json")["method"] == "mask"
+    with pytest.raises(SystemExit) as exit_info:
+        unlearn_main(["verify", "--certificate", str(tmp_path / "c.json"), "--checkpoint", str(env["root"] / "run"),
+                      "--forget-set", str(tmp_path / "fs.json")])
+    assert exit_info.value.code == 0 and json.loads(capsys.readouterr().out)["ok"]
+
+
+def test_generate_cli_modes(env, tmp_path, capsys):
+    import sentencepiece as spm
+
+    from nulls_dist.unlearn.generate_cli import main as generate_main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"Article {i} is a town in the north with a river and a tower" for i in range(40)))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=60,
+                                   model_type="bpe", bos_id=2, eos_id=3, pad_id=0, unk_id=1)
+    fs = tmp_path / "fs.json"
+    unlearn(env["ckpt"], env["manifest"], ["Article 3"], "mask", fs, tmp_path / "c.json")
+    base = ["--checkpoint", str(env["root"] / "run"), "--manifest", str(env["manifest"]), "--tokenizer",
+            str(tmp_path / "sp.model"), "--prompt", "Article 3 is a town", "--max-new-tokens", "5"]
+    generate_main(base + ["--mode", "sink_on", "--source", "Article 3"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["mode"] == "sink_on" and out["mode_source"] == ID_OFFSET + 3 and len(out["tokens"]) == 5
+    generate_main(base + ["--mode", "sink_off", "--forget-set", str(fs), "--embedder", "model"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["mode"] == "sink_off" and out["routed_source"] != ID_OFFSET + 3 and out["num_forgotten"] == 1
+    generate_main(base + ["--mode", "backbone_only", "--temperature", "0.8", "--top-p", "0.9"])
+    assert json.loads(capsys.readouterr().out)["mode"] == "backbone_only"
+    with pytest.raises(SystemExit) as exit_info:
+        generate_main(base + ["--mode", "sink_on", "--source", "No such article"])
+    assert exit_info.value.code == 2

@@ -1,0 +1,90 @@
+"""Test fixtures for the unlearning tools: a real DeepSpeed checkpoint of a debug NullTransformer (one gloo
+process, a few AdamW steps, `save_checkpoint`, run in a subprocess so the process group never leaks into
+pytest), a small registry.parquet, and a built manifest."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ID_OFFSET = 4096  # the debug vocabulary size: source ids start right after the token ids
+NUM_TRAIN = 40
+NUM_HOLDOUT = 4
+
+_TRAIN_SCRIPT = r"""
+import json, os, sys, dataclasses
+import torch, deepspeed
+from nulls_dist.config import NullConfig
+from nulls_dist.model import NullTransformer
+out, stage, strategy = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+overrides = json.loads(sys.argv[4])
+deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+torch.manual_seed(0)
+cfg = NullConfig.from_preset("debug", sink_strategy=strategy, **overrides)
+model = NullTransformer(cfg)
+ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_batch_size": 2,
+      "zero_optimization": {"stage": stage}, "bf16": {"enabled": False},
+      "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}, "steps_per_print": 10**9}
+engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+g = torch.Generator().manual_seed(1)
+for step in range(3):
+    tokens = torch.randint(0, cfg.vocab_size, (2, 33), generator=g)
+    sources = torch.tensor([[4096 + step] * 20 + [4097 + step] * 13, [4100] * 33])
+    logits = engine(tokens[:, :-1], sources[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    engine.backward(loss)
+    engine.step()
+ckpt = os.path.join(out, "checkpoints")
+engine.save_checkpoint(ckpt, tag="step_00000003")
+meta = {"model": dataclasses.asdict(cfg), "sinks": model.sink_assignment.describe(),
+        "data_manifest_sha256": "0" * 64, "step": 3, "tokens_seen": 3 * 2 * 32, "zero_stage": stage}
+with open(os.path.join(ckpt, "step_00000003", "nulls_meta.json"), "w") as f:
+    json.dump(meta, f)
+with open(os.path.join(ckpt, "latest"), "w") as f:
+    f.write("step_00000003")
+with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=stage == 3):
+    full = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+torch.save(full, os.path.join(out, "expected_state.pt"))
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+print("OK")
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_ds_checkpoint(run_dir: Path, zero_stage: int = 2, strategy: str = "uniform",
+                       **overrides) -> Path:
+    """Train a debug NullTransformer 3 steps with DeepSpeed (one gloo rank) and save a checkpoint."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", _TRAIN_SCRIPT, str(run_dir), str(zero_stage), strategy,
+                           json.dumps(overrides)], env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 or "OK" not in proc.stdout:
+        raise RuntimeError(f"checkpoint helper failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return run_dir
+
+
+def make_registry(path: Path, num_train: int = NUM_TRAIN, num_holdout: int = NUM_HOLDOUT) -> Path:
+    """registry.parquet with `num_train` train sources then `num_holdout` holdout sources."""
+    n = num_train + num_holdout
+    ids = np.arange(n, dtype=np.int64) + ID_OFFSET
+    pq.write_table(pa.table({
+        "source_id": ids, "title": [f"Article {i}" for i in range(n)], "page_id": ids, "url": [""] * n,
+        "chars": np.full(n, 500), "tokens": np.arange(n, dtype=np.int64) * 10 + 100,
+        "shards": [["shard-000000.tar"]] * n,
+        "split": ["train"] * num_train + ["holdout"] * num_holdout,
+    }), path)
+    return path
