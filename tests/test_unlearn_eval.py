@@ -32,6 +32,7 @@ def test_metric_definitions():
     assert M.rank_auc([1, 2], [2, 0]) == pytest.approx((1 + 0.5 + 1 + 1) / 4 - 0.25)  # ties count half
     assert M.min_k_prob(np.array([-5.0, -1.0, -0.5, -0.1, -3.0]), k=0.4) == pytest.approx(-4.0)
     assert M.priv_leak(0.75, 0.5) == pytest.approx(50.0)
+    assert np.isnan(M.priv_leak(0.5, 0.0)) and np.isnan(M.priv_leak(0.5, float("nan")))
     assert M.rouge_l([1, 2, 3, 4], [1, 2, 3, 4]) == pytest.approx(1.0)
     assert M.rouge_l([1, 9, 3], [1, 2, 3]) == pytest.approx(2 / 3)
     assert M.lcs_length([1, 2, 3, 4], [2, 4, 9]) == 2
@@ -125,9 +126,11 @@ def test_end_to_end_evaluation_report(tmp_path):
     assert BASE not in (unlearned.mode_for(BASE).source_id, None)
     assert unlearned.mode_for(BASE).forget_ids == (BASE,)
     deployments = [gold_deployment("original", model, set(ids[:6]), unlearned.mode_for), unlearned]
-    cfg = EvalConfig(finetune=FinetuneConfig(steps=2, window=16), relearn_sources=1, relearn_points=3)
+    cfg = EvalConfig(finetune=FinetuneConfig(steps=2, window=16), relearn_finetune=FinetuneConfig(steps=2, window=16),
+                     relearn_sources=1, relearn_points=3)
     result = run_evaluation(deployments, data, cfg)
-    assert result["num_probes"] == {"unique_forget": 1, "shared_forget": 1, "unique_related": 1}
+    assert result["num_probes"] == {"unique_forget": 1, "shared_forget": 1, "shared_forget_via_retained": 1,
+                                  "unique_related": 1}
     orig = result["deployments"]["original"]
     assert orig["loss"]["forget"] == pytest.approx(M.text_loss(model, tokens[BASE], SinkMode.sink_on(BASE)))
     assert orig["relearning"]["steps"] == [0, 1, 2] and len(orig["relearning"]["loss_rest"]) == 3

@@ -1,6 +1,7 @@
 """The end-to-end unlearning demo on the bundled SynthWiki corpus, driving the console tools in order:
 
-1. `nulls-train experiment=demo` (the default run) and the retrain oracle (`train.exclude_sources=<forget>`);
+1. `nulls-train experiment=unlearn_demo` (the default SynthWiki run on a 4-layer, width-128 debug NULL with a
+   quarter of its units in the backbone) and the retrain oracle (`train.exclude_sources=<forget>`);
 2. `nulls-manifest` of the trained checkpoint;
 3. `nulls-unlearn` (mask, then hard into a deployed checkpoint) and `nulls-unlearn verify` of both;
 4. `nulls-eval` with the oracle, the hard checkpoint and the GA / NPO baselines;
@@ -33,16 +34,21 @@ def _tool(module: str, args: list[str], cwd: Path) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="runs/unlearn_demo")
-    p.add_argument("--max-steps", type=int, default=None, help="training steps of both runs (default: experiment=demo's)")
+    p.add_argument("--experiment", default="unlearn_demo", help="conf/experiment/ of both training runs")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="training steps of both runs (default: the experiment's)")
     p.add_argument("--forget", default=",".join(map(str, DEFAULT_FORGET)))
-    p.add_argument("--eval-steps", type=int, default=20, help="GA / NPO / relearning steps")
+    p.add_argument("--eval-steps", type=int, default=20, help="GA / NPO steps")
+    p.add_argument("--eval-lr", type=float, default=1e-3, help="GA / NPO learning rate")
+    p.add_argument("--relearn-steps", type=int, default=20)
+    p.add_argument("--relearn-lr", type=float, default=3e-4, help="relearning attack lr (the runs' final lr)")
     p.add_argument("--embedder", default="auto")
     args = p.parse_args(argv)
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     forget = [s.strip() for s in args.forget.split(",") if s.strip()]
     train = "nulls_dist.train.cli"
-    common = ["experiment=demo", "logging.wandb_mode=disabled"]
+    common = [f"experiment={args.experiment}", "logging.wandb_mode=disabled"]
     common += [f"train.max_steps={args.max_steps}"] if args.max_steps else []
     for name, extra in (("original", []), ("oracle", [f"train.exclude_sources=[{','.join(forget)}]"])):
         if not (work / "runs" / name / "checkpoints" / "latest").is_file():
@@ -68,13 +74,19 @@ def main(argv: list[str] | None = None) -> None:
     _tool("nulls_dist.unlearn.eval_cli", [*base, "--forget-set", str(work / "forget.json"), "--oracle", str(oracle),
                                           "--hard", str(work / "deployed_hard"), "--data", str(data_dir),
                                           "--probes", str(BUNDLED_PROBES), "--out", str(work / "eval"),
-                                          "--steps", str(args.eval_steps), "--embedder", args.embedder], work)
+                                          "--steps", str(args.eval_steps), "--lr", str(args.eval_lr),
+                                          "--relearn-steps", str(args.relearn_steps),
+                                          "--relearn-lr", str(args.relearn_lr), "--embedder", args.embedder], work)
     result = json.loads((work / "eval" / "report.json").read_text())
     print(f"report: {work / 'eval' / 'report.md'}")
     for name, r in result["deployments"].items():
-        u, s = r["probes"]["unique_forget"], r["probes"]["shared_forget"]
+        u, s, kept, rel = (r["probes"][k] for k in ("unique_forget", "shared_forget", "shared_forget_via_retained",
+                                                     "unique_related"))
+        rl = r["relearning"]["loss_rest"]
         print(f"{name:10s} unique facts TR {u['truth_ratio']:.3f} acc {u['accuracy']:.2f} | "
-              f"shared facts TR {s['truth_ratio']:.3f} acc {s['accuracy']:.2f} | forget loss {r['loss']['forget']:.3f}")
+              f"shared facts TR {s['truth_ratio']:.3f} acc {s['accuracy']:.2f} (via a retained article: acc "
+              f"{kept['accuracy']:.2f}) | related acc {rel['accuracy']:.2f} | "
+              f"forget loss {r['loss']['forget']:.3f} | relearn {rl[0]:.3f} -> {rl[-1]:.3f}")
 
 
 if __name__ == "__main__":

@@ -41,8 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: the data manifest's)")
     p.add_argument("--out", required=True)
     p.add_argument("--embedder", default="auto", choices=["auto", "minilm", "model"])
-    p.add_argument("--steps", type=int, default=20, help="GA / NPO / relearning fine-tuning steps")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=20, help="GA / NPO fine-tuning steps")
+    p.add_argument("--lr", type=float, default=1e-3, help="GA / NPO learning rate")
+    p.add_argument("--relearn-steps", type=int, default=20, help="relearning attack: fine-tuning steps")
+    p.add_argument("--relearn-lr", type=float, default=3e-4,
+                   help="relearning attack: learning rate (default: about the demo run's final lr)")
     p.add_argument("--baselines", default="ga,npo", help="comma list of ga,npo (empty: none)")
     p.add_argument("--max-retained", type=int, default=32)
     p.add_argument("--max-holdout", type=int, default=64)
@@ -109,7 +112,9 @@ def run(args) -> dict:
         oracle_index = SourceIndex(np.asarray(oracle_trained), index.embeddings[np.isin(index.source_ids, oracle_trained)])
         deployments.append(routed_deployment("oracle", build_model(oracle_ckpt), oracle_index, embedder, [],
                                              data.titles))
-    cfg = EvalConfig(finetune=FinetuneConfig(steps=args.steps, lr=args.lr), max_retained=args.max_retained,
+    cfg = EvalConfig(finetune=FinetuneConfig(steps=args.steps, lr=args.lr),
+                     relearn_finetune=FinetuneConfig(steps=args.relearn_steps, lr=args.relearn_lr),
+                     max_retained=args.max_retained,
                      baselines=tuple(b for b in args.baselines.split(",") if b))
     deployments += baseline_deployments(deployments[0], data, cfg)
     result = run_evaluation(deployments, data, cfg)

@@ -33,7 +33,9 @@ class EvalConfig:
     cont_len: int = 16
     num_prefixes: int = 2
     min_k: float = 0.2
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # the GA / NPO baselines
+    # the relearning attack: a fine-tuning lr near the training run's final lr, so recovery is measurable
+    relearn_finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(steps=20, lr=3e-4))
     baselines: tuple[str, ...] = ("ga", "npo")
     relearn_sources: int = 2
     relearn_points: int = 4  # losses recorded at this many evenly spaced steps
@@ -78,9 +80,12 @@ def routed_deployment(name: str, model, index: SourceIndex, embedder: Embedder, 
 
 # ------------------------------------------------------------------------------------------------ probes
 def select_probes(data: EvalData) -> dict[str, list[tuple[dict, int]]]:
-    """(probe, the source the query is about) per probe group."""
+    """(probe, the source the query is about) per probe group: the forgotten articles' unique facts and shared
+    facts (asked about the forgotten article), the same shared facts asked about the first retained article
+    stating them (`shared_forget_via_retained`), and related retained articles' unique facts."""
     forget, related = set(data.forget_ids), set(data.related_ids)
-    groups: dict[str, list[tuple[dict, int]]] = {"unique_forget": [], "shared_forget": [], "unique_related": []}
+    groups: dict[str, list[tuple[dict, int]]] = {"unique_forget": [], "shared_forget": [],
+                                                  "shared_forget_via_retained": [], "unique_related": []}
     for p in data.probes:
         ids = [int(s) for s in p["source_ids"]]
         hit = [s for s in ids if s in forget]
@@ -88,6 +93,9 @@ def select_probes(data: EvalData) -> dict[str, list[tuple[dict, int]]]:
             groups["unique_forget"].append((p, hit[0]))
         elif p["kind"] == "shared" and hit:
             groups["shared_forget"].append((p, hit[0]))
+            kept = [s for s in ids if s not in forget and s in related]
+            if kept:  # the same fact asked about a surviving article that states it: it must stay
+                groups["shared_forget_via_retained"].append((p, kept[0]))
         elif p["kind"] == "unique" and ids[0] in related:
             groups["unique_related"].append((p, ids[0]))
     return groups
@@ -116,7 +124,7 @@ def membership(dep: Deployment, data: EvalData, k: float) -> dict:
 def relearn(dep: Deployment, data: EvalData, cfg: EvalConfig) -> dict:
     """Fine-tune on the first half of each forgotten source (its deployment mode), loss on the second half."""
     sources = [s for s in data.forget_ids if s in data.tokens][: cfg.relearn_sources]
-    steps = cfg.finetune.steps
+    steps = cfg.relearn_finetune.steps
     points = sorted({0, *np.linspace(0, steps, cfg.relearn_points).astype(int).tolist()})
     curve = {p: [] for p in points}
     for sid in sources:
@@ -129,7 +137,7 @@ def relearn(dep: Deployment, data: EvalData, cfg: EvalConfig) -> dict:
             if step in curve and step > 0:
                 curve[step].append(M.text_loss(model, test, mode))
 
-        finetune(dep.model, [train], [mode], "nll", cfg.finetune, on_step=record)
+        finetune(dep.model, [train], [mode], "nll", cfg.relearn_finetune, on_step=record)
     return {"steps": points, "loss_rest": [float(np.mean(curve[p])) if curve[p] else float("nan") for p in points],
             "sources": sources}
 

@@ -149,7 +149,10 @@ def rank_auc(members: list[float], non_members: list[float]) -> float:
 
 
 def priv_leak(auc_model: float, auc_oracle: float) -> float:
-    """MUSE PrivLeak: relative AUC gap to the retrained oracle, in percent (0 = indistinguishable)."""
+    """MUSE PrivLeak: relative AUC gap to the retrained oracle, in percent (0 = indistinguishable); NaN when the
+    oracle's AUC is 0 (or NaN), where the relative gap is undefined."""
+    if not auc_oracle > 0:
+        return float("nan")
     return float((auc_model - auc_oracle) / auc_oracle * 100.0)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from nulls_dist.unlearn.checkpoint_io import write_json_atomic
 
-PROBE_GROUPS = ("unique_forget", "shared_forget", "unique_related")
+PROBE_GROUPS = ("unique_forget", "shared_forget", "shared_forget_via_retained", "unique_related")
 LOSS_GROUPS = ("forget", "related", "retained", "holdout")
 
 
@@ -61,10 +61,14 @@ def plots(result: dict, out_dir: Path) -> list[str]:
     x = np.arange(len(names))
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
     for ax, metric in zip(axes, ("truth_ratio", "accuracy")):
+        width = 0.8 / len(PROBE_GROUPS)
         for i, group in enumerate(PROBE_GROUPS):
-            ax.bar(x + (i - 1) * 0.27, [deps[n]["probes"][group][metric] for n in names], 0.27, label=group)
+            ax.bar(x + (i - (len(PROBE_GROUPS) - 1) / 2) * width, [deps[n]["probes"][group][metric] for n in names],
+                   width, label=group)
         ax.set_xticks(x, names, rotation=20)
-        ax.set_title(metric.replace("_", " "))
+        ax.set_title(metric.replace("_", " ") + (" (log)" if metric == "truth_ratio" else ""))
+        if metric == "truth_ratio":
+            ax.set_yscale("log")  # known facts ~0.01, unknown ones up to ~1e5
     axes[0].legend(fontsize=8)
     _save_png(fig, out_dir / "probes.png")
     plt.close(fig)

@@ -1,0 +1,123 @@
+"""`nulls-eval` as a console script: run in a subprocess on a tiny DeepSpeed checkpoint (tests/unlearn_helpers),
+a real sentencepiece tokenizer and WebDataset-layout tar shards of that tokenizer's ids, and check the JSON,
+markdown and PNG outputs it writes."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from unlearn_helpers import ID_OFFSET, NUM_HOLDOUT, NUM_TRAIN, make_ds_checkpoint, make_registry  # noqa: E402
+
+from data_pipeline.schema import LOSS_MASK_KEY, SOURCE_IDS_KEY, TOKENS_KEY  # noqa: E402
+from nulls_dist.unlearn.checkpoint_io import load_checkpoint, state_dict_digest  # noqa: E402
+from nulls_dist.unlearn.manifest import ManifestOptions, build_manifest  # noqa: E402
+from nulls_dist.unlearn.unlearn import unlearn  # noqa: E402
+
+FORGET = 3  # the forgotten article's index
+
+
+def _text(i: int) -> str:
+    return f"Article {i} is a town in the north. Article {i} was founded by Tok{i % 7} near the river Rin{i % 5}."
+
+
+def _write_shard(path: Path, sp, sources: list[int]) -> None:
+    """One tar shard, one sample per source: tokens (BOS ... EOS), source ids, loss mask (data schema keys)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for n, sid in enumerate(sources):
+            tokens = np.asarray([2, *sp.encode(_text(sid - ID_OFFSET)), 3], dtype=np.uint16)  # (T,)
+            arrays = {TOKENS_KEY: tokens, SOURCE_IDS_KEY: np.full(tokens.shape, sid, dtype=np.uint32),
+                      LOSS_MASK_KEY: np.ones(tokens.shape, dtype=np.uint8)}
+            for key, arr in arrays.items():
+                buf = io.BytesIO()
+                np.save(buf, arr)
+                info = tarfile.TarInfo(f"{n:06d}.{key}")
+                info.size = buf.tell()
+                buf.seek(0)
+                tar.addfile(info, buf)
+
+
+def _probes() -> list[dict]:
+    ids = lambda *i: [ID_OFFSET + j for j in i]  # noqa: E731
+    return [
+        {"probe_id": "u0", "kind": "unique", "prompt": f"Article {FORGET} was founded by", "answer": "Tok3",
+         "distractors": ["Tok1", "Tok2"], "source_ids": ids(FORGET)},
+        {"probe_id": "u1", "kind": "unique", "prompt": "Article 8 was founded by", "answer": "Tok1",
+         "distractors": ["Tok4", "Tok2"], "source_ids": ids(8)},
+        {"probe_id": "s0", "kind": "shared", "prompt": f"Article {FORGET} is near the river", "answer": "Rin3",
+         "distractors": ["Rin1", "Rin2"], "source_ids": ids(FORGET, 8)},
+    ]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import sentencepiece as spm
+
+    root = tmp_path_factory.mktemp("evalcli")
+    make_ds_checkpoint(root / "run", zero_stage=0)
+    make_registry(root / "registry.parquet")
+    ckpt = load_checkpoint(root / "run")
+    build_manifest(root / "manifest", state_dict=ckpt.state_dict, model_cfg=ckpt.model_config,
+                   registry_path=root / "registry.parquet", checkpoint_sha256=state_dict_digest(ckpt.state_dict),
+                   opts=ManifestOptions(shard_rows=50))
+    data = root / "data"
+    data.mkdir()
+    (root / "corpus.txt").write_text("\n".join(_text(i) for i in range(NUM_TRAIN + NUM_HOLDOUT)))
+    spm.SentencePieceTrainer.train(input=str(root / "corpus.txt"), model_prefix=str(data / "sp"), vocab_size=80,
+                                   model_type="bpe", bos_id=2, eos_id=3, pad_id=0, unk_id=1)
+    sp = spm.SentencePieceProcessor(model_file=str(data / "sp.model"))
+    train = list(range(ID_OFFSET, ID_OFFSET + NUM_TRAIN))
+    _write_shard(data / "shard-000000.tar", sp, train)
+    _write_shard(data / "holdout" / "shard-000000.tar", sp, [ID_OFFSET + NUM_TRAIN + i for i in range(NUM_HOLDOUT)])
+    (data / "manifest.json").write_text(json.dumps({"tokenizer": {"path": "sp.model"}, "special_ids": {"bos": 2}}))
+    (root / "probes.jsonl").write_text("\n".join(json.dumps(p) for p in _probes()) + "\n")
+    unlearn(ckpt, root / "manifest", [f"Article {FORGET}"], "mask", root / "forget.json", root / "cert.json")
+    return root
+
+
+def test_nulls_eval_console_script_writes_report(setup, tmp_path):
+    root, out = setup, tmp_path / "eval"
+    script = Path(sys.executable).parent / "nulls-eval"
+    assert script.is_file(), f"console script not installed: {script}"
+    # the same checkpoint stands in for the oracle: this checks the tool's plumbing, not unlearning quality
+    cmd = [str(script), "--checkpoint", str(root / "run"), "--manifest", str(root / "manifest"),
+           "--forget-set", str(root / "forget.json"), "--oracle", str(root / "run"), "--data", str(root / "data"),
+           "--probes", str(root / "probes.jsonl"), "--out", str(out), "--embedder", "model",
+           "--steps", "2", "--relearn-steps", "2", "--max-retained", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = json.loads(proc.stdout[proc.stdout.index("{\n"):])
+    assert printed["embedder"].startswith("model")  # the NULL model's own token embeddings
+    doc = json.loads((out / "report.json").read_text())
+    assert set(doc["deployments"]) == {"original", "unlearned", "oracle", "ga", "npo"}
+    assert doc["forget_ids"] == [ID_OFFSET + FORGET] and doc["related_ids"] == [ID_OFFSET + 8]
+    assert doc["num_probes"] == {"unique_forget": 1, "shared_forget": 1, "shared_forget_via_retained": 1,
+                                  "unique_related": 1}
+    for name, dep in doc["deployments"].items():
+        assert set(dep) >= {"loss", "probes", "membership", "relearning", "verbatim"}, name
+        assert set(dep["loss"]) == {"forget", "related", "retained", "holdout"}
+        assert np.isfinite(dep["loss"]["forget"]) and np.isfinite(dep["loss"]["holdout"])
+        assert set(dep["probes"]) == {"unique_forget", "shared_forget", "shared_forget_via_retained",
+                                       "unique_related"}
+        assert "priv_leak_vs_oracle" in dep["membership"]
+        assert dep["relearning"]["steps"] == [0, 1, 2] and len(dep["relearning"]["loss_rest"]) == 3
+    oracle = doc["deployments"]["oracle"]["membership"]
+    if oracle["auc_forget_vs_holdout"] > 0:
+        assert oracle["priv_leak_vs_oracle"] == pytest.approx(0.0)
+    else:  # undefined relative gap (written as NaN)
+        assert np.isnan(oracle["priv_leak_vs_oracle"])
+    assert doc["config"]["relearn_finetune"]["steps"] == 2 and doc["config"]["finetune"]["steps"] == 2
+    md = (out / "report.md").read_text()
+    assert "| unlearned |" in md and "| oracle |" in md and "Truth Ratio" in md
+    for png in ("probes.png", "loss.png", "relearning.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        assert f"({png})" in md
