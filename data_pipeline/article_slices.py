@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_pipeline.ingest import article_parts
@@ -63,3 +64,14 @@ def read_rows(index: CorpusIndex, start: int, stop: int, columns: list[str]) -> 
 def iter_all(index: CorpusIndex, columns: list[str], batch_rows: int = 8192) -> Iterator[pa.RecordBatch]:
     for path in index.files:
         yield from pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns)
+
+
+def read_selected_rows(index: CorpusIndex, source_ids: pa.Array, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """The corpus rows whose source_id is in `source_ids`, in order. Only the source_id column is read from row
+    groups holding none of them (a few holdout sources must not cost a second read of the whole corpus text)."""
+    for path, groups in zip(index.files, index.file_rows):
+        pf = pq.ParquetFile(path)
+        for g in range(len(groups)):
+            keep = pc.is_in(pf.read_row_group(g, columns=["source_id"]).column(0), value_set=source_ids)
+            if pc.any(keep).as_py():
+                yield from pf.read_row_group(g, columns=columns).filter(keep).to_batches()

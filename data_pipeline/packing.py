@@ -48,56 +48,71 @@ def shuffled(items: list, seed: int | list[int]) -> list:
     return [items[i] for i in order]
 
 
-def _with_specials(tokens: np.ndarray, bos_id: int, eos_id: int) -> np.ndarray:
-    out = np.empty(len(tokens) + 2, dtype=np.int64)  # (L+2,)
-    out[0], out[-1] = bos_id, eos_id
-    out[1:-1] = tokens
-    return out
+def _join(pieces: list[tuple[int, np.ndarray]], bos_id: int, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Articles -> one stream (N,) int64 of [BOS] + tokens + [EOS] each, and its (N,) uint32 source ids."""
+    lengths = np.fromiter((len(t) + 2 for _, t in pieces), dtype=np.int64, count=len(pieces))  # (A,)
+    starts = np.concatenate([[0], np.cumsum(lengths)])  # (A+1,)
+    tokens = np.empty(int(starts[-1]), dtype=np.int64)  # (N,)
+    tokens[starts[:-1]] = bos_id
+    tokens[starts[1:] - 1] = eos_id
+    for (_, t), lo, hi in zip(pieces, starts[:-1] + 1, starts[1:] - 1):
+        tokens[lo:hi] = t
+    sources = np.repeat(np.fromiter((s for s, _ in pieces), dtype=SOURCE_ID_DTYPE, count=len(pieces)), lengths)
+    return tokens, sources
 
 
-class _Builder:
-    """Fills one context at a time and emits it when full or when flushed (padded)."""
+def _contexts(tokens: np.ndarray, sources: np.ndarray, T: int, pad_id: int, final: bool) -> Iterator[Context]:
+    """Cut a stream into full contexts; the tail is padded (pad id, its last source id, loss_mask 0) when
+    `final`, otherwise left for the caller to carry (it is not yielded)."""
+    num_full = len(tokens) // T
+    for row_tokens, row_sources in zip(tokens[: num_full * T].reshape(num_full, T),
+                                       sources[: num_full * T].reshape(num_full, T)):
+        yield Context(row_tokens, row_sources, np.ones(T, dtype=LOSS_MASK_DTYPE))
+    fill = len(tokens) - num_full * T
+    if final and fill:
+        ctx = Context(np.full(T, pad_id, dtype=np.int64), np.empty(T, dtype=SOURCE_ID_DTYPE),
+                      np.zeros(T, dtype=LOSS_MASK_DTYPE))
+        ctx.tokens[:fill] = tokens[num_full * T :]
+        ctx.source_ids[:fill] = sources[num_full * T :]
+        ctx.source_ids[fill:] = sources[-1]
+        ctx.loss_mask[:fill] = 1
+        yield ctx
 
-    def __init__(self, context_length: int, pad_id: int) -> None:
-        self.T, self.pad_id = context_length, pad_id
-        self._reset()
 
-    def _reset(self) -> None:
-        self.tokens = np.full(self.T, self.pad_id, dtype=np.int64)
-        self.source_ids = np.zeros(self.T, dtype=SOURCE_ID_DTYPE)
-        self.loss_mask = np.zeros(self.T, dtype=LOSS_MASK_DTYPE)
-        self.fill = 0
-
-    def add(self, tokens: np.ndarray, source_id: int) -> Iterator[Context]:
-        pos = 0
-        while pos < len(tokens):
-            n = min(self.T - self.fill, len(tokens) - pos)
-            self.tokens[self.fill : self.fill + n] = tokens[pos : pos + n]
-            self.source_ids[self.fill : self.fill + n] = source_id
-            self.loss_mask[self.fill : self.fill + n] = 1
-            self.fill += n
-            pos += n
-            if self.fill == self.T:
-                yield self._emit()
-
-    def flush(self) -> Iterator[Context]:
-        if self.fill:
-            self.source_ids[self.fill :] = self.source_ids[self.fill - 1]
-            yield self._emit()
-
-    def _emit(self) -> Context:
-        ctx = Context(self.tokens, self.source_ids, self.loss_mask)
-        self._reset()
-        return ctx
+def _pack_stream(articles, T: int, bos_id: int, eos_id: int, pad_id: int, block_tokens: int) -> Iterator[Context]:
+    """`pack` mode: articles are joined a block of about `block_tokens` tokens at a time (numpy, not per
+    token); the partial context at the end of a block is carried into the next one."""
+    carry_tokens = np.empty(0, dtype=np.int64)  # (<T,)
+    carry_sources = np.empty(0, dtype=SOURCE_ID_DTYPE)  # (<T,)
+    pieces: list[tuple[int, np.ndarray]] = []
+    size = 0
+    for source_id, tokens in articles:
+        pieces.append((source_id, tokens))
+        size += len(tokens) + 2
+        if size >= block_tokens:
+            tokens_, sources_ = _join(pieces, bos_id, eos_id)
+            tokens_, sources_ = np.concatenate([carry_tokens, tokens_]), np.concatenate([carry_sources, sources_])
+            yield from _contexts(tokens_, sources_, T, pad_id, final=False)
+            cut = len(tokens_) // T * T
+            carry_tokens, carry_sources = tokens_[cut:].copy(), sources_[cut:].copy()
+            pieces, size = [], 0
+    if pieces:
+        tokens_, sources_ = _join(pieces, bos_id, eos_id)
+        carry_tokens, carry_sources = np.concatenate([carry_tokens, tokens_]), np.concatenate([carry_sources, sources_])
+    yield from _contexts(carry_tokens, carry_sources, T, pad_id, final=True)
 
 
 def pack_articles(
-    articles: Iterable[tuple[int, np.ndarray]], cfg: PackingConfig, bos_id: int, eos_id: int, pad_id: int
+    articles: Iterable[tuple[int, np.ndarray]], cfg: PackingConfig, bos_id: int, eos_id: int, pad_id: int,
+    block_tokens: int = 1 << 16,
 ) -> Iterator[Context]:
-    """articles: (source_id, token ids without specials) in document order -> contexts of cfg.context_length."""
-    builder = _Builder(cfg.context_length, pad_id)
-    for source_id, tokens in articles:
-        yield from builder.add(_with_specials(np.asarray(tokens), bos_id, eos_id), source_id)
-        if cfg.mode == "single":
-            yield from builder.flush()
-    yield from builder.flush()
+    """articles: (source_id, token ids without specials) in document order -> contexts of cfg.context_length.
+    Contexts of one block may share memory (views of one stream); they are not modified after being yielded."""
+    T = cfg.context_length
+    if cfg.mode == "pack":
+        yield from _pack_stream(((s, np.asarray(t)) for s, t in articles), T, bos_id, eos_id, pad_id,
+                                max(block_tokens, T))
+        return
+    for source_id, tokens in articles:  # single: every article on its own contexts, the last one padded
+        tokens_, sources_ = _join([(source_id, np.asarray(tokens))], bos_id, eos_id)
+        yield from _contexts(tokens_, sources_, T, pad_id, final=True)

@@ -8,13 +8,17 @@ finished leaves a done marker (`.work/<shard>.done.json`: samples, tokens, bytes
 stats file (tokens and shards per source, in corpus order). A rerun skips every task whose marker matches the
 plan and whose tar is still there with the recorded size; a changed plan (tokenizer, packing, shard size,
 holdouts, corpus) clears the old shards first. Memory per worker is bounded by one slice of A articles (the
-holdout task streams in windows of A), never by the corpus; only per-article counters grow.
+holdout task streams in windows of A), never by the corpus: contexts stream into the tar as they are packed,
+and the per-source counters of a task are numpy arrays of its own slice; freed memory is returned to the OS
+after every task, so a worker's peak RSS is one task's, whatever the number of tasks.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import io
+import itertools
 import json
 import logging
 import multiprocessing as mp
@@ -33,7 +37,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from data_pipeline import schema
-from data_pipeline.article_slices import CorpusIndex, index_corpus, read_rows
+from data_pipeline.article_slices import CorpusIndex, index_corpus, read_rows, read_selected_rows
 from data_pipeline.packing import Context, PackingConfig, pack_articles, shuffled
 from data_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID, file_sha256, load_tokenizer
 
@@ -47,6 +51,7 @@ HOLDOUT_TASK = "holdout"
 # context 1024: 10,240 bytes per sample = 7 * 1024 + 3072).
 _TAR_BYTES_PER_SAMPLE = 3 * (512 + 128 + 384)
 _ESTIMATE_ARTICLES = 64
+_TASKS_PER_WORKER = 16
 
 
 @dataclass
@@ -82,15 +87,12 @@ def samples_per_shard(cfg: ShardConfig, context_length: int, token_dtype: np.dty
 
 
 class _HashingFile:
-    """A write-only file that hashes what passes through (tarfile's stream mode only calls write)."""
+    """A write-only file that hashes and counts what passes through."""
 
     def __init__(self, f) -> None:
         self.f, self.sha, self.num_bytes = f, hashlib.sha256(), 0
-        self.discard = False  # set when the shard failed: tarfile's finalizer may still try to write
 
     def write(self, data) -> int:
-        if self.discard:
-            return len(data)
         self.sha.update(data)
         self.num_bytes += len(data)
         return self.f.write(data)
@@ -108,17 +110,20 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return _npy_header(array.dtype.str, len(array)) + array.tobytes()
 
 
-def write_shard(path: Path, shard_index: int, contexts: Iterable[Context], token_dtype: np.dtype) -> dict:
-    """Write contexts as one WebDataset tar at `path` (temp name, then rename). Byte-identical on rerun."""
+def write_shard(path: Path, shard_index: int, contexts: Iterable[Context], token_dtype: np.dtype,
+                sources: list[np.ndarray] | None = None) -> dict:
+    """Write contexts as one WebDataset tar at `path` (temp name, then rename), byte-identical on rerun
+    (webdataset.TarWriter with a fixed mtime, user/group "nulls", ustar headers).
+    `sources`, if given, receives each context's source ids of its loss tokens (unique, sorted)."""
     tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
     num_samples = num_tokens = 0
-    with open(tmp, "wb") as raw:
-        out = _HashingFile(raw)
-        # A fixed integer mtime: byte-identical reruns and no pax record per member (a float mtime costs 1 KiB
-        # each). TarWriter does not forward `format`, so ustar (cheaper headers) is set on its tar stream.
-        writer = wds.TarWriter(out, encoder=False, mtime=0, user="nulls", group="nulls")
-        writer.tarstream.format = tarfile.USTAR_FORMAT
-        try:
+    try:
+        with open(tmp, "wb") as raw:
+            out = _HashingFile(raw)
+            # A fixed integer mtime: byte-identical reruns and no pax record per member (a float mtime costs
+            # 1 KiB each). TarWriter does not forward `format`, so ustar (cheaper headers) is set on its stream.
+            writer = wds.TarWriter(out, encoder=False, mtime=0, user="nulls", group="nulls")
+            writer.tarstream.format = tarfile.USTAR_FORMAT
             for ctx in contexts:
                 writer.write({
                     "__key__": schema.sample_key(shard_index, num_samples),
@@ -127,14 +132,16 @@ def write_shard(path: Path, shard_index: int, contexts: Iterable[Context], token
                     schema.LOSS_MASK_KEY: _npy_bytes(ctx.loss_mask.astype(schema.LOSS_MASK_DTYPE)),
                 })
                 num_samples += 1
-                num_tokens += int(ctx.loss_mask.sum())
-        except BaseException:
-            out.discard = True
-            tmp.unlink(missing_ok=True)
-            raise
-        writer.close()
-        raw.flush()
-        os.fsync(raw.fileno())
+                real = ctx.loss_mask == 1
+                num_tokens += int(np.count_nonzero(real))
+                if sources is not None:
+                    sources.append(np.unique(ctx.source_ids[real]))
+            writer.close()
+            raw.flush()
+            os.fsync(raw.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     return {"samples": num_samples, "tokens": num_tokens, "bytes": out.num_bytes, "sha256": out.sha.hexdigest()}
 
@@ -149,55 +156,73 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def _encode(sp, texts: list[str], batch: int) -> Iterator[np.ndarray]:
+    """(L,) int64 token ids per text: one sentencepiece call per `batch` texts, one numpy conversion per batch."""
     for i in range(0, len(texts), batch):
-        for ids in sp.encode(texts[i : i + batch], out_type=int):
-            yield np.asarray(ids, dtype=np.int64)
+        encoded = sp.encode(texts[i : i + batch], out_type=int)
+        lengths = [len(ids) for ids in encoded]
+        flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64, count=sum(lengths))  # (sum L,)
+        yield from np.split(flat, np.cumsum(lengths)[:-1])
 
 
-def _task_articles(task: dict, sp, window: int, source_ids: list[int], num_tokens: list[int]):
+def _task_articles(task: dict, sp, window: int, counts: list[np.ndarray]):
     """(source_id, tokens) of the task's articles, read, encoded and shuffled `window` articles at a time (a
-    train task is one window; the holdout task streams over the whole corpus in windows). Appends every
-    article's source id and token count (BOS/EOS included) in corpus order to the two lists."""
+    train task is one window; the holdout task streams over the whole corpus in windows, reading text only from
+    row groups that hold a holdout source). Appends per window a (2, n) int64 array to `counts`: the source ids
+    and token counts (BOS/EOS included) in corpus order."""
     index = CorpusIndex(tuple(task["files"]), tuple(tuple(r) for r in task["file_rows"]))
     packing = PackingConfig(**task["packing"])
     holdout = pa.array(task["holdout_ids"], type=pa.int64())
-    ids: list[int] = []
+    ids: list[np.ndarray] = []
     texts: list[str] = []
     num_windows = 0
 
     def flush():
         nonlocal ids, texts, num_windows
+        window_ids = np.concatenate(ids)  # (n,) int64
         tokens = list(_encode(sp, texts, task["encode_batch"]))
-        source_ids.extend(ids)
-        num_tokens.extend(len(t) + 2 for t in tokens)
-        articles = list(zip(ids, tokens))
+        counts.append(np.stack([window_ids, np.fromiter((len(t) + 2 for t in tokens), np.int64, len(tokens))]))
+        articles = list(zip(window_ids.tolist(), tokens))
         if packing.shuffle:  # holdout task: index -1
             articles = shuffled(articles, [packing.seed, task["task_index"] + 1, num_windows])
         ids, texts, num_windows = [], [], num_windows + 1
         return articles
 
-    for batch in read_rows(index, task["start"], task["stop"], ["source_id", "text"]):
-        keep = pc.is_in(batch.column("source_id"), value_set=holdout)
-        if not task["is_holdout"]:
-            keep = pc.invert(keep)
-        batch = batch.filter(keep)
-        ids.extend(batch.column("source_id").to_pylist())
+    if task["is_holdout"]:
+        batches = read_selected_rows(index, holdout, ["source_id", "text"])
+    else:
+        batches = (b.filter(pc.invert(pc.is_in(b.column("source_id"), value_set=holdout)))
+                   for b in read_rows(index, task["start"], task["stop"], ["source_id", "text"]))
+    num_ids = 0
+    for batch in batches:
+        ids.append(batch.column("source_id").to_numpy())
         texts.extend(batch.column("text").to_pylist())
-        if len(ids) >= window:
+        num_ids += batch.num_rows
+        if num_ids >= window:
             yield from flush()
-    if ids:
+            num_ids = 0
+    if num_ids:
         yield from flush()
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_tokenizer(path: str, mtime_ns: int, size: int):
+    return load_tokenizer(path)
+
+
+def _tokenizer(path: str):
+    """One model per worker process, loaded by its first task (reloaded if the file changed)."""
+    st = os.stat(path)
+    return _cached_tokenizer(path, st.st_mtime_ns, st.st_size)
 
 
 def _run_task(task: dict) -> dict:
     """Tokenize, pack and write one task's shard(s); then its stats and done marker. Returns the marker."""
-    sp = load_tokenizer(task["tokenizer_path"])
+    sp = _tokenizer(task["tokenizer_path"])
     packing = PackingConfig(**task["packing"])
     token_dtype = np.dtype(task["token_dtype"])
     out_dir, work = Path(task["out_dir"]), Path(task["out_dir"]) / WORK_DIR
-    source_ids: list[int] = []
-    num_tokens: list[int] = []
-    articles = _task_articles(task, sp, task["articles_per_shard"], source_ids, num_tokens)
+    counts: list[np.ndarray] = []
+    articles = _task_articles(task, sp, task["articles_per_shard"], counts)
     contexts = pack_articles(articles, packing, BOS_ID, EOS_ID, PAD_ID)
 
     if task["is_holdout"]:
@@ -207,39 +232,45 @@ def _run_task(task: dict) -> dict:
     else:  # a train task writes exactly one shard, named by its task index
         shards, where = _write_chunks(out_dir, iter([schema.shard_name(task["task_index"])]), contexts, None,
                                       token_dtype)
+    source_ids, num_tokens = np.concatenate(counts, axis=1) if counts else np.zeros((2, 0), np.int64)
     stats = pa.table({"source_id": pa.array(source_ids, pa.int64()), "tokens": pa.array(num_tokens, pa.int64()),
-                      "shards": pa.array([where.get(s, []) for s in source_ids], pa.list_(pa.string()))})
+                      "shards": pa.array([where.get(s, []) for s in source_ids.tolist()], pa.list_(pa.string()))})
     stats_path = work / f"{task['name']}.stats.parquet"
     tmp = stats_path.with_name(stats_path.name + f".tmp.{os.getpid()}")
     pq.write_table(stats, tmp)
     os.replace(tmp, stats_path)
     marker = {"task": task["name"], "plan": task["plan_hash"], "shards": shards}
     _write_json(work / f"{task['name']}.done.json", marker)
+    _release_memory()
     return marker
+
+
+def _release_memory() -> None:
+    """Give the memory freed by a finished task back to the OS. A task keeps nothing (tracemalloc: ~1 MB of
+    Python objects left after each), but pyarrow's pool (mimalloc) and glibc's arenas keep freed pages, and
+    with them a worker's peak RSS crept up with every task it ran: with this, it is one task's peak."""
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def _write_chunks(out_dir: Path, names: Iterator[str], contexts: Iterable[Context], per_shard: int | None,
                   token_dtype: np.dtype) -> tuple[list[dict], dict[int, list[str]]]:
-    """Write contexts into shards of `per_shard` samples (None: all in one). Returns the shard entries and,
-    per source, the shards holding its tokens."""
+    """Stream contexts into shards of `per_shard` samples (None: all in one); no shard is written without a
+    sample. Returns the shard entries and, per source, the shards holding its tokens."""
     shards: list[dict] = []
     where: dict[int, list[str]] = {}
-    chunk: list[Context] = []
-
-    def flush() -> None:
+    contexts = iter(contexts)
+    while (first := next(contexts, None)) is not None:
         name = next(names)
         index = int(Path(name).stem.removeprefix("shard-"))
-        shards.append({"name": name, **write_shard(out_dir / name, index, chunk, token_dtype)})
-        for source in np.unique(np.concatenate([c.source_ids[c.loss_mask == 1] for c in chunk])):
-            where.setdefault(int(source), []).append(name)
-
-    for ctx in contexts:
-        chunk.append(ctx)
-        if per_shard is not None and len(chunk) == per_shard:
-            flush()
-            chunk = []
-    if chunk:
-        flush()
+        chunk = itertools.chain([first], contexts if per_shard is None else itertools.islice(contexts, per_shard - 1))
+        sources: list[np.ndarray] = []
+        shards.append({"name": name, **write_shard(out_dir / name, index, chunk, token_dtype, sources)})
+        for source in np.unique(np.concatenate(sources)).tolist():
+            where.setdefault(source, []).append(name)
     return shards, where
 
 
@@ -346,7 +377,9 @@ def write_shards(ingest_dir: str | Path, out_dir: str | Path, tokenizer_path: st
             progress.update()
     else:
         # spawn, not fork: the parent holds pyarrow's thread pools, which fork can leave locked.
-        with mp.get_context("spawn").Pool(cfg.num_workers) as pool:
+        # A worker is replaced after _TASKS_PER_WORKER tasks: whatever the allocators still hold (~2 MB per task
+        # measured after malloc_trim) cannot add up over a long run.
+        with mp.get_context("spawn").Pool(cfg.num_workers, maxtasksperchild=_TASKS_PER_WORKER) as pool:
             for marker in pool.imap_unordered(_run_task, pending):
                 markers[marker["task"]] = marker
                 progress.update()

@@ -1,12 +1,15 @@
 """Benchmark of the tokenize -> pack -> shard pipeline against raw sentencepiece encoding of the same text on
-the same machine, with peak RSS at two corpus sizes (memory must not grow with the corpus), and a projection
-for the paper's corpus (6,407,814 articles) on a 64-core node. Prints one JSON object.
+the same machine, with peak RSS at several corpus sizes (memory must not grow with the corpus), and a
+projection for the paper's corpus (6,407,814 articles) on a 64-core node. Prints one JSON object.
 
-    python -m data_pipeline.bench.pipeline_bench --num-articles 2000 --workers 1
+    python -m data_pipeline.bench.pipeline_bench --num-articles 1000 --scales 1 4 16 --workers 1
 
-Each measured stage runs in a fresh spawned process so that its peak RSS is its own. Throughput is tokens/s
-per core: the shard stage's article tokens (specials excluded, as in raw encoding) over its wall time times
-its worker count; raw encoding is one thread encoding the same texts with the same model.
+Each measured run is a fresh spawned process, so its peak RSS (VmHWM, plus the workers' peak) is its own.
+Throughput is tokens/s per core: the shard stage's article tokens (specials excluded, as in raw encoding) over
+its wall time times its worker count; raw encoding is the same call the stage makes (`sp.encode` on batches
+of 256 texts, one thread, same model). On a shared machine the two are measured `--repeats` times,
+interleaved, and the best of each is compared; the CPU-time ratio (tokens per CPU second, all processes) is
+reported too, as it is insensitive to other jobs' load.
 """
 from __future__ import annotations
 
@@ -48,9 +51,15 @@ def write_corpus(path: Path, num_articles: int, chars: int, seed: int = 0) -> No
 
 
 def _peak_rss_mb() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return round(max(own, children) / 1024, 1)
+    """This process's peak RSS (VmHWM: reset by exec) or its worker processes' peak, whichever is larger."""
+    from data_pipeline.ingest.run import peak_rss_mb
+
+    return max(peak_rss_mb(), round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1))
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _prepare(root: str, cfg_dict: dict) -> dict:
@@ -63,9 +72,15 @@ def _prepare(root: str, cfg_dict: dict) -> dict:
 def _shard_stage(cfg_dict: dict) -> dict:
     from data_pipeline.pipeline import data_config_from_dict, run_stages
 
-    start = time.perf_counter()
+    out = Path(cfg_dict["output_dir"])  # a repeat must redo the work, not find it done
+    for path in [*out.glob("shard-*.tar"), out / "manifest.json", out / "registry.parquet"]:
+        path.unlink(missing_ok=True)
+    for sub in (".work", "holdout"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    start, cpu = time.perf_counter(), _cpu_seconds()
     manifest = run_stages(data_config_from_dict(cfg_dict), ["shard"])["shard"]
-    return {"seconds": time.perf_counter() - start, "manifest": manifest, "peak_rss_mb": _peak_rss_mb()}
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": _cpu_seconds() - cpu, "manifest": manifest,
+            "peak_rss_mb": _peak_rss_mb()}
 
 
 def _raw_encode(ingest_dir: str, model_path: str) -> dict:
@@ -74,9 +89,11 @@ def _raw_encode(ingest_dir: str, model_path: str) -> dict:
 
     sp = load_tokenizer(model_path)
     texts = [t for b in iter_articles(ingest_dir, columns=["text"]) for t in b.column(0).to_pylist()]
-    start = time.perf_counter()
-    num_tokens = sum(len(ids) for i in range(0, len(texts), 256) for ids in sp.encode(texts[i : i + 256]))
-    return {"seconds": time.perf_counter() - start, "tokens": num_tokens, "chars": sum(map(len, texts))}
+    start, cpu = time.perf_counter(), _cpu_seconds()
+    num_tokens = sum(len(ids) for i in range(0, len(texts), 256)
+                     for ids in sp.encode(texts[i : i + 256], out_type=int))
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": _cpu_seconds() - cpu, "tokens": num_tokens,
+            "chars": sum(map(len, texts))}
 
 
 def _in_fresh_process(fn, *args):
@@ -91,11 +108,15 @@ def measure(root: Path, num_articles: int, args) -> dict:
            "ingest": {"inputs": [str(corpus)]},
            "tokenizer": {"vocab_size": args.vocab, "sample_articles": 2000, "num_threads": 2},
            "packing": {"context_length": args.context},
-           "shard": {"target_bytes": args.shard_mb * 2**20, "num_workers": args.workers},
+           "shard": {"target_bytes": int(args.shard_mb * 2**20), "num_workers": args.workers},
            "holdout": {"count": 10}}
     _in_fresh_process(_prepare, str(root), cfg)
-    shard = _in_fresh_process(_shard_stage, cfg)
-    raw = _in_fresh_process(_raw_encode, str(root / "data" / "ingest"), str(root / "data" / "tokenizer.model"))
+    shards, raws = [], []
+    for _ in range(args.repeats):  # interleaved, so that both see the same background load
+        shards.append(_in_fresh_process(_shard_stage, cfg))
+        raws.append(_in_fresh_process(_raw_encode, str(root / "data" / "ingest"),
+                                      str(root / "data" / "tokenizer.model")))
+    shard, raw = min(shards, key=lambda r: r["seconds"]), min(raws, key=lambda r: r["seconds"])
     m = shard["manifest"]
     all_shards = m["shards"] + m["holdout"]["shards"]
     num_samples = sum(s["samples"] for s in all_shards)
@@ -104,6 +125,8 @@ def measure(root: Path, num_articles: int, args) -> dict:
     article_tokens = m["num_tokens"] + m["holdout"]["num_tokens"] - 2 * num_articles
     pipeline_tps = article_tokens / shard["seconds"] / args.workers
     raw_tps = raw["tokens"] / raw["seconds"]
+    cpu_ratio = (article_tokens / min(r["cpu_seconds"] for r in shards)) / (
+        raw["tokens"] / min(r["cpu_seconds"] for r in raws))
     return {
         "num_articles": num_articles,
         "corpus_chars": raw["chars"],
@@ -114,7 +137,10 @@ def measure(root: Path, num_articles: int, args) -> dict:
         "pipeline_tokens_per_s_per_core": round(pipeline_tps),
         "raw_encode_tokens_per_s": round(raw_tps),
         "ratio_to_raw": round(pipeline_tps / raw_tps, 3),
-        "shard_stage_peak_rss_mb": shard["peak_rss_mb"],
+        "ratio_to_raw_cpu_time": round(cpu_ratio, 3),
+        "ratio_to_raw_per_repeat": [round(article_tokens / s["seconds"] / args.workers / (r["tokens"] / r["seconds"]), 3)
+                                    for s, r in zip(shards, raws)],
+        "shard_stage_peak_rss_mb": max(r["peak_rss_mb"] for r in shards),
         "bytes_per_sample": num_bytes / num_samples,
         "tokens_per_article": raw["tokens"] / num_articles,
     }
@@ -146,16 +172,18 @@ def project(best: dict, context: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-articles", type=int, default=2000)
+    parser.add_argument("--num-articles", type=int, default=1000)
+    parser.add_argument("--scales", type=int, nargs="+", default=[1, 4, 16], help="corpus sizes, x num-articles")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved shard/raw runs per size (best taken)")
     parser.add_argument("--chars", type=int, default=3000, help="mean characters per article")
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--shard-mb", type=int, default=16)
+    parser.add_argument("--shard-mb", type=float, default=4, help="small enough that 1x spans several shards")
     args = parser.parse_args()
 
     runs = []
-    for n in (args.num_articles, 4 * args.num_articles):  # RSS must not grow with the corpus
+    for n in (scale * args.num_articles for scale in args.scales):  # RSS must not grow with the corpus
         root = Path(tempfile.mkdtemp(prefix="nulls-pipeline-bench-"))
         try:
             runs.append(measure(root, n, args))
@@ -169,7 +197,10 @@ def main() -> None:
         "runs": runs,
         "ratio_to_raw": big["ratio_to_raw"],
         "goal_ratio": 0.7,
-        "rss_growth_4x_corpus": round(big["shard_stage_peak_rss_mb"] / runs[0]["shard_stage_peak_rss_mb"], 3),
+        "ratio_to_raw_cpu_time": big["ratio_to_raw_cpu_time"],
+        "shard_stage_peak_rss_mb": {str(r["num_articles"]): r["shard_stage_peak_rss_mb"] for r in runs},
+        "rss_growth_largest_vs_smallest": round(big["shard_stage_peak_rss_mb"] / runs[0]["shard_stage_peak_rss_mb"], 3),
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "projection_6_4m_articles_64_cores": project(big, args.context),
     }, indent=1))
 
