@@ -109,14 +109,19 @@ def forget_set_hash(source_ids: Iterable[int], checkpoint_sha256: str, manifest_
                          "manifest_sha256": manifest_sha256})
 
 
-def load_forget_set(path: str | Path) -> dict[str, Any]:
+def load_json_document(path: str | Path, expected_format: str, what: str) -> dict[str, Any]:
+    """Read a JSON document of ours (forget set, certificate), checking its `format` field."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"forget set not found: {path}")
+        raise ValueError(f"{what} not found: {path}")
     doc = json.loads(path.read_text())
-    if doc.get("format") != FORGET_SET_FORMAT:
-        raise ValueError(f"{path}: not a forget set (format {doc.get('format')!r})")
+    if doc.get("format") != expected_format:
+        raise ValueError(f"{path}: not {what} (format {doc.get('format')!r})")
     return doc
+
+
+def load_forget_set(path: str | Path) -> dict[str, Any]:
+    return load_json_document(path, FORGET_SET_FORMAT, "a forget set")
 
 
 def compose_forget_set(existing: dict[str, Any] | None, records: list[SourceRecord], checkpoint_sha256: str,

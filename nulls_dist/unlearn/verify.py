@@ -11,7 +11,6 @@ Checks (each reported with ok/detail; the verdict is their conjunction):
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +19,12 @@ import torch
 from nulls_dist.sinks import SinkAssignment
 from nulls_dist.unlearn.checkpoint_io import LoadedCheckpoint, sink_table_keys, state_dict_digest
 from nulls_dist.unlearn.manifest import manifest_digest
-from nulls_dist.unlearn.unlearn import CERTIFICATE_FORMAT, _sha256_json, forget_set_hash, load_forget_set
+from nulls_dist.unlearn.unlearn import (CERTIFICATE_FORMAT, _sha256_json, forget_set_hash, load_forget_set,
+                                        load_json_document)
 
 
 def load_certificate(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"certificate not found: {path}")
-    cert = json.loads(path.read_text())
-    if cert.get("format") != CERTIFICATE_FORMAT:
-        raise ValueError(f"{path}: not an unlearning certificate (format {cert.get('format')!r})")
-    return cert
+    return load_json_document(path, CERTIFICATE_FORMAT, "an unlearning certificate")
 
 
 def _check(checks: list[dict], name: str, ok: bool, detail: str = "") -> None:
