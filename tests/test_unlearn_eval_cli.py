@@ -15,11 +15,9 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from unlearn_helpers import ID_OFFSET, NUM_HOLDOUT, NUM_TRAIN, make_ds_checkpoint, make_registry  # noqa: E402
+from unlearn_helpers import ID_OFFSET, NUM_HOLDOUT, NUM_TRAIN, make_checkpoint_with_manifest  # noqa: E402
 
 from data_pipeline.schema import LOSS_MASK_KEY, SOURCE_IDS_KEY, TOKENS_KEY  # noqa: E402
-from nulls_dist.unlearn.checkpoint_io import load_checkpoint, state_dict_digest  # noqa: E402
-from nulls_dist.unlearn.manifest import ManifestOptions, build_manifest  # noqa: E402
 from nulls_dist.unlearn.unlearn import unlearn  # noqa: E402
 
 FORGET = 3  # the forgotten article's index
@@ -63,12 +61,7 @@ def setup(tmp_path_factory):
     import sentencepiece as spm
 
     root = tmp_path_factory.mktemp("evalcli")
-    make_ds_checkpoint(root / "run", zero_stage=0)
-    make_registry(root / "registry.parquet")
-    ckpt = load_checkpoint(root / "run")
-    build_manifest(root / "manifest", state_dict=ckpt.state_dict, model_cfg=ckpt.model_config,
-                   registry_path=root / "registry.parquet", checkpoint_sha256=state_dict_digest(ckpt.state_dict),
-                   opts=ManifestOptions(shard_rows=50))
+    ckpt = make_checkpoint_with_manifest(root, zero_stage=0, shard_rows=50)
     data = root / "data"
     data.mkdir()
     (root / "corpus.txt").write_text("\n".join(_text(i) for i in range(NUM_TRAIN + NUM_HOLDOUT)))

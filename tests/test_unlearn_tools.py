@@ -10,12 +10,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from unlearn_helpers import ID_OFFSET, NUM_TRAIN, make_ds_checkpoint, make_registry  # noqa: E402
+from unlearn_helpers import ID_OFFSET, NUM_TRAIN, make_checkpoint_with_manifest  # noqa: E402
 
 from nulls_dist.unlearn.checkpoint_io import (  # noqa: E402
     load_checkpoint, save_deployed, sink_table_keys, state_dict_digest,
 )
-from nulls_dist.unlearn.manifest import ManifestOptions, build_manifest  # noqa: E402
 from nulls_dist.unlearn.unlearn import load_forget_set, parse_requests, resolve_sources, unlearn  # noqa: E402
 from nulls_dist.unlearn.unlearn_cli import main as unlearn_main  # noqa: E402
 from nulls_dist.unlearn.verify import load_certificate, verify_paths  # noqa: E402
@@ -24,12 +23,7 @@ from nulls_dist.unlearn.verify import load_certificate, verify_paths  # noqa: E4
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("unlearn")
-    make_ds_checkpoint(root / "run", zero_stage=1)
-    make_registry(root / "registry.parquet")
-    ckpt = load_checkpoint(root / "run")
-    build_manifest(root / "manifest", state_dict=ckpt.state_dict, model_cfg=ckpt.model_config,
-                   registry_path=root / "registry.parquet", checkpoint_sha256=state_dict_digest(ckpt.state_dict),
-                   opts=ManifestOptions(shard_rows=20))
+    ckpt = make_checkpoint_with_manifest(root, zero_stage=1, shard_rows=20)
     return {"root": root, "ckpt": ckpt, "manifest": root / "manifest"}
 
 

@@ -88,3 +88,18 @@ def make_registry(path: Path, num_train: int = NUM_TRAIN, num_holdout: int = NUM
         "split": ["train"] * num_train + ["holdout"] * num_holdout,
     }), path)
     return path
+
+
+def make_checkpoint_with_manifest(root: Path, zero_stage: int, shard_rows: int):
+    """A real DeepSpeed checkpoint in `root/run`, its registry and its manifest in `root/manifest`; returns the
+    loaded checkpoint."""
+    from nulls_dist.unlearn.checkpoint_io import load_checkpoint, state_dict_digest
+    from nulls_dist.unlearn.manifest import ManifestOptions, build_manifest
+
+    make_ds_checkpoint(root / "run", zero_stage=zero_stage)
+    make_registry(root / "registry.parquet")
+    ckpt = load_checkpoint(root / "run")
+    build_manifest(root / "manifest", state_dict=ckpt.state_dict, model_cfg=ckpt.model_config,
+                   registry_path=root / "registry.parquet", checkpoint_sha256=state_dict_digest(ckpt.state_dict),
+                   opts=ManifestOptions(shard_rows=shard_rows))
+    return ckpt
