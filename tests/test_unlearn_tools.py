@@ -1,21 +1,31 @@
-"""nulls-unlearn: source resolution, cumulative forget sets, mask/hard unlearning, certificates (collateral
-checked by brute force) and `verify`, including tampering that verification must catch."""
+"""nulls-unlearn: source resolution, cumulative forget sets, mask/hard unlearning, certificates (the collateral
+sidecar checked by brute force, uniform and layer-specific) and `verify`, including tampering that
+verification must catch."""
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from unlearn_helpers import ID_OFFSET, NUM_TRAIN, make_checkpoint_with_manifest  # noqa: E402
+from unlearn_helpers import ID_OFFSET, NUM_TRAIN, make_checkpoint_with_manifest, make_registry  # noqa: E402
 
+from nulls_dist.config import NullConfig  # noqa: E402
+from nulls_dist.model import NullTransformer  # noqa: E402
+from nulls_dist.sinks import SinkAssignment  # noqa: E402
 from nulls_dist.unlearn.checkpoint_io import (  # noqa: E402
-    load_checkpoint, save_deployed, sink_table_keys, state_dict_digest,
+    file_sha256, load_checkpoint, save_deployed, sink_table_keys, state_dict_digest,
 )
-from nulls_dist.unlearn.unlearn import load_forget_set, parse_requests, resolve_sources, unlearn  # noqa: E402
+from nulls_dist.unlearn.collateral import forget_sinks, iter_collateral, read_sidecar, sidecar_path  # noqa: E402
+from nulls_dist.unlearn.manifest import ManifestOptions, build_manifest  # noqa: E402
+from nulls_dist.unlearn.unlearn import (  # noqa: E402
+    _sha256_json, load_forget_set, parse_requests, resolve_sources, unlearn,
+)
 from nulls_dist.unlearn.unlearn_cli import main as unlearn_main  # noqa: E402
 from nulls_dist.unlearn.verify import load_certificate, verify_paths  # noqa: E402
 
@@ -29,21 +39,33 @@ def env(tmp_path_factory):
 
 def _rows(ckpt, sid, layer=0):
     a = ckpt.model_config.sink_assignment_config()
-    from nulls_dist.sinks import SinkAssignment
-
     rows = SinkAssignment(a).rows(torch.tensor([sid]), layer)[0]
     return set(rows[rows >= 0].tolist())
 
 
 def _expected_collateral(ckpt, forget):
-    union = set().union(*(_rows(ckpt, f) for f in forget))
+    """Brute force over sets: {source_id: (shared units, rows over all layers, overlapping forgotten ids)}."""
     n_layer = ckpt.model_config.n_layer
-    out = []
-    for sid in range(ID_OFFSET, ID_OFFSET + NUM_TRAIN):
-        shared = len(_rows(ckpt, sid) & union)
+    units = {sid: _rows(ckpt, sid) for sid in range(ID_OFFSET, ID_OFFSET + NUM_TRAIN)}
+    union = set().union(*(units[f] for f in forget))
+    out = {}
+    for sid, mine in units.items():
+        shared = len(mine & union)
         if sid not in forget and shared:
-            out.append([sid, shared * n_layer])
+            out[sid] = (shared, shared * n_layer, sorted(f for f in forget if mine & units[f]))
     return out
+
+
+def _sidecar(cert_path):
+    """The certificate's sidecar as {source_id: (shared_sinks, shared_rows, forgotten_overlapping)}."""
+    rows = pq.read_table(sidecar_path(cert_path)).to_pylist()
+    assert all(r["shared_per_layer"] is None for r in rows)  # uniform strategy: not layer-specific
+    assert all(r["title"] == f"Article {r['source_id'] - ID_OFFSET}" for r in rows)
+    return {r["source_id"]: (r["shared_sinks"], r["shared_rows"], r["forgotten_overlapping"]) for r in rows}
+
+
+def _failed(report):
+    return {c["check"] for c in report["checks"] if not c["ok"]}
 
 
 def test_resolution_and_unknown_sources(env, tmp_path):
@@ -61,7 +83,7 @@ def test_resolution_and_unknown_sources(env, tmp_path):
     # nothing is written when a request is bad
     with pytest.raises(ValueError, match="unknown"):
         unlearn(env["ckpt"], env["manifest"], ["4099", "Nope"], "mask", tmp_path / "fs.json", tmp_path / "c.json")
-    assert not (tmp_path / "fs.json").exists() and not (tmp_path / "c.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["list.txt"]  # no forget set, certificate or sidecar
 
 
 def test_mask_certificates_compose_and_verify(env, tmp_path):
@@ -71,29 +93,101 @@ def test_mask_certificates_compose_and_verify(env, tmp_path):
     assert [s["source_id"] for s in cert1["sources"]] == [4100, 4107]
     assert cert1["sources"][0]["sinks"] == [sorted(_rows(ckpt, 4100, layer)) for layer in range(2)]
     assert cert1["checkpoint"]["sha256"] == state_dict_digest(ckpt.state_dict)
-    assert cert1["collateral"]["sources"] == _expected_collateral(ckpt, {4100, 4107})
-    assert cert1["collateral"]["num_sources"] == len(cert1["collateral"]["sources"]) > 0
-    assert "output_checkpoint" not in cert1
+    expected1 = _expected_collateral(ckpt, {4100, 4107})
+    assert _sidecar(c1) == expected1 and len(expected1) > 0
+    summary = cert1["collateral"]
+    assert summary["file"] == "c1.collateral.parquet"
+    assert summary["num_sources"] == summary["num_rows"] == len(expected1)
+    assert summary["total_shared_rows"] == sum(v[1] for v in expected1.values())
+    best = sorted(expected1, key=lambda sid: (-expected1[sid][1], sid))[:summary["top_n"]]
+    assert [t["source_id"] for t in summary["top"]] == best
+    assert "output_checkpoint" not in cert1 and "sources" not in summary  # nothing inline but the summary
+    # a second request: its sidecar is the collateral of the union {4100, 4107, 4120}
     cert2 = unlearn(ckpt, env["manifest"], ["4120"], "mask", fs, c2)
     forget = load_forget_set(fs)
     assert forget["source_ids"] == [4100, 4107, 4120] and len(forget["history"]) == 2
     assert cert2["forget_set"]["source_ids"] == [4100, 4107, 4120]
-    assert cert2["collateral"]["sources"] == _expected_collateral(ckpt, {4100, 4107, 4120})
+    expected2 = _expected_collateral(ckpt, {4100, 4107, 4120})
+    assert _sidecar(c2) == expected2 and _sidecar(c1) == expected1  # the first sidecar is untouched
+    assert any(4120 in v[2] for v in expected2.values()) and set(expected2) != set(expected1)
     for cert in (c1, c2):  # the first certificate still verifies against the grown forget set
         report = verify_paths(cert, ckpt, fs, env["manifest"])
         assert report["ok"], report
+        assert {"collateral_sha256", "collateral_rows", "collateral_matches_manifest"} <= {
+            c["check"] for c in report["checks"]}
     # a forget set that lacks the certified sources fails
     other_fs, other_c = tmp_path / "other.json", tmp_path / "other_c.json"
     unlearn(ckpt, env["manifest"], ["4130"], "mask", other_fs, other_c)
     report = verify_paths(c1, ckpt, other_fs)
-    failed = {c["check"] for c in report["checks"] if not c["ok"]}
-    assert not report["ok"] and {"forget_set_contains_sources", "forget_set_history"} <= failed
+    assert not report["ok"] and {"forget_set_contains_sources", "forget_set_history"} <= _failed(report)
     # a tampered certificate fails its own hash
     doc = json.loads(c1.read_text())
-    doc["collateral"]["sources"] = doc["collateral"]["sources"][1:]
+    doc["collateral"]["num_sources"] -= 1
     (tmp_path / "tampered.json").write_text(json.dumps(doc))
     report = verify_paths(tmp_path / "tampered.json", ckpt, fs)
-    assert [c["check"] for c in report["checks"] if not c["ok"]] == ["certificate_sha256"]
+    assert {"certificate_sha256", "collateral_rows", "collateral_summary"} == _failed(report)
+
+
+def test_collateral_sidecar_tampering(env, tmp_path):
+    fs, cert_path = tmp_path / "fs.json", tmp_path / "cert.json"
+    ckpt = env["ckpt"]
+    cert = unlearn(ckpt, env["manifest"], ["4105"], "mask", fs, cert_path)
+    sidecar = sidecar_path(cert_path)
+    original = sidecar.read_bytes()
+    assert verify_paths(cert_path, ckpt, fs, env["manifest"])["ok"]
+    # drop one collateral row: hash, row count, summary and content all disagree
+    table = pq.read_table(sidecar)
+    pq.write_table(table.slice(1), sidecar)
+    report = verify_paths(cert_path, ckpt, fs)
+    assert {"collateral_sha256", "collateral_rows", "collateral_content_sha256"} <= _failed(report)
+    # change one count, same number of rows
+    counts = table.column("shared_sinks").to_pylist()
+    pq.write_table(table.set_column(2, "shared_sinks", pa.array([counts[0] + 1] + counts[1:], pa.int32())), sidecar)
+    assert {"collateral_sha256", "collateral_content_sha256"} <= _failed(verify_paths(cert_path, ckpt, fs))
+    sidecar.unlink()
+    assert _failed(verify_paths(cert_path, ckpt, fs)) == {"collateral_sidecar"}
+    # a forger who rewrites the sidecar and every hash in the certificate is caught against the manifest
+    sub = table.slice(1)
+    pq.write_table(sub, sidecar)
+    content = read_sidecar(sidecar, cert["forget_set"]["source_ids"])
+    doc = json.loads(cert_path.read_text())
+    doc["collateral"].update(content["summary"], num_rows=sub.num_rows, sha256=file_sha256(sidecar),
+                             content_sha256=content["content_sha256"])
+    doc.pop("certificate_sha256")
+    doc["certificate_sha256"] = _sha256_json(doc)
+    cert_path.write_text(json.dumps(doc))
+    assert verify_paths(cert_path, ckpt, fs)["ok"]  # self-consistent without the manifest
+    assert _failed(verify_paths(cert_path, ckpt, fs, env["manifest"])) == {"collateral_matches_manifest"}
+    sidecar.write_bytes(original)
+
+
+def test_collateral_layer_specific(tmp_path):
+    """Layer-specific sinks: counts per layer and the overlapping forgotten sources, against brute force."""
+    cfg = NullConfig.from_preset("debug", sink_strategy="uniform", sink_layer_specific=True)
+    torch.manual_seed(0)
+    state = NullTransformer(cfg).state_dict()
+    make_registry(tmp_path / "registry.parquet")
+    build_manifest(tmp_path / "m", state_dict=state, model_cfg=cfg, registry_path=tmp_path / "registry.parquet",
+                   checkpoint_sha256="0" * 64, opts=ManifestOptions(shard_rows=16, chunk_rows=8))
+    assignment = SinkAssignment(cfg.sink_assignment_config())
+
+    def rows(sid, layer):
+        r = assignment.rows(torch.tensor([sid]), layer)[0]
+        return set(r[r >= 0].tolist())
+
+    forget = [ID_OFFSET + 2, ID_OFFSET + 9, ID_OFFSET + 31]
+    got = {t["source_id"]: t for table in iter_collateral(tmp_path / "m", forget_sinks(tmp_path / "m", forget))
+           for t in table.to_pylist()}
+    expected = {}
+    for sid in range(ID_OFFSET, ID_OFFSET + NUM_TRAIN):
+        per_layer = [len(rows(sid, layer) & set().union(*(rows(f, layer) for f in forget))) for layer in range(2)]
+        overlapping = [f for f in forget if any(rows(sid, layer) & rows(f, layer) for layer in range(2))]
+        if sid not in forget and sum(per_layer):
+            expected[sid] = (sum(per_layer), sum(per_layer), per_layer, overlapping)
+    assert len(expected) > 0
+    assert {sid: (t["shared_sinks"], t["shared_rows"], t["shared_per_layer"], t["forgotten_overlapping"])
+            for sid, t in got.items()} == expected
+    assert any(e[2][0] != e[2][1] for e in expected.values())  # the layers really differ
 
 
 def test_hard_zeroes_rows_composes_and_verifies(env, tmp_path):
@@ -110,7 +204,7 @@ def test_hard_zeroes_rows_composes_and_verifies(env, tmp_path):
             assert torch.equal(dep1.state_dict[key][keep], ckpt.state_dict[key][keep])
     untouched = [k for k in ckpt.state_dict if ".sink_" not in k]
     assert all(torch.equal(dep1.state_dict[k], ckpt.state_dict[k]) for k in untouched)
-    assert cert["collateral"]["sources"] == _expected_collateral(ckpt, {4101})
+    assert _sidecar(tmp_path / "c1.json") == _expected_collateral(ckpt, {4101})
     assert verify_paths(tmp_path / "c1.json", dep1, fs)["ok"]
     # the original (un-zeroed) weights do not pass as the certified hard deployment
     report = verify_paths(tmp_path / "c1.json", ckpt, fs)
@@ -123,6 +217,7 @@ def test_hard_zeroes_rows_composes_and_verifies(env, tmp_path):
     assert cert2["forgotten_rows"][0] == both and cert2["checkpoint"]["base_sha256"] == cert["checkpoint"]["sha256"]
     assert torch.count_nonzero(dep2.state_dict["transformer.h.1.mlp.sink_up"][both]) == 0
     assert verify_paths(tmp_path / "c2.json", dep2, fs, env["manifest"])["ok"]
+    assert _sidecar(tmp_path / "c2.json") == _expected_collateral(ckpt, {4101, 4126})
     # re-enabling one zeroed row is caught
     state = dict(dep2.state_dict)
     state["transformer.h.0.mlp.sink_down"] = state["transformer.h.0.mlp.sink_down"].clone()

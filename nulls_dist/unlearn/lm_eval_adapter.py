@@ -1,17 +1,21 @@
 """An lm-evaluation-harness model adapter for a deployed NULL, so downstream tasks (ARC-E, Winogrande, PIQA,
 SciQ, ...) run where their data is available.
 
-Written against lm-eval 0.4's documented `lm_eval.api.model.LM` interface: `loglikelihood`,
-`loglikelihood_rolling` and `generate_until`, each taking a list of requests whose `.args` are
-`(context, continuation)`, `(text,)` and `(context, gen_kwargs)`. lm-eval is not a dependency of nulls_dist
-(not installed here); when it is importable the adapter subclasses its `LM` and registers as `nulls`:
+Implements lm-eval 0.4's `lm_eval.api.model.LM` interface: `loglikelihood`, `loglikelihood_rolling` and
+`generate_until`, each taking a list of `Instance`s whose `.args` are `(context, continuation)`, `(text,)` and
+`(context, gen_kwargs)`. Tested against the real harness (lm_eval==0.4.13, a test-only dependency:
+tests/test_lm_eval_adapter.py runs `simple_evaluate` on a local task). lm-eval stays optional at runtime: when
+it is importable the adapter subclasses its `LM` and registers as `nulls`; pass an instance (the registered
+name cannot build one from a model-args string, the adapter needs the model and tokenizer objects):
 
-    pip install lm-eval==0.4.13
-    python -c "import nulls_dist.unlearn.lm_eval_adapter, lm_eval; ..."   # then lm_eval.simple_evaluate(
-        model=NullsLM(model, encode, decode, mode_for), tasks=["arc_easy"])
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    lm = NullsLM(model, encode, decode, mode_for=router, bos_id=tokenizer.bos_id())
+    simple_evaluate(model=lm, tasks=["arc_easy"])                       # data from the HF hub, or:
+    simple_evaluate(model=lm, tasks=["my_task"], task_manager=TaskManager(include_path="my_tasks/"))
 
 The deployment mode per request comes from `mode_for(context)` (e.g. a Sink-Off router; backbone-only by
-default).
+default). Contexts are prefixed with `bos_id` when given; an empty context needs it (ValueError otherwise).
 """
 from __future__ import annotations
 
@@ -50,6 +54,8 @@ class NullsLM(_LMBase):
 
     @torch.no_grad()
     def _score(self, context: list[int], continuation: list[int], mode: SinkMode) -> tuple[float, bool]:
+        if not context:  # the first continuation token needs something to be predicted from
+            raise ValueError("empty context and no bos_id: pass bos_id to score continuations of empty contexts")
         ids = self._window(context + continuation)
         n = len(continuation)
         logits = self.model(torch.tensor([ids[:-1]]), None, mode=mode)[0, -n:]  # (n, V)

@@ -21,7 +21,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -318,12 +318,37 @@ def iter_manifest(manifest_dir: str | Path, columns: list[str] | None = None,
         yield from pq.ParquetFile(manifest_dir / shard["name"]).iter_batches(batch_size=batch_rows, columns=columns)
 
 
-def sinks_array(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """A `sinks` list<list<int32>> column -> (S, L, K) int64, -1 padded."""
+def read_records(manifest_dir: str | Path, source_ids: Iterable[int], columns: list[str]) -> pa.Table:
+    """The records of the given ids (any order; unknown ids are simply absent). Shards whose id range holds
+    none of them are skipped and row groups are pruned by their source_id statistics, so a lookup in a 6.4M
+    manifest does not decode every `sinks` list."""
+    manifest_dir = Path(manifest_dir)
+    wanted = np.unique(np.asarray(list(source_ids), dtype=np.int64))
+    columns = list(dict.fromkeys(["source_id", *columns]))
+    parts = []
+    for shard in read_index(manifest_dir)["shards"]:
+        lo = np.searchsorted(wanted, shard["min_source_id"], side="left")
+        hi = np.searchsorted(wanted, shard["max_source_id"], side="right")
+        if hi <= lo:
+            continue
+        inside = wanted[lo:hi].tolist()
+        parts.append(pq.read_table(manifest_dir / shard["name"], columns=columns,
+                                   filters=[("source_id", "in", inside)]))
+    if not parts:
+        return pa.table({c: pa.array([], SCHEMA.field(c).type) for c in columns})
+    return pa.concat_tables(parts)
+
+
+def sinks_array(column: pa.Array | pa.ChunkedArray, first_layer_only: bool = False) -> np.ndarray:
+    """A `sinks` list<list<int32>> column -> (S, L, K) int64, -1 padded; (S, 1, K) with `first_layer_only`
+    (all a non-layer-specific assignment needs: every layer holds the same units)."""
     if isinstance(column, pa.ChunkedArray):
         column = pa.concat_arrays(column.chunks) if column.num_chunks else pa.array([], SCHEMA.field("sinks").type)
     s = len(column)
     inner = column.flatten()  # (S*L) lists
+    if first_layer_only and s:
+        offsets = column.offsets.to_numpy()  # (S+1,) into `inner`, relative to the column's offset 0
+        inner = inner.take(pa.array(offsets[:-1] - offsets[0], pa.int64()))  # (S) lists
     lengths = np.asarray(inner.value_lengths().to_numpy(zero_copy_only=False), dtype=np.int64)
     num_layers = len(inner) // s if s else 0
     width = int(lengths.max()) if len(lengths) else 0

@@ -8,14 +8,16 @@
   union of the forgotten sources' sinks. `hard` writes a new deployed checkpoint whose forgotten sink rows are
   zero in every layer (gate, up and down tables); every source sharing such a row loses capacity.
 - The certificate lists the request's sources and their sink indices, the checkpoint / manifest / forget-set
-  digests, the method, the UTC time and the collateral: every other trained source that shares a forgotten
-  sink row, with how many rows it shares. `verify` re-checks all of it against a deployed checkpoint.
+  digests, the method, the UTC time and the collateral of the cumulative forget set: every other trained
+  source that shares a forgotten sink, in a Parquet sidecar beside the certificate (`collateral.py`) that the
+  certificate pins by sha256 and row count, with an inline summary. `verify` re-checks all of it.
 """
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -28,10 +30,12 @@ import torch
 from nulls_dist.unlearn.checkpoint_io import (
     LoadedCheckpoint, save_deployed, sink_table_keys, state_dict_digest, write_json_atomic,
 )
-from nulls_dist.unlearn.manifest import iter_manifest, manifest_digest, read_index, sinks_array
+from nulls_dist.unlearn.collateral import forget_sinks, sidecar_path, write_collateral
+from nulls_dist.unlearn.manifest import iter_manifest, manifest_digest, read_index, read_records
 
 FORGET_SET_FORMAT = "nulls-forget-set"
 CERTIFICATE_FORMAT = "nulls-unlearning-certificate"
+CERTIFICATE_VERSION = 2  # 2: collateral in a Parquet sidecar
 METHODS = ("mask", "hard")
 
 
@@ -82,18 +86,18 @@ def resolve_sources(manifest_dir: str | Path, requests: list[str]) -> list[Sourc
     for item in requests:
         kind, value = _split_request(item)
         (wanted_ids if kind == "id" else wanted_titles).add(value)
-    found: dict[int, SourceRecord] = {}
+    # pass 1 over the two small columns; pass 2 reads the full records of the hits only
     seen_ids, seen_titles = set(), set()
-    cols = ["source_id", "title", "trained", "tokens", "sinks", "sink_digest"]
-    for batch in iter_manifest(manifest_dir, columns=cols):
+    for batch in iter_manifest(manifest_dir, columns=["source_id", "title"]):
         hit = pc.or_(pc.is_in(batch.column("source_id"), pa.array(sorted(wanted_ids), pa.int64())),
                      pc.is_in(batch.column("title"), pa.array(sorted(wanted_titles), pa.string())))
         sub = batch.filter(hit)
-        for row in sub.to_pylist():
-            seen_ids.add(row["source_id"])
-            seen_titles.add(row["title"])
-            found[row["source_id"]] = SourceRecord(row["source_id"], row["title"], row["trained"], row["tokens"],
-                                                   row["sinks"], row["sink_digest"])
+        seen_ids.update(sub.column("source_id").to_pylist())
+        seen_titles.update(sub.column("title").to_pylist())
+    cols = ["title", "trained", "tokens", "sinks", "sink_digest"]
+    found = {row["source_id"]: SourceRecord(row["source_id"], row["title"], row["trained"], row["tokens"],
+                                            row["sinks"], row["sink_digest"])
+             for row in read_records(manifest_dir, seen_ids, cols).to_pylist()}
     unknown = sorted(f"id:{i}" for i in wanted_ids - seen_ids) + sorted(f"title:{t}" for t in wanted_titles - seen_titles)
     if unknown:
         raise ValueError(f"unknown source(s) not in the manifest {manifest_dir}: {unknown}")
@@ -146,36 +150,7 @@ def compose_forget_set(existing: dict[str, Any] | None, records: list[SourceReco
 # --------------------------------------------------------------------------------------------- rows
 def forgotten_rows(manifest_dir: str | Path, source_ids: Iterable[int]) -> np.ndarray:
     """(L, P) bool: the union of the given sources' sink rows in every layer (from the manifest)."""
-    index = read_index(manifest_dir)
-    union = np.zeros((index["n_layer"], index["n_sink"]), dtype=bool)
-    wanted = pa.array(sorted(int(s) for s in source_ids), pa.int64())
-    for batch in iter_manifest(manifest_dir, columns=["source_id", "sinks"]):
-        sub = batch.filter(pc.is_in(batch.column("source_id"), wanted))
-        if sub.num_rows:
-            rows = sinks_array(sub.column("sinks"))  # (s, L, K)
-            layer = np.broadcast_to(np.arange(rows.shape[1])[None, :, None], rows.shape)
-            union[layer[rows >= 0], rows[rows >= 0]] = True
-    return union
-
-
-def collateral(manifest_dir: str | Path, union: np.ndarray, forget_ids: Iterable[int]) -> list[list[int]]:
-    """[[source_id, shared_rows]] for every trained source outside the forget set sharing a forgotten row
-    (rows counted over all layers)."""
-    forget = pa.array(sorted(int(s) for s in forget_ids), pa.int64())
-    padded = np.concatenate([union, np.zeros((union.shape[0], 1), bool)], axis=1)  # column P: -1 padding
-    out: list[list[int]] = []
-    for batch in iter_manifest(manifest_dir, columns=["source_id", "trained", "sinks"]):
-        keep = pc.and_(batch.column("trained"), pc.invert(pc.is_in(batch.column("source_id"), forget)))
-        sub = batch.filter(keep)
-        if not sub.num_rows:
-            continue
-        rows = sinks_array(sub.column("sinks"))  # (s, L, K)
-        rows = np.where(rows >= 0, rows, union.shape[1])
-        shared = padded[np.arange(rows.shape[1])[None, :, None], rows].sum(axis=(1, 2))  # (s,)
-        ids = sub.column("source_id").to_numpy()
-        hit = np.nonzero(shared)[0]
-        out += [[int(ids[i]), int(shared[i])] for i in hit]
-    return out
+    return forget_sinks(manifest_dir, source_ids).union
 
 
 def zero_rows(state_dict: dict[str, torch.Tensor], union: np.ndarray) -> dict[str, torch.Tensor]:
@@ -215,9 +190,10 @@ def unlearn(ckpt: LoadedCheckpoint, manifest_dir: str | Path, requests: list[str
     records = resolve_sources(manifest_dir, requests)
     existing = load_forget_set(forget_set_path) if Path(forget_set_path).exists() else None
     forget = compose_forget_set(existing, records, base, manifest_sha, method)
-    union = forgotten_rows(manifest_dir, forget["source_ids"])
+    forget_tables = forget_sinks(manifest_dir, forget["source_ids"])
+    union = forget_tables.union
     cert: dict[str, Any] = {
-        "format": CERTIFICATE_FORMAT, "version": 1, "method": method, "time_utc": _now(),
+        "format": CERTIFICATE_FORMAT, "version": CERTIFICATE_VERSION, "method": method, "time_utc": _now(),
         "sources": [{"source_id": r.source_id, "title": r.title, "tokens": r.tokens, "sinks": r.sinks,
                      "sink_digest": r.sink_digest} for r in records],
         "forget_set": {"path": str(forget_set_path), "sha256": forget["sha256"], "source_ids": forget["source_ids"]},
@@ -226,19 +202,25 @@ def unlearn(ckpt: LoadedCheckpoint, manifest_dir: str | Path, requests: list[str
         "strategy": index["strategy"],
         "forgotten_rows": [np.nonzero(union[layer])[0].tolist() for layer in range(union.shape[0])],
     }
-    cert["collateral"] = {"meaning": "trained sources outside the forget set sharing >= 1 forgotten sink row; "
-                                     "[source_id, rows shared over all layers]",
-                          "sources": collateral(manifest_dir, union, forget["source_ids"])}
-    cert["collateral"]["num_sources"] = len(cert["collateral"]["sources"])
-    if method == "hard":
-        state = zero_rows(ckpt.state_dict, union)
-        meta = {**ckpt.meta, "unlearning": {"method": "hard", "base_checkpoint_sha256": base,
-                                            "forget_set_sha256": forget["sha256"], "time_utc": cert["time_utc"]}}
-        save_deployed(output_checkpoint, state, meta)
-        cert["output_checkpoint"] = {"path": str(output_checkpoint), "sha256": state_dict_digest(state)}
-        cert["collateral"]["meaning"] += " (hard: each loses that much capacity)"
-    cert["certificate_sha256"] = _sha256_json(cert)
-    # the forget set and the certificate are written only after every check above passed
+    sidecar = sidecar_path(certificate_path)
+    tmp_sidecar, summary = write_collateral(manifest_dir, forget_tables, sidecar)
+    try:
+        cert["collateral"] = {
+            "meaning": "trained sources outside the (cumulative) forget set sharing >= 1 forgotten sink; one row "
+                       "each in the Parquet sidecar `file` (beside this certificate), `top` by shared rows",
+            **summary}
+        if method == "hard":
+            state = zero_rows(ckpt.state_dict, union)
+            meta = {**ckpt.meta, "unlearning": {"method": "hard", "base_checkpoint_sha256": base,
+                                                "forget_set_sha256": forget["sha256"], "time_utc": cert["time_utc"]}}
+            save_deployed(output_checkpoint, state, meta)
+            cert["output_checkpoint"] = {"path": str(output_checkpoint), "sha256": state_dict_digest(state)}
+            cert["collateral"]["meaning"] += " (hard: each loses `shared_rows` sink rows of capacity)"
+        cert["certificate_sha256"] = _sha256_json(cert)
+        # the sidecar, forget set and certificate land only after every check above passed
+        os.replace(tmp_sidecar, sidecar)
+    finally:
+        tmp_sidecar.unlink(missing_ok=True)
     write_json_atomic(forget_set_path, forget)
     write_json_atomic(certificate_path, cert)
     return cert

@@ -15,6 +15,7 @@ import logging
 import sys
 
 from nulls_dist.unlearn.checkpoint_io import load_checkpoint
+from nulls_dist.unlearn.collateral import sidecar_path
 from nulls_dist.unlearn.unlearn import METHODS, parse_requests, unlearn
 from nulls_dist.unlearn.verify import verify_paths
 
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
                       "sources": [s["source_id"] for s in cert["sources"]],
                       "forget_set_size": len(cert["forget_set"]["source_ids"]),
                       "collateral_sources": cert["collateral"]["num_sources"],
+                      "collateral_file": str(sidecar_path(args.certificate)),
                       "output_checkpoint": cert.get("output_checkpoint")}, indent=2))
 
 

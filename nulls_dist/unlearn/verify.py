@@ -7,17 +7,24 @@ Checks (each reported with ok/detail; the verdict is their conjunction):
 - the checkpoint's content digest: the certified input checkpoint (mask) or the certified output (hard);
 - the certified sink indices of every source are what the checkpoint's sink assignment gives;
 - hard: every forgotten row is zero in every layer's gate/up/down tables;
-- optionally the manifest digest.
+- the collateral sidecar (beside the certificate): its sha256 and row count are the certified ones, its
+  columns are the schema's, its summary (count, total, top-N) recomputes from its rows, no row is a forgotten
+  source, shares nothing, repeats an id or names an overlap outside the forget set;
+- with a manifest: the manifest digest, and the collateral recomputed from the manifest equals the sidecar's
+  rows (content sha256), i.e. it is exactly the cumulative forget set's collateral.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from nulls_dist.sinks import SinkAssignment
-from nulls_dist.unlearn.checkpoint_io import LoadedCheckpoint, sink_table_keys, state_dict_digest
+from nulls_dist.unlearn.checkpoint_io import LoadedCheckpoint, file_sha256, sink_table_keys, state_dict_digest
+from nulls_dist.unlearn.collateral import COLLATERAL_SCHEMA, read_sidecar, recompute_digest
 from nulls_dist.unlearn.manifest import manifest_digest
 from nulls_dist.unlearn.unlearn import (CERTIFICATE_FORMAT, _sha256_json, forget_set_hash, load_forget_set,
                                         load_json_document)
@@ -31,8 +38,45 @@ def _check(checks: list[dict], name: str, ok: bool, detail: str = "") -> None:
     checks.append({"check": name, "ok": bool(ok), "detail": detail})
 
 
+def _check_collateral(checks: list[dict], cert: dict[str, Any], certificate_dir: Path,
+                      manifest_dir: str | Path | None) -> None:
+    summary = cert["collateral"]
+    if "file" not in summary:
+        _check(checks, "collateral_sidecar", False, f"no sidecar (certificate version {cert.get('version')})")
+        return
+    path = certificate_dir / summary["file"]
+    if not path.is_file():
+        _check(checks, "collateral_sidecar", False, f"missing {path}")
+        return
+    got = file_sha256(path)
+    _check(checks, "collateral_sha256", got == summary["sha256"], f"got {got}, certified {summary['sha256']}")
+    try:
+        pf = pq.ParquetFile(path)
+        schema_ok = pf.schema_arrow.names == COLLATERAL_SCHEMA.names
+        rows = pf.metadata.num_rows
+        content = read_sidecar(path, cert["forget_set"]["source_ids"]) if schema_ok else None
+    except (pa.ArrowException, OSError) as exc:
+        _check(checks, "collateral_readable", False, str(exc))
+        return
+    _check(checks, "collateral_schema", schema_ok, f"columns {pf.schema_arrow.names}")
+    _check(checks, "collateral_rows", rows == summary["num_rows"] == summary["num_sources"],
+           f"{rows} rows, certified {summary['num_rows']}")
+    if content is None:
+        return
+    recounted = {k: summary.get(k) for k in content["summary"]}
+    _check(checks, "collateral_summary", content["summary"] == recounted, "count, total and top-N from the rows")
+    bad = {k: v for k, v in content["invalid_rows"].items() if v}
+    _check(checks, "collateral_rows_valid", not bad, f"invalid rows {bad}" if bad else "")
+    _check(checks, "collateral_content_sha256", content["content_sha256"] == summary["content_sha256"])
+    if manifest_dir is not None:
+        expected = recompute_digest(manifest_dir, cert["forget_set"]["source_ids"])
+        _check(checks, "collateral_matches_manifest", expected == content["content_sha256"],
+               "recomputed from the manifest for the certified forget set")
+
+
 def verify(cert: dict[str, Any], ckpt: LoadedCheckpoint, forget: dict[str, Any],
-           manifest_dir: str | Path | None = None) -> dict[str, Any]:
+           manifest_dir: str | Path | None = None, certificate_dir: str | Path = ".") -> dict[str, Any]:
+    """All checks; `certificate_dir` is where the certificate (and so its collateral sidecar) lies."""
     checks: list[dict] = []
     body = {k: v for k, v in cert.items() if k != "certificate_sha256"}
     _check(checks, "certificate_sha256", _sha256_json(body) == cert.get("certificate_sha256"))
@@ -75,9 +119,11 @@ def verify(cert: dict[str, Any], ckpt: LoadedCheckpoint, forget: dict[str, Any],
     if manifest_dir is not None:
         got = manifest_digest(manifest_dir)
         _check(checks, "manifest_sha256", got == cert["manifest"]["sha256"], f"got {got}")
+    _check_collateral(checks, cert, Path(certificate_dir), manifest_dir)
     return {"ok": all(c["ok"] for c in checks), "method": cert["method"], "checks": checks}
 
 
 def verify_paths(certificate: str | Path, checkpoint: LoadedCheckpoint, forget_set: str | Path,
                  manifest_dir: str | Path | None = None) -> dict[str, Any]:
-    return verify(load_certificate(certificate), checkpoint, load_forget_set(forget_set), manifest_dir)
+    return verify(load_certificate(certificate), checkpoint, load_forget_set(forget_set), manifest_dir,
+                  Path(certificate).parent)
