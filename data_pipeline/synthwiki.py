@@ -4,8 +4,11 @@ Run: `python -m data_pipeline.synthwiki --out data_pipeline/bundled/synthwiki` (
 
 Each cluster is a fictional region with one article per entity type (town, river, composer, festival,
 mountain, guild). Every article states:
-- unique facts: 4 attributes of its own entity whose values are invented words used nowhere else in the
-  corpus (so exactly one article holds each answer);
+- unique facts: 4 attributes of its own entity (exactly one article states each (entity, attribute, value));
+- values are invented words drawn from a small pool per attribute (`values_per_attribute`), so every answer
+  word also appears in other articles, as the same attribute of other entities: a probe measures whether the
+  model knows the association, not whether it has seen the word (a model that never saw an article still
+  knows every candidate answer, and a distractor is never favoured just for being familiar);
 - shared facts: attributes of the region (capital, language, currency, ruling house, national animal), each
   stated in a random subset (at least 3, or all when fewer) of the region's articles.
 Facts are phrased with one of several templates per attribute. Output: `train-00000-of-00001.parquet` in the
@@ -27,7 +30,7 @@ import pyarrow.parquet as pq
 
 from data_pipeline.schema import PAPER_ID_OFFSET
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled" / "synthwiki"
 PARQUET_NAME = "train-00000-of-00001.parquet"
 PROBES_NAME = "probes.jsonl"
@@ -185,6 +188,7 @@ class SynthWikiConfig:
     articles_per_cluster: int = 6  # 1 article per entity type, at most len(ENTITY_TYPES)
     id_offset: int = PAPER_ID_OFFSET  # source id = article index + id_offset (the ingest default)
     min_shared_articles: int = 3  # each shared fact is stated in this many articles of its cluster, or more
+    values_per_attribute: int = 8  # distinct answer words per attribute (> NUM_DISTRACTORS)
 
     def validate(self) -> None:
         if self.num_clusters <= 0:
@@ -194,10 +198,13 @@ class SynthWikiConfig:
                              f"got {self.articles_per_cluster}")
         if self.min_shared_articles < 2:
             raise ValueError(f"min_shared_articles must be >= 2, got {self.min_shared_articles}")
+        if self.values_per_attribute <= NUM_DISTRACTORS:
+            raise ValueError(f"values_per_attribute must be > NUM_DISTRACTORS = {NUM_DISTRACTORS}, "
+                             f"got {self.values_per_attribute}")
 
 
 class _Words:
-    """Invented words, each handed out once per corpus (so every fact value is unique to its fact)."""
+    """Invented words, each handed out once per corpus (names, regions and the attributes' value pools)."""
 
     def __init__(self, rng: random.Random, reserved: set[str]):
         self.rng, self.used = rng, set(reserved)
@@ -210,6 +217,19 @@ class _Words:
             if 5 <= len(word) <= 10 and word not in self.used:
                 self.used.add(word)
                 return word.capitalize() if kind == "Name" else word
+
+
+class _ValueDeck:
+    """An attribute's answer words, dealt in shuffled rounds of the whole pool: over n facts every value is used
+    floor(n / pool) or ceil(n / pool) times, so each one is the answer of several facts once n >= 2 * pool."""
+
+    def __init__(self, rng: random.Random, pool: list[str]):
+        self.rng, self.pool, self.hand = rng, pool, []
+
+    def deal(self) -> str:
+        if not self.hand:
+            self.hand = self.rng.sample(self.pool, len(self.pool))
+        return self.hand.pop()
 
 
 def _template_vocabulary() -> set[str]:
@@ -234,6 +254,10 @@ def generate(cfg: SynthWikiConfig) -> tuple[list[dict], list[dict]]:
     rng = random.Random(cfg.seed)
     words = _Words(rng, _template_vocabulary())
     type_names = list(ENTITY_TYPES)[:cfg.articles_per_cluster]
+    pools = {f"{t}.{a[0]}": [words.new(a[1]) for _ in range(cfg.values_per_attribute)]
+             for t in type_names for a in ENTITY_TYPES[t]["attrs"]}
+    pools |= {f"region.{a[0]}": [words.new(a[1]) for _ in range(cfg.values_per_attribute)] for a in SHARED_ATTRS}
+    decks = {attribute: _ValueDeck(rng, pool) for attribute, pool in pools.items()}
     articles: list[dict] = []
     facts: list[dict] = []  # a fact before its distractors are drawn
     for _ in range(cfg.num_clusters):
@@ -246,7 +270,7 @@ def generate(cfg: SynthWikiConfig) -> tuple[list[dict], list[dict]]:
             index = len(articles)
             body = [_fill(rng.choice(spec["intro"]), E=title, R=region)]
             for name, kind, templates, prompt in spec["attrs"]:
-                value = words.new(kind)
+                value = decks[f"{type_name}.{name}"].deal()
                 choice = _pick_template(rng, len(templates))
                 body.append(_fill(templates[choice], E=title, R=region, V=value))
                 facts.append({"kind": "unique", "attribute": f"{type_name}.{name}", "subject": title,
@@ -257,7 +281,7 @@ def generate(cfg: SynthWikiConfig) -> tuple[list[dict], list[dict]]:
             sentences.append(body)
         n = len(type_names)
         for name, kind, templates, prompt in SHARED_ATTRS:
-            value = words.new(kind)
+            value = decks[f"region.{name}"].deal()
             holders = sorted(rng.sample(range(n), rng.randint(min(cfg.min_shared_articles, n), n)))
             verbatim = []
             for local in holders:
@@ -271,7 +295,7 @@ def generate(cfg: SynthWikiConfig) -> tuple[list[dict], list[dict]]:
             intro, rest = body[0], body[1:]
             rng.shuffle(rest)
             articles[first + local]["text"] = " ".join([intro, *rest])
-    return _rows(articles), _probes(facts, articles, cfg, rng)
+    return _rows(articles), _probes(facts, articles, pools, cfg, rng)
 
 
 def _rows(articles: list[dict]) -> list[dict]:
@@ -279,13 +303,12 @@ def _rows(articles: list[dict]) -> list[dict]:
              "title": a["title"], "text": a["text"]} for a in articles]
 
 
-def _probes(facts: list[dict], articles: list[dict], cfg: SynthWikiConfig, rng: random.Random) -> list[dict]:
-    by_attribute: dict[str, list[str]] = {}
-    for fact in facts:
-        by_attribute.setdefault(fact["attribute"], []).append(fact["answer"])
+def _probes(facts: list[dict], articles: list[dict], pools: dict[str, list[str]], cfg: SynthWikiConfig,
+            rng: random.Random) -> list[dict]:
+    """One probe per fact; distractors are other values of the same attribute (each is an answer elsewhere)."""
     probes = []
     for number, fact in enumerate(facts):
-        pool = [v for v in by_attribute[fact["attribute"]] if v != fact["answer"]]
+        pool = [v for v in pools[fact["attribute"]] if v != fact["answer"]]
         probes.append({
             "probe_id": f"{fact['kind'][0]}{number:05d}",
             "kind": fact["kind"],
@@ -293,7 +316,7 @@ def _probes(facts: list[dict], articles: list[dict], cfg: SynthWikiConfig, rng: 
             "subject": fact["subject"],
             "prompt": fact["prompt"],
             "answer": fact["answer"],
-            "distractors": rng.sample(pool, min(NUM_DISTRACTORS, len(pool))),
+            "distractors": rng.sample(pool, NUM_DISTRACTORS),
             "titles": [articles[i]["title"] for i in fact["indices"]],
             "source_indices": fact["indices"],
             "source_ids": [i + cfg.id_offset for i in fact["indices"]],

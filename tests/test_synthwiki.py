@@ -9,9 +9,14 @@ from data_pipeline import synthwiki
 from data_pipeline.synthwiki import SynthWikiConfig, generate, load_probes, write
 
 
-def _holders(answer: str, texts: list[str]) -> list[int]:
-    word = re.compile(rf"\b{re.escape(answer)}\b")
-    return [i for i, text in enumerate(texts) if word.search(text)]
+def _mentions(word: str, texts: list[str]) -> list[int]:
+    pattern = re.compile(rf"\b{re.escape(word)}\b")
+    return [i for i, text in enumerate(texts) if pattern.search(text)]
+
+
+def _holders(subject: str, answer: str, texts: list[str]) -> list[int]:
+    """The articles that state the fact: they name both its subject and its answer."""
+    return sorted(set(_mentions(subject, texts)) & set(_mentions(answer, texts)))
 
 
 def test_deterministic_and_seed_dependent():
@@ -28,7 +33,7 @@ def test_probes_match_texts():
     assert len(set(titles)) == len(titles) == 40
     assert {p["kind"] for p in probes} == {"unique", "shared"}
     for p in probes:
-        assert _holders(p["answer"], texts) == p["source_indices"], p
+        assert _holders(p["subject"], p["answer"], texts) == p["source_indices"], p
         assert p["titles"] == [titles[i] for i in p["source_indices"]]
         assert p["source_ids"] == [i + 1000 for i in p["source_indices"]]
         assert len(p["distractors"]) == synthwiki.NUM_DISTRACTORS
@@ -45,9 +50,24 @@ def test_probes_match_texts():
     assert sum(p["kind"] == "shared" for p in probes) == 8 * len(synthwiki.SHARED_ATTRS)
 
 
+def test_answers_and_distractors_are_all_familiar_words():
+    """Every candidate answer of a probe also occurs in other articles, so a model that never saw the fact's
+    article has seen every candidate: the probe tests the association, not the word's novelty."""
+    rows, probes = generate(SynthWikiConfig(seed=2, num_clusters=20))
+    texts = [r["text"] for r in rows]
+    for p in probes:
+        outside = [i for i in _mentions(p["answer"], texts) if i not in p["source_indices"]]
+        assert outside, p
+        for d in p["distractors"]:
+            assert _mentions(d, texts), (p["probe_id"], d)
+        assert len(set(p["distractors"])) == synthwiki.NUM_DISTRACTORS
+
+
 def test_bad_config_names_field():
     with pytest.raises(ValueError, match="articles_per_cluster"):
         generate(SynthWikiConfig(articles_per_cluster=9))
+    with pytest.raises(ValueError, match="values_per_attribute"):
+        generate(SynthWikiConfig(values_per_attribute=4))
 
 
 def test_write_matches_bundled(tmp_path):
