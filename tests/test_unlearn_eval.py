@@ -36,6 +36,24 @@ def test_metric_definitions():
     assert M.rouge_l([1, 2, 3, 4], [1, 2, 3, 4]) == pytest.approx(1.0)
     assert M.rouge_l([1, 9, 3], [1, 2, 3]) == pytest.approx(2 / 3)
     assert M.lcs_length([1, 2, 3, 4], [2, 4, 9]) == 2
+    assert M.wilson_interval(5, 10) == pytest.approx([0.2366, 0.7634], abs=1e-4)  # textbook values
+    assert M.wilson_interval(0, 20)[0] == pytest.approx(0.0, abs=1e-12) and M.wilson_interval(0, 20)[1] > 0.1
+    assert M.paired_bootstrap(np.ones(9), np.ones(9)) == [0.0, 0.0, 0.0]
+    mean, lo, hi = M.paired_bootstrap(np.array([1.0, 0, 1, 1, 0, 1]), np.zeros(6))
+    assert mean == pytest.approx(4 / 6) and 0.0 <= lo < mean < hi <= 1.0
+
+
+def test_probe_summaries_and_paired_comparison():
+    results = [M.ProbeResult("p0", "unique", 0.5, True), M.ProbeResult("p1", "unique", 2.0, False)]
+    summary = M.summarise_probes(results)
+    assert summary["truth_ratio"] == pytest.approx(1.25) and summary["truth_ratio_gmean"] == pytest.approx(1.0)
+    assert summary["accuracy"] == 0.5 and summary["accuracy_ci95"] == M.wilson_interval(1, 2)
+    other = M.summarise_probes([M.ProbeResult("p0", "unique", 0.5, False), M.ProbeResult("p1", "unique", 0.5, False)])
+    vs = M.compare_probes(summary, other)
+    assert vs["accuracy_diff"][0] == pytest.approx(0.5)
+    assert vs["log_truth_ratio_diff"][0] == pytest.approx((0 + np.log(4)) / 2)
+    with pytest.raises(ValueError, match="same probes"):
+        M.compare_probes(summary, M.summarise_probes(results[:1]))
 
 
 def test_probe_scores_match_direct_log_probs():
@@ -125,7 +143,8 @@ def test_end_to_end_evaluation_report(tmp_path):
     unlearned = routed_deployment("unlearned", model, index, embedder, [BASE], titles)
     assert BASE not in (unlearned.mode_for(BASE).source_id, None)
     assert unlearned.mode_for(BASE).forget_ids == (BASE,)
-    deployments = [gold_deployment("original", model, set(ids[:6]), unlearned.mode_for), unlearned]
+    oracle = routed_deployment("oracle", model, index, embedder, [BASE], titles)  # the same model: differences 0
+    deployments = [gold_deployment("original", model, set(ids[:6]), unlearned.mode_for), unlearned, oracle]
     cfg = EvalConfig(finetune=FinetuneConfig(steps=2, window=16), relearn_finetune=FinetuneConfig(steps=2, window=16),
                      relearn_sources=1, relearn_points=3)
     result = run_evaluation(deployments, data, cfg)
@@ -137,9 +156,15 @@ def test_end_to_end_evaluation_report(tmp_path):
     assert 0.0 <= orig["membership"]["auc_forget_vs_holdout"] <= 1.0
     files = write_report(result, tmp_path / "report")
     doc = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert set(doc["deployments"]) == {"original", "unlearned"}
+    assert set(doc["deployments"]) == {"original", "unlearned", "oracle"}
+    vs = doc["deployments"]["unlearned"]["probes_vs_oracle"]
+    assert vs["unique_forget"]["accuracy_diff"] == [0.0, 0.0, 0.0]
+    orig_probes, oracle_probes = orig["probes"]["shared_forget"], result["deployments"]["oracle"]["probes"]["shared_forget"]
+    assert doc["deployments"]["original"]["probes_vs_oracle"]["shared_forget"]["log_truth_ratio_diff"][0] == \
+        pytest.approx(orig_probes["per_probe"]["log_truth_ratio"][0] - oracle_probes["per_probe"]["log_truth_ratio"][0])
+    assert doc["chance_accuracy"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 2) / 3)
     md = (tmp_path / "report" / "report.md").read_text()
-    assert "| unlearned |" in md and "Truth Ratio" in md
+    assert "| unlearned |" in md and "Truth Ratio" in md and "Against the retrain oracle" in md
     for png in files["plots"]:
         assert (tmp_path / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from nulls_dist.unlearn.checkpoint_io import build_model, load_checkpoint
 from nulls_dist.unlearn.evaluate import (
@@ -49,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", default="ga,npo", help="comma list of ga,npo (empty: none)")
     p.add_argument("--max-retained", type=int, default=32)
     p.add_argument("--max-holdout", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 avoids OpenMP spin-waits on a busy small machine)")
     return p
 
 
@@ -127,6 +130,11 @@ def run(args) -> dict:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"nulls-eval: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            sys.exit(2)
+        torch.set_num_threads(args.threads)
     try:
         result = run(args)
     except ValueError as exc:

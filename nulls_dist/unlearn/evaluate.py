@@ -175,10 +175,14 @@ def run_evaluation(deployments: list[Deployment], data: EvalData, cfg: EvalConfi
     groups = select_probes(data)
     results = {d.name: evaluate_deployment(d, data, cfg, groups) for d in deployments}
     if "oracle" in results:
-        oracle_auc = results["oracle"]["membership"]["auc_forget_vs_holdout"]
+        oracle = results["oracle"]
+        oracle_auc = oracle["membership"]["auc_forget_vs_holdout"]
         for res in results.values():
             res["membership"]["priv_leak_vs_oracle"] = M.priv_leak(res["membership"]["auc_forget_vs_holdout"],
                                                                    oracle_auc)
+            res["probes_vs_oracle"] = {g: M.compare_probes(res["probes"][g], oracle["probes"][g]) for g in groups}
     return {"config": asdict(cfg), "forget_ids": data.forget_ids, "related_ids": data.related_ids,
             "num_probes": {k: len(v) for k, v in groups.items()}, "num_holdout": len(data.holdout_ids),
+            "chance_accuracy": float(np.mean([1 / (1 + len(p["distractors"])) for p in data.probes]))
+            if data.probes else float("nan"),
             "deployments": results}

@@ -6,7 +6,11 @@ Definitions (docs/unlearning.md):
 - P̄(a | q) = exp(mean log-prob of the answer tokens after the prompt) (length-normalised probability);
 - Truth Ratio R = mean over distractors d of P̄(d | q) / P̄(a | q) (TOFU's R_truth with the gold answer in
   place of the paraphrase): ~0 when the fact is known, ~1 when the answer is no likelier than distractors;
-- accuracy: P̄(a | q) is the largest among the answer and its distractors;
+- accuracy: P̄(a | q) is the largest among the answer and its distractors (chance = 1 / candidates), with a
+  Wilson 95% interval; the Truth Ratio is summarised by its mean and its geometric mean (robust to the
+  heavy tail of unknown facts);
+- paired bootstrap: a deployment against another (the retrain oracle) on the same probes, 95% interval of the
+  mean difference of accuracy and of log Truth Ratio;
 - Min-K% prob: mean of the lowest k% token log-probs of a text (higher = more member-like);
 - AUC: P(score of a member > score of a non-member), ties counted half (Mann-Whitney).
 
@@ -79,11 +83,49 @@ def score_probe(model, probe: dict, mode: SinkMode, encode: Callable[[str], list
     return ProbeResult(probe["probe_id"], probe["kind"], ratio, bool(mean_lp[0] > mean_lp[1:].max()))
 
 
+def wilson_interval(successes: int, num: int, z: float = 1.96) -> list[float]:
+    """Wilson score interval of a proportion (95% for z = 1.96); [nan, nan] for no trials."""
+    if num == 0:
+        return [float("nan"), float("nan")]
+    p = successes / num
+    centre = (p + z * z / (2 * num)) / (1 + z * z / num)
+    half = z * np.sqrt(p * (1 - p) / num + z * z / (4 * num * num)) / (1 + z * z / num)
+    return [float(centre - half), float(centre + half)]
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, num_resamples: int = 4000, seed: int = 0) -> list[float]:
+    """[mean(a - b), 2.5%, 97.5%] of the mean paired difference, resampling the pairs (a, b: (n,))."""
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if diff.size == 0:
+        return [float("nan")] * 3
+    picks = np.random.default_rng(seed).integers(0, diff.size, size=(num_resamples, diff.size))
+    means = diff[picks].mean(axis=1)  # (num_resamples,)
+    return [float(diff.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
+
+
 def summarise_probes(results: list[ProbeResult]) -> dict:
+    """Means over a probe group, plus the per-probe values (for paired comparisons between deployments)."""
     if not results:
-        return {"num": 0, "truth_ratio": float("nan"), "accuracy": float("nan")}
+        nan = float("nan")
+        return {"num": 0, "truth_ratio": nan, "truth_ratio_gmean": nan, "accuracy": nan, "accuracy_ci95": [nan, nan],
+                "per_probe": {"probe_id": [], "log_truth_ratio": [], "correct": []}}
+    log_tr = np.log([r.truth_ratio for r in results])
+    correct = [bool(r.correct) for r in results]
     return {"num": len(results), "truth_ratio": float(np.mean([r.truth_ratio for r in results])),
-            "accuracy": float(np.mean([r.correct for r in results]))}
+            "truth_ratio_gmean": float(np.exp(log_tr.mean())), "accuracy": float(np.mean(correct)),
+            "accuracy_ci95": wilson_interval(sum(correct), len(correct)),
+            "per_probe": {"probe_id": [r.probe_id for r in results], "log_truth_ratio": log_tr.tolist(),
+                          "correct": correct}}
+
+
+def compare_probes(summary: dict, reference: dict) -> dict:
+    """A probe group of one deployment against the same group of a reference deployment (same probes, same
+    order): paired bootstrap of the accuracy difference and of the log Truth Ratio difference."""
+    a, b = summary["per_probe"], reference["per_probe"]
+    if a["probe_id"] != b["probe_id"]:
+        raise ValueError("compare_probes needs the same probes in the same order in both deployments")
+    return {"accuracy_diff": paired_bootstrap(np.array(a["correct"], float), np.array(b["correct"], float)),
+            "log_truth_ratio_diff": paired_bootstrap(np.array(a["log_truth_ratio"]), np.array(b["log_truth_ratio"]))}
 
 
 def lcs_length(a: list, b: list) -> int:

@@ -16,17 +16,48 @@ def _fmt(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
+def _interval(values) -> str:
+    mean, lo, hi = values
+    return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def _vs_oracle(deps: dict) -> list[str]:
+    """Paired differences against the retrain oracle (only when an oracle was evaluated)."""
+    if not any("probes_vs_oracle" in r for r in deps.values()):
+        return []
+    lines = ["", "## Against the retrain oracle (paired bootstrap over the same probes, 95% interval)", "",
+             "An interval containing 0 means the deployment is indistinguishable from the oracle on that group.", "",
+             "| deployment | " + " | ".join(f"{g} acc diff | {g} log-TR diff" for g in PROBE_GROUPS) + " |",
+             "|---" * (1 + 2 * len(PROBE_GROUPS)) + "|"]
+    for name, r in deps.items():
+        if name == "oracle" or "probes_vs_oracle" not in r:
+            continue
+        vs = r["probes_vs_oracle"]
+        lines.append(f"| {name} | " + " | ".join(
+            f"{_interval(vs[g]['accuracy_diff'])} | {_interval(vs[g]['log_truth_ratio_diff'])}" for g in PROBE_GROUPS)
+            + " |")
+    return lines
+
+
 def markdown(result: dict) -> str:
     deps = result["deployments"]
     lines = ["# Unlearning report", "",
              f"Forgotten sources: {result['forget_ids']}; related retained sources: {len(result['related_ids'])}; "
              f"holdout sources: {result['num_holdout']}; probes: {result['num_probes']}.", "",
-             "## Fact probes (Truth Ratio: lower = fact known; accuracy: answer beats its distractors)", "",
+             "## Fact probes", "",
+             "Truth Ratio (geometric mean over probes of mean P(distractor) / P(answer)): ~0 = fact known, "
+             "~1 = answer no likelier than its distractors. Accuracy: the answer beats every distractor "
+             f"(chance {_fmt(result.get('chance_accuracy'))}), Wilson 95% interval.", "",
              "| deployment | " + " | ".join(f"{g} TR | {g} acc" for g in PROBE_GROUPS) + " |",
              "|---" * (1 + 2 * len(PROBE_GROUPS)) + "|"]
     for name, r in deps.items():
-        cells = [f"{_fmt(r['probes'][g]['truth_ratio'])} | {_fmt(r['probes'][g]['accuracy'])}" for g in PROBE_GROUPS]
+        cells = []
+        for g in PROBE_GROUPS:
+            p = r["probes"][g]
+            lo, hi = p["accuracy_ci95"]
+            cells.append(f"{_fmt(p['truth_ratio_gmean'])} | {_fmt(p['accuracy'])} [{_fmt(lo)}, {_fmt(hi)}]")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += _vs_oracle(deps)
     lines += ["", "## Text loss (nats/token)", "", "| deployment | " + " | ".join(LOSS_GROUPS) + " |",
               "|---" * (1 + len(LOSS_GROUPS)) + "|"]
     for name, r in deps.items():
@@ -60,15 +91,21 @@ def plots(result: dict, out_dir: Path) -> list[str]:
     names = list(deps)
     x = np.arange(len(names))
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
-    for ax, metric in zip(axes, ("truth_ratio", "accuracy")):
+    for ax, metric in zip(axes, ("truth_ratio_gmean", "accuracy")):
         width = 0.8 / len(PROBE_GROUPS)
         for i, group in enumerate(PROBE_GROUPS):
-            ax.bar(x + (i - (len(PROBE_GROUPS) - 1) / 2) * width, [deps[n]["probes"][group][metric] for n in names],
-                   width, label=group)
+            values = np.array([deps[n]["probes"][group][metric] for n in names])
+            err = None
+            if metric == "accuracy":  # Wilson 95% intervals as error bars
+                ci = np.array([deps[n]["probes"][group]["accuracy_ci95"] for n in names])  # (deployments, 2)
+                err = np.abs(ci.T - values)
+            ax.bar(x + (i - (len(PROBE_GROUPS) - 1) / 2) * width, values, width, yerr=err, capsize=2, label=group)
         ax.set_xticks(x, names, rotation=20)
-        ax.set_title(metric.replace("_", " ") + (" (log)" if metric == "truth_ratio" else ""))
-        if metric == "truth_ratio":
-            ax.set_yscale("log")  # known facts ~0.01, unknown ones up to ~1e5
+        ax.set_title("Truth Ratio, geometric mean (log)" if metric == "truth_ratio_gmean" else "accuracy (95% CI)")
+        if metric == "truth_ratio_gmean":
+            ax.set_yscale("log")  # known facts ~0.01, unknown ones ~1
+        else:
+            ax.axhline(result.get("chance_accuracy", float("nan")), color="grey", lw=0.8, ls="--")  # chance
     axes[0].legend(fontsize=8)
     _save_png(fig, out_dir / "probes.png")
     plt.close(fig)
