@@ -8,7 +8,9 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from data_pipeline import schema
@@ -19,35 +21,51 @@ from data_pipeline.shards import HOLDOUT_TASK, WORK_DIR
 _META_COLUMNS = ["source_id", "title", "page_id", "url", "chars"]
 
 
-def _shard_indices(names: list[str]) -> str:
-    """["holdout/shard-000002.tar", ...] -> "2,...": the registry's `shards` column (the split names the dir)."""
-    return ",".join(str(int(Path(n).stem.removeprefix("shard-"))) for n in names)
+def _shard_indices(shards: pa.ChunkedArray) -> pa.Array:
+    """list<string> of shard names (["holdout/shard-000002.tar", ...]) -> "2,...": the registry's `shards` column
+    (the split names the directory); arrow kernels, no Python object per row."""
+    shards = shards.combine_chunks()
+    names = pc.replace_substring_regex(shards.flatten(), r"^(?:.*/)?shard-0*(\d+)\.tar$", r"\1")
+    return pc.binary_join(pa.ListArray.from_arrays(shards.offsets, names), ",")
 
 
-def _stats(out_dir: Path, task_name: str) -> dict[int, tuple[int, list[str]]]:
+def _stats(out_dir: Path, task_name: str) -> tuple[np.ndarray, np.ndarray, pa.Array]:
+    """A task's (source_ids (n,) int64, tokens (n,) int64, shards (n,) string), in corpus order."""
     table = pq.read_table(out_dir / WORK_DIR / f"{task_name}.stats.parquet")
-    return {s: (t, sh) for s, t, sh in zip(table.column("source_id").to_pylist(),
-                                           table.column("tokens").to_pylist(),
-                                           table.column("shards").to_pylist())}
+    return (table.column("source_id").combine_chunks().to_numpy(), table.column("tokens").combine_chunks().to_numpy(),
+            _shard_indices(table.column("shards")))
 
 
 def _registry_batches(ingest_dir: Path, out_dir: Path, plan: dict, markers: list[dict]):
     index = index_corpus(ingest_dir)
-    holdout = _stats(out_dir, HOLDOUT_TASK) if any(m["task"] == HOLDOUT_TASK for m in markers) else {}
+    empty = (np.empty(0, np.int64), np.empty(0, np.int64), pa.array([], pa.string()))
+    holdout = _stats(out_dir, HOLDOUT_TASK) if any(m["task"] == HOLDOUT_TASK for m in markers) else empty
     aps = plan["articles_per_shard"]
     for marker in markers:
         if marker["task"] == HOLDOUT_TASK:
             continue
         i = int(marker["task"].removeprefix("shard-"))
-        train = _stats(out_dir, marker["task"])
-        for batch in read_rows(index, i * aps, min((i + 1) * aps, index.num_rows), _META_COLUMNS):
-            ids = batch.column("source_id").to_pylist()
-            rows = [holdout.get(s) or train[s] for s in ids]
+        train_ids, train_tokens, train_shards = _stats(out_dir, marker["task"])
+        tokens, shards = np.concatenate([train_tokens, holdout[1]]), pa.concat_arrays([train_shards, holdout[2]])
+        at = 0  # next train stats row: the task's non-holdout sources, in corpus order like the slice
+        # whole row groups per batch (no text is read): the registry's row groups follow the ingest parts'
+        for batch in read_rows(index, i * aps, min((i + 1) * aps, index.num_rows), _META_COLUMNS, batch_rows=1 << 20):
+            ids = batch.column("source_id").to_numpy()  # (b,) int64
+            where = np.minimum(np.searchsorted(holdout[0], ids), max(len(holdout[0]) - 1, 0))  # (b,)
+            held = (holdout[0][where] == ids) if len(holdout[0]) else np.zeros(len(ids), bool)  # (b,)
+            train_rows = np.arange(at, at + int(np.count_nonzero(~held)))
+            at += len(train_rows)
+            if not np.array_equal(train_ids[train_rows], ids[~held]):
+                raise ValueError(f"shard stats {marker['task']}: sources do not match the corpus slice (rerun shard)")
+            # (b,): a row's position in the concatenation [train stats rows, holdout stats rows]
+            take = np.empty(len(ids), np.int64)
+            take[~held] = train_rows
+            take[held] = len(train_ids) + where[held]
+            take = pa.array(take)
             yield pa.RecordBatch.from_arrays(
                 [*(batch.column(c) for c in _META_COLUMNS),
-                 pa.array([r[0] for r in rows], pa.int64()),
-                 pa.array([_shard_indices(r[1]) for r in rows], pa.string()),
-                 pa.array([schema.SPLIT_HOLDOUT if s in holdout else schema.SPLIT_TRAIN for s in ids], pa.string())],
+                 pa.array(tokens[take.to_numpy()], pa.int64()), shards.take(take),
+                 pc.if_else(pa.array(held), schema.SPLIT_HOLDOUT, schema.SPLIT_TRAIN)],
                 names=[*_META_COLUMNS, "tokens", "shards", "split"],
             )
 

@@ -14,6 +14,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 
@@ -21,7 +22,7 @@ from data_pipeline.ingest import IngestConfig, iter_articles, read_report, run_i
 from data_pipeline.manifest import build_manifest, write_dataset_registry, write_manifest
 from data_pipeline.packing import PackingConfig
 from data_pipeline.registry import SourceRegistry
-from data_pipeline.selection import select_holdouts
+from data_pipeline.selection import random_holdouts, select_holdouts
 from data_pipeline.shards import ShardConfig, write_shards
 from data_pipeline.tokenizer import (MODEL_FILE, TokenizerConfig, describe_tokenizer, file_sha256, load_tokenizer,
                                      train_tokenizer)
@@ -43,6 +44,7 @@ class IngestSettings:
     format: str = "auto"
     rows_per_part: int = 50_000
     batch_rows: int = 2_048
+    num_workers: int = 1  # processes converting MediaWiki XML wikitext
 
 
 @dataclass
@@ -121,7 +123,8 @@ def resolve_input(item: str) -> str:
 def run_ingest_stage(cfg: DataConfig) -> dict:
     ingest = IngestConfig(inputs=[resolve_input(i) for i in cfg.ingest.inputs], format=cfg.ingest.format,
                           output_dir=str(cfg.ingest_dir), id_offset=cfg.resolved_id_offset(),
-                          rows_per_part=cfg.ingest.rows_per_part, batch_rows=cfg.ingest.batch_rows)
+                          rows_per_part=cfg.ingest.rows_per_part, batch_rows=cfg.ingest.batch_rows,
+                          num_workers=cfg.ingest.num_workers)
     return run_ingest(ingest)
 
 
@@ -147,7 +150,7 @@ def run_tokenizer_stage(cfg: DataConfig) -> Path:
             return path
     texts = tqdm((t for batch in iter_articles(cfg.ingest_dir, columns=["text"]) for t in batch.column(0).to_pylist()),
                  total=report["num_written"], desc="tokenizer sample", unit="article")
-    path = train_tokenizer(texts, cfg.tokenizer, cfg.output_dir)
+    path = train_tokenizer(texts, cfg.tokenizer, cfg.output_dir, num_texts=report["num_written"])
     tmp = info_path.with_name(f"{info_path.name}.tmp.{os.getpid()}")
     tmp.write_text(json.dumps({**info, "sha256": file_sha256(path)}, indent=1, sort_keys=True))
     os.replace(tmp, info_path)
@@ -158,6 +161,10 @@ def _holdout_ids(cfg: DataConfig) -> list[int]:
     h = cfg.holdout
     if not h.sources and h.fraction == 0 and h.count == 0:
         return []
+    if not h.sources:  # only source ids are needed: streamed, no title index over the corpus
+        report = read_report(cfg.ingest_dir)
+        ids = (b.column(0).to_numpy() for b in iter_articles(cfg.ingest_dir, columns=["source_id"], batch_rows=65536))
+        return sorted(random_holdouts(ids, report["num_written"], fraction=h.fraction, count=h.count, seed=h.seed))
     # The ingested parts carry source_id and title, which is all a SourceRegistry lookup needs.
     registry = SourceRegistry.open(cfg.ingest_dir / "articles")
     return sorted(select_holdouts(registry, h.sources, fraction=h.fraction, count=h.count, seed=h.seed))
@@ -171,18 +178,26 @@ def _manifest_tokenizer(cfg: DataConfig, path: Path) -> dict:
     return info
 
 
-def run_shard_stage(cfg: DataConfig) -> dict:
+def run_shard_stage(cfg: DataConfig, on_phase: Callable[[str], None] | None = None) -> dict:
+    """Shards, registry and manifest. `on_phase(name)`, if given, is called as each phase ends: "setup"
+    (tokenizer check, holdout selection), "shards" (plan and every shard task), "registry", "manifest" (the
+    benchmark records per-phase peak RSS with it)."""
+    phase_done = on_phase or (lambda name: None)
     tok_path = tokenizer_path(cfg)
     if not tok_path.exists():
         raise ValueError(f"tokenizer {tok_path} not found (run the tokenizer stage first)")
     tokenizer = _manifest_tokenizer(cfg, tok_path)
     holdout_ids = _holdout_ids(cfg)
+    phase_done("setup")
     plan, markers = write_shards(cfg.ingest_dir, cfg.output_dir, tok_path, cfg.packing, cfg.shard, holdout_ids,
                                  tokenizer["vocab_size"])
+    phase_done("shards")
     registry = write_dataset_registry(cfg.ingest_dir, cfg.output_dir, plan, markers)
+    phase_done("registry")
     report = read_report(cfg.ingest_dir)
     manifest = build_manifest(plan, markers, tokenizer, registry, report["id_offset"], holdout_ids)
     write_manifest(cfg.output_dir, manifest)
+    phase_done("manifest")
     log.info("shard: %d train shards (%d samples, %d tokens), %d holdout shards -> %s", manifest["num_shards"],
              manifest["num_samples"], manifest["num_tokens"], len(manifest["holdout"]["shards"]), cfg.output_dir)
     return manifest

@@ -112,7 +112,7 @@ def _read_index_columns(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
         for gi in range(pf.metadata.num_row_groups):
             table = pf.read_row_group(gi, columns=["source_id", "title"])
             k = table.num_rows
-            source_ids[at:at + k] = table.column("source_id").to_numpy()
+            source_ids[at:at + k] = table.column("source_id").combine_chunks().to_numpy()  # Array: no pandas
             hashes[at:at + k] = title_hashes(table.column("title").to_pylist(), count=k)
             at += k
     return source_ids, hashes

@@ -7,7 +7,7 @@ Random holdouts use a keyed per-source hash, not a shuffled list: whether a sour
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -31,25 +31,44 @@ def source_keys(source_ids: np.ndarray, seed: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
+def _check_random(fraction: float, count: int, num_sources: int) -> None:
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"holdout fraction must be in [0, 1], got {fraction}")
+    if count < 0 or count > num_sources:
+        raise ValueError(f"holdout count must be in [0, {num_sources}] (the number of sources), got {count}")
+    if fraction > 0 and count > 0:
+        raise ValueError(f"set holdout fraction ({fraction}) or count ({count}), not both")
+
+
+def random_holdouts(id_batches: Iterable[np.ndarray], num_sources: int, fraction: float = 0.0, count: int = 0,
+                    seed: int = 0) -> frozenset[int]:
+    """The random part of `select_holdouts`, streamed over batches of ascending source ids (e.g. the ingest
+    parts' source_id column): memory is one batch plus the `count` best keys (or the picked fraction), not the
+    corpus. Same result as `select_holdouts` without explicit sources."""
+    _check_random(fraction, count, num_sources)
+    if fraction == 0 and count == 0:
+        return frozenset()
+    picked: list[np.ndarray] = []
+    best_ids, best_keys = np.empty(0, np.int64), np.empty(0, np.float64)  # (<= count,)
+    for ids in id_batches:
+        ids = np.asarray(ids, dtype=np.int64)
+        keys = source_keys(ids, seed)
+        if fraction > 0:
+            picked.append(ids[keys < fraction])
+            continue
+        cand_ids, cand_keys = np.concatenate([best_ids, ids]), np.concatenate([best_keys, keys])
+        order = np.lexsort((cand_ids, cand_keys))[:count]  # by key, ties by id: a stable argsort over the ids
+        best_ids, best_keys = cand_ids[order], cand_keys[order]
+    return frozenset(int(i) for i in (np.concatenate(picked) if fraction > 0 else best_ids))
+
+
 def select_holdouts(registry: SourceRegistry, sources: Sequence[str | int] | str | int | None = None,
                     fraction: float = 0.0, count: int = 0, seed: int = 0) -> frozenset[int]:
     """The held-out source ids: the explicit `sources`, plus either a `fraction` of all sources or
     `count` of them chosen by the seeded key. Deterministic for (registry ids, arguments)."""
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"holdout fraction must be in [0, 1], got {fraction}")
-    if count < 0 or count > len(registry):
-        raise ValueError(f"holdout count must be in [0, {len(registry)}] (the number of sources), got {count}")
-    if fraction > 0 and count > 0:
-        raise ValueError(f"set holdout fraction ({fraction}) or count ({count}), not both")
+    _check_random(fraction, count, len(registry))
     chosen = set() if _is_empty(sources) else set(registry.resolve(sources))
-    ids = registry.source_ids
-    if fraction > 0 or count > 0:
-        keys = source_keys(ids, seed)
-        if fraction > 0:
-            picked = ids[keys < fraction]
-        else:
-            picked = ids[np.argsort(keys, kind="stable")[:count]]
-        chosen.update(int(i) for i in picked)
+    chosen.update(random_holdouts([registry.source_ids], len(registry), fraction, count, seed))
     return frozenset(chosen)
 
 

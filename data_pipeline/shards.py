@@ -17,13 +17,14 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib
 import io
-import itertools
 import json
 import logging
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,12 +34,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import webdataset as wds
 from tqdm import tqdm
 
 from data_pipeline import schema
 from data_pipeline.article_slices import CorpusIndex, index_corpus, read_rows, read_selected_rows
-from data_pipeline.packing import Context, PackingConfig, pack_articles, shuffled
+from data_pipeline.packing import Context, ContextBlock, PackingConfig, pack_blocks, shuffled
 from data_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID, file_sha256, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -105,38 +105,60 @@ def _npy_header(dtype: str, length: int) -> bytes:
     return buf.getvalue()[: -length * np.dtype(dtype).itemsize]
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    """np.save's bytes for a 1-D array (the header depends only on dtype and length: built once)."""
-    return _npy_header(array.dtype.str, len(array)) + array.tobytes()
+def _npy_rows(rows: np.ndarray) -> np.ndarray:
+    """(n, T) array -> (n, H + T * itemsize) uint8: row i is np.save's bytes of rows[i] (the header depends
+    only on dtype and length: built once, written into every row with one numpy assignment)."""
+    n, length = rows.shape
+    header = np.frombuffer(_npy_header(rows.dtype.str, length), dtype=np.uint8)  # (H,)
+    out = np.empty((n, len(header) + rows.dtype.itemsize * length), dtype=np.uint8)  # (n, H + T * itemsize)
+    out[:, : len(header)] = header
+    out[:, len(header) :] = np.ascontiguousarray(rows).view(np.uint8).reshape(n, -1)
+    return out
 
 
-def write_shard(path: Path, shard_index: int, contexts: Iterable[Context], token_dtype: np.dtype,
-                sources: list[np.ndarray] | None = None) -> dict:
-    """Write contexts as one WebDataset tar at `path` (temp name, then rename), byte-identical on rerun
-    (webdataset.TarWriter with a fixed mtime, user/group "nulls", ustar headers).
-    `sources`, if given, receives each context's source ids of its loss tokens (unique, sorted)."""
+@functools.cache
+def _webdataset():
+    """The webdataset module, imported without torch unless this process already loaded torch.
+
+    webdataset imports torch at import time when it is installed, only for its DataLoader-facing classes, and
+    ships stand-ins for them when torch is missing; the shard writer (TarWriter, encoder off) needs none of it.
+    Hiding torch for that one import keeps the data pipeline's processes torch-free, as `data_pipeline` is
+    meant to be: about 250 MB of RSS and 2 s of imports less per shard worker. In a process that has torch
+    loaded (a trainer, the test suite) webdataset is imported as usual."""
+    if "torch" in sys.modules or "webdataset" in sys.modules:
+        return importlib.import_module("webdataset")
+    sys.modules["torch"] = None  # `import torch` now raises ModuleNotFoundError, which webdataset handles
+    try:
+        return importlib.import_module("webdataset")
+    finally:
+        del sys.modules["torch"]
+
+
+def _run_starts(values: np.ndarray) -> np.ndarray:
+    """The first value of every run of equal values (a superset of the unique values, much cheaper)."""
+    if len(values) == 0:
+        return values
+    return values[np.concatenate([[True], values[1:] != values[:-1]])]
+
+
+def write_shard_blocks(path: Path, shard_index: int, blocks: Iterable[ContextBlock], token_dtype: np.dtype,
+                       sources: list[np.ndarray] | None = None) -> dict:
+    """Write blocks of contexts as one WebDataset tar at `path` (temp name, then rename), byte-identical on
+    rerun (webdataset.TarWriter with a fixed mtime, user/group "nulls", ustar headers). Each block is turned into
+    the members' .npy bytes with three numpy assignments; TarWriter gets one row view per member. `sources`, if
+    given, receives the source ids of the loss tokens (each at least once)."""
     tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    num_samples = num_tokens = 0
     try:
         with open(tmp, "wb") as raw:
             out = _HashingFile(raw)
             # A fixed integer mtime: byte-identical reruns and no pax record per member (a float mtime costs
             # 1 KiB each). TarWriter does not forward `format`, so ustar (cheaper headers) is set on its stream.
-            writer = wds.TarWriter(out, encoder=False, mtime=0, user="nulls", group="nulls")
+            writer = _webdataset().TarWriter(out, encoder=False, mtime=0, user="nulls", group="nulls")
             writer.tarstream.format = tarfile.USTAR_FORMAT
-            for ctx in contexts:
-                writer.write({
-                    "__key__": schema.sample_key(shard_index, num_samples),
-                    schema.TOKENS_KEY: _npy_bytes(ctx.tokens.astype(token_dtype)),
-                    schema.SOURCE_IDS_KEY: _npy_bytes(ctx.source_ids.astype(schema.SOURCE_ID_DTYPE)),
-                    schema.LOSS_MASK_KEY: _npy_bytes(ctx.loss_mask.astype(schema.LOSS_MASK_DTYPE)),
-                })
-                num_samples += 1
-                real = ctx.loss_mask == 1
-                num_tokens += int(np.count_nonzero(real))
-                if sources is not None:
-                    sources.append(np.unique(ctx.source_ids[real]))
-            writer.close()
+            try:
+                num_samples, num_tokens = _write_blocks(writer, shard_index, blocks, token_dtype, sources)
+            finally:
+                writer.close()  # also on error: the temp file is still open, and is removed below
             raw.flush()
             os.fsync(raw.fileno())
     except BaseException:
@@ -144,6 +166,34 @@ def write_shard(path: Path, shard_index: int, contexts: Iterable[Context], token
         raise
     os.replace(tmp, path)
     return {"samples": num_samples, "tokens": num_tokens, "bytes": out.num_bytes, "sha256": out.sha.hexdigest()}
+
+
+def _write_blocks(writer, shard_index: int, blocks: Iterable[ContextBlock], token_dtype: np.dtype,
+                  sources: list[np.ndarray] | None) -> tuple[int, int]:
+    """Each block's members as .npy bytes (three numpy assignments), one TarWriter.write per sample with row
+    views. Returns (samples, loss tokens)."""
+    num_samples = num_tokens = 0
+    for block in blocks:
+        members = (_npy_rows(block.tokens.astype(token_dtype, copy=False)),
+                   _npy_rows(block.source_ids.astype(schema.SOURCE_ID_DTYPE, copy=False)),
+                   _npy_rows(block.loss_mask.astype(schema.LOSS_MASK_DTYPE, copy=False)))
+        for tokens, source_ids, loss_mask in zip(*members):
+            writer.write({"__key__": schema.sample_key(shard_index, num_samples),
+                          schema.TOKENS_KEY: memoryview(tokens), schema.SOURCE_IDS_KEY: memoryview(source_ids),
+                          schema.LOSS_MASK_KEY: memoryview(loss_mask)})
+            num_samples += 1
+        real = block.loss_mask == 1  # (n, T)
+        num_tokens += int(np.count_nonzero(real))
+        if sources is not None:
+            sources.append(_run_starts(block.source_ids[real]))
+    return num_samples, num_tokens
+
+
+def write_shard(path: Path, shard_index: int, contexts: Iterable[Context], token_dtype: np.dtype,
+                sources: list[np.ndarray] | None = None) -> dict:
+    """`write_shard_blocks` for single contexts (same bytes)."""
+    blocks = (ContextBlock(ctx.tokens[None], ctx.source_ids[None], ctx.loss_mask[None]) for ctx in contexts)
+    return write_shard_blocks(path, shard_index, blocks, token_dtype, sources)
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -155,13 +205,13 @@ def _write_json(path: Path, obj: dict) -> None:
 # ---- tasks (run in worker processes) -----------------------------------------------------------------------
 
 
-def _encode(sp, texts: list[str], batch: int) -> Iterator[np.ndarray]:
-    """(L,) int64 token ids per text: one sentencepiece call per `batch` texts, one numpy conversion per batch."""
+def _encode(sp, texts: list[str], batch: int) -> list[np.ndarray]:
+    """(L,) int32 token ids per text: one sentencepiece call per `batch` texts, returning numpy buffers (no
+    Python int per token)."""
+    out: list[np.ndarray] = []
     for i in range(0, len(texts), batch):
-        encoded = sp.encode(texts[i : i + batch], out_type=int)
-        lengths = [len(ids) for ids in encoded]
-        flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64, count=sum(lengths))  # (sum L,)
-        yield from np.split(flat, np.cumsum(lengths)[:-1])
+        out.extend(sp.encode(texts[i : i + batch], return_type="numpy"))
+    return out
 
 
 def _task_articles(task: dict, sp, window: int, counts: list[np.ndarray]):
@@ -179,8 +229,8 @@ def _task_articles(task: dict, sp, window: int, counts: list[np.ndarray]):
     def flush():
         nonlocal ids, texts, num_windows
         window_ids = np.concatenate(ids)  # (n,) int64
-        tokens = list(_encode(sp, texts, task["encode_batch"]))
-        counts.append(np.stack([window_ids, np.fromiter((len(t) + 2 for t in tokens), np.int64, len(tokens))]))
+        tokens = _encode(sp, texts, task["encode_batch"])
+        counts.append(np.stack([window_ids, np.fromiter(map(len, tokens), np.int64, len(tokens)) + 2]))
         articles = list(zip(window_ids.tolist(), tokens))
         if packing.shuffle:  # holdout task: index -1
             articles = shuffled(articles, [packing.seed, task["task_index"] + 1, num_windows])
@@ -189,9 +239,11 @@ def _task_articles(task: dict, sp, window: int, counts: list[np.ndarray]):
 
     if task["is_holdout"]:
         batches = read_selected_rows(index, holdout, ["source_id", "text"])
-    else:
+    elif len(holdout):
         batches = (b.filter(pc.invert(pc.is_in(b.column("source_id"), value_set=holdout)))
                    for b in read_rows(index, task["start"], task["stop"], ["source_id", "text"]))
+    else:
+        batches = read_rows(index, task["start"], task["stop"], ["source_id", "text"])
     num_ids = 0
     for batch in batches:
         ids.append(batch.column("source_id").to_numpy())
@@ -223,14 +275,14 @@ def _run_task(task: dict) -> dict:
     out_dir, work = Path(task["out_dir"]), Path(task["out_dir"]) / WORK_DIR
     counts: list[np.ndarray] = []
     articles = _task_articles(task, sp, task["articles_per_shard"], counts)
-    contexts = pack_articles(articles, packing, BOS_ID, EOS_ID, PAD_ID)
+    blocks = pack_blocks(articles, packing, BOS_ID, EOS_ID, PAD_ID, token_dtype)
 
     if task["is_holdout"]:
         (out_dir / HOLDOUT_DIR).mkdir(exist_ok=True)
         names = (f"{HOLDOUT_DIR}/{schema.shard_name(j)}" for j in range(1 << 30))
-        shards, where = _write_chunks(out_dir, names, contexts, task["samples_per_shard"], token_dtype)
+        shards, where = _write_chunks(out_dir, names, blocks, task["samples_per_shard"], token_dtype)
     else:  # a train task writes exactly one shard, named by its task index
-        shards, where = _write_chunks(out_dir, iter([schema.shard_name(task["task_index"])]), contexts, None,
+        shards, where = _write_chunks(out_dir, iter([schema.shard_name(task["task_index"])]), blocks, None,
                                       token_dtype)
     source_ids, num_tokens = np.concatenate(counts, axis=1) if counts else np.zeros((2, 0), np.int64)
     stats = pa.table({"source_id": pa.array(source_ids, pa.int64()), "tokens": pa.array(num_tokens, pa.int64()),
@@ -256,19 +308,36 @@ def _release_memory() -> None:
         pass
 
 
-def _write_chunks(out_dir: Path, names: Iterator[str], contexts: Iterable[Context], per_shard: int | None,
+def _take_rows(blocks: Iterator[ContextBlock], pending: list[ContextBlock], num_rows: int | None):
+    """Blocks holding the next `num_rows` contexts (None: all), cutting a block where needed; the rest of a cut
+    block is left in `pending` for the next call."""
+    while num_rows is None or num_rows > 0:
+        block = pending.pop() if pending else next(blocks, None)
+        if block is None:
+            return
+        if num_rows is not None and len(block.tokens) > num_rows:
+            pending.append(ContextBlock(*(a[num_rows:] for a in block)))
+            block = ContextBlock(*(a[:num_rows] for a in block))
+        if num_rows is not None:
+            num_rows -= len(block.tokens)
+        yield block
+
+
+def _write_chunks(out_dir: Path, names: Iterator[str], blocks: Iterable[ContextBlock], per_shard: int | None,
                   token_dtype: np.dtype) -> tuple[list[dict], dict[int, list[str]]]:
-    """Stream contexts into shards of `per_shard` samples (None: all in one); no shard is written without a
-    sample. Returns the shard entries and, per source, the shards holding its tokens."""
+    """Stream context blocks into shards of `per_shard` samples (None: all in one); no shard is written without
+    a sample. Returns the shard entries and, per source, the shards holding its tokens."""
     shards: list[dict] = []
     where: dict[int, list[str]] = {}
-    contexts = iter(contexts)
-    while (first := next(contexts, None)) is not None:
+    blocks, pending = iter(blocks), []
+    while pending or (first := next(blocks, None)) is not None:
+        if not pending:
+            pending.append(first)
         name = next(names)
         index = int(Path(name).stem.removeprefix("shard-"))
-        chunk = itertools.chain([first], contexts if per_shard is None else itertools.islice(contexts, per_shard - 1))
         sources: list[np.ndarray] = []
-        shards.append({"name": name, **write_shard(out_dir / name, index, chunk, token_dtype, sources)})
+        shards.append({"name": name, **write_shard_blocks(out_dir / name, index, _take_rows(blocks, pending, per_shard),
+                                                         token_dtype, sources)})
         for source in np.unique(np.concatenate(sources)).tolist():
             where.setdefault(source, []).append(name)
     return shards, where
@@ -285,7 +354,7 @@ def estimate_articles_per_shard(index: CorpusIndex, tokenizer_path: str, packing
     for batch in read_rows(index, 0, min(_ESTIMATE_ARTICLES, index.num_rows), ["source_id", "text"]):
         texts.extend(batch.column("text").to_pylist())
     articles = [(0, t) for t in _encode(sp, texts, 256)]
-    num_samples = sum(1 for _ in pack_articles(articles, packing, BOS_ID, EOS_ID, PAD_ID))
+    num_samples = sum(len(b.tokens) for b in pack_blocks(articles, packing, BOS_ID, EOS_ID, PAD_ID, np.int32))
     return max(1, round(per_shard * len(articles) / max(num_samples, 1)))
 
 

@@ -61,10 +61,28 @@ def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def reservoir_sample(texts: Iterable[str], k: int, seed: int, max_chars: int) -> list[str]:
-    """A uniform sample of k texts from a stream of unknown length (Algorithm R), each cut to max_chars."""
+def reservoir_sample(texts: Iterable[str], k: int, seed: int, max_chars: int,
+                     num_texts: int | None = None) -> list[str]:
+    """A uniform sample of k texts from a stream (Algorithm R), each cut to max_chars. With `num_texts` (the
+    stream's length, e.g. from the ingest report) the same sample is drawn from the slot indices alone
+    (`reservoir_slots`), so no text is ever kept and later replaced: memory is the sample plus the caller's
+    batch, and the allocator is not left fragmented by replaced texts (the streamed form's peak RSS crept up
+    with the corpus length)."""
+    if num_texts is not None:
+        slots = reservoir_slots(num_texts, k, seed)
+        slot_of = {index: slot for slot, index in enumerate(slots)}
+        sample: list[str | None] = [None] * len(slots)
+        count = 0
+        for i, text in enumerate(texts):
+            count += 1
+            slot = slot_of.get(i)
+            if slot is not None:
+                sample[slot] = text[:max_chars]
+        if count != num_texts:
+            raise ValueError(f"tokenizer sample: expected {num_texts} texts (ingest report), the corpus has {count}")
+        return sample
     rng = random.Random(seed)
-    sample: list[str] = []
+    sample = []
     for i, text in enumerate(texts):
         if i < k:
             sample.append(text[:max_chars])
@@ -73,6 +91,17 @@ def reservoir_sample(texts: Iterable[str], k: int, seed: int, max_chars: int) ->
             if j < k:
                 sample[j] = text[:max_chars]
     return sample
+
+
+def reservoir_slots(num_texts: int, k: int, seed: int) -> list[int]:
+    """The stream indices that Algorithm R (as in `reservoir_sample`) leaves in its k slots, in slot order."""
+    rng = random.Random(seed)
+    slots = list(range(min(num_texts, k)))
+    for i in range(k, num_texts):
+        j = rng.randint(0, i)
+        if j < k:
+            slots[j] = i
+    return slots
 
 
 def _sentences(texts: list[str], max_len: int) -> Iterator[str]:
@@ -85,11 +114,13 @@ def _sentences(texts: list[str], max_len: int) -> Iterator[str]:
                 line = line[max_len:]
 
 
-def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_dir: str | os.PathLike) -> Path:
-    """Train on a sample of `texts`; write `<out_dir>/tokenizer.model` atomically and return its path."""
+def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_dir: str | os.PathLike,
+                    num_texts: int | None = None) -> Path:
+    """Train on a sample of `texts` (`num_texts`: their number, if known: see `reservoir_sample`); write
+    `<out_dir>/tokenizer.model` atomically and return its path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sample = reservoir_sample(texts, cfg.sample_articles, cfg.seed, cfg.max_chars_per_article)
+    sample = reservoir_sample(texts, cfg.sample_articles, cfg.seed, cfg.max_chars_per_article, num_texts)
     if not sample:
         raise ValueError("tokenizer: the corpus is empty, nothing to train on")
     log.info("training %s tokenizer, vocab %d, on %d sampled articles", cfg.model_type, cfg.vocab_size, len(sample))

@@ -2,8 +2,11 @@
 manifest hashes, registry, holdouts, atomic writes, idempotent reruns and resumption after an interruption."""
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +15,9 @@ import pytest
 import webdataset as wds
 
 from data_pipeline import schema
-from data_pipeline.packing import Context
+from data_pipeline.packing import Context, PackingConfig, pack_articles, pack_blocks
 from data_pipeline.pipeline import data_config_from_dict, run_stages
-from data_pipeline.shards import WORK_DIR, write_shard
+from data_pipeline.shards import WORK_DIR, write_shard, write_shard_blocks
 from data_pipeline.tokenizer import file_sha256
 from nulls_data_fixtures import build_dataset, data_config, write_corpus
 
@@ -143,6 +146,19 @@ def test_shard_write_is_atomic(tmp_path):
     assert target.exists() and info["samples"] == 1 and info["sha256"] == file_sha256(target)
 
 
+def test_block_writer_and_context_writer_give_the_same_tar(tmp_path):
+    articles = [(7 + i, np.arange(1, 40 + 13 * i, dtype=np.int32)) for i in range(9)]
+    cfg = PackingConfig(context_length=32)
+    by_context, by_block, sources = tmp_path / "a.tar", tmp_path / "b.tar", []
+    a = write_shard(by_context, 3, pack_articles(articles, cfg, 2, 3, 0), np.dtype(np.uint16))
+    b = write_shard_blocks(by_block, 3, pack_blocks(articles, cfg, 2, 3, 0, np.uint16, block_tokens=64),
+                           np.dtype(np.uint16), sources)
+    assert a == b and by_context.read_bytes() == by_block.read_bytes()
+    assert sorted(set(np.concatenate(sources).tolist())) == list(range(7, 16))
+    first = next(iter(wds.WebDataset(str(by_block), shardshuffle=False).decode()))
+    assert first["__key__"] == schema.sample_key(3, 0) and first[schema.TOKENS_KEY][:3].tolist() == [2, 1, 2]
+
+
 def test_single_packing_and_explicit_holdout_titles(tmp_path):
     corpus = write_corpus(tmp_path / "corpus.jsonl", 20)
     cfg = data_config(corpus, tmp_path / "data", packing={"mode": "single"},
@@ -192,3 +208,20 @@ def test_a_killed_shard_run_resumes_to_the_same_manifest(tmp_path):
     run_stages(data_config_from_dict(raw), ["shard"])
     assert (out / schema.MANIFEST_NAME).read_bytes() == reference
     assert not list(out.glob("*.tmp.*"))
+
+
+def test_shard_writing_process_stays_torch_free(tmp_path):
+    """data_pipeline never imports torch; webdataset (which imports it when installed) is imported with torch
+    hidden in a process that has not loaded torch, and its tars read back with the real webdataset."""
+    target = tmp_path / "shard-000000.tar"
+    code = ("import sys, numpy as np\n"
+            "from pathlib import Path\n"
+            "from data_pipeline.packing import Context\n"
+            "from data_pipeline.shards import write_shard\n"
+            "ctx = Context(np.arange(8), np.full(8, 7, np.uint32), np.ones(8, np.uint8))\n"
+            f"write_shard(Path({str(target)!r}), 0, iter([ctx]), np.dtype(np.uint16))\n"
+            "print('torch' in sys.modules, 'webdataset' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"], out.stdout + out.stderr
+    samples = list(wds.WebDataset(str(target), shardshuffle=False))
+    assert len(samples) == 1 and np.load(io.BytesIO(samples[0][schema.TOKENS_KEY])).tolist() == list(range(8))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from data_pipeline.packing import PackingConfig, pack_articles, shuffled
+from data_pipeline.packing import PackingConfig, pack_articles, pack_blocks, shuffled
 from data_pipeline.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, TokenizerConfig, file_sha256, load_tokenizer,
                                      reservoir_sample, train_tokenizer)
 
@@ -67,6 +67,15 @@ def test_reservoir_sample_is_bounded_and_seeded():
     assert len(reservoir_sample(iter(stream[:7]), 50, seed=1, max_chars=20)) == 7
 
 
+def test_reservoir_sample_with_a_known_count_draws_the_same_sample():
+    stream = [f"text {i} " * (1 + i % 5) for i in range(1000)]
+    for k, seed in ((50, 1), (999, 0), (1000, 2), (5000, 3)):
+        streamed = reservoir_sample(iter(stream), k, seed=seed, max_chars=20)
+        assert reservoir_sample(iter(stream), k, seed=seed, max_chars=20, num_texts=len(stream)) == streamed
+    with pytest.raises(ValueError, match="expected 999 texts"):
+        reservoir_sample(iter(stream), 50, seed=1, max_chars=20, num_texts=999)
+
+
 # ---- packing -----------------------------------------------------------------------------------------------
 
 ARTICLES = [(100, np.arange(10, 15)), (101, np.arange(20, 43)), (102, np.arange(50, 53)), (103, np.arange(60, 61))]
@@ -108,6 +117,18 @@ def test_single_gives_one_source_per_context_padded_with_loss_mask_zero():
         assert got.tolist() == _specials(tokens)
     short = per_source[103][0]
     assert short.loss_mask.tolist() == [1, 1, 1, 0, 0, 0, 0, 0] and short.tokens[3:].tolist() == [PAD_ID] * 5
+
+
+@pytest.mark.parametrize("mode", ["pack", "single"])
+def test_blocks_hold_the_same_contexts_in_the_shard_dtype(mode):
+    cfg = PackingConfig(mode=mode, context_length=9)
+    articles = [(s, t.astype(np.int32)) for s, t in ARTICLES * 3]
+    contexts = list(pack_articles(articles, cfg, BOS_ID, EOS_ID, PAD_ID, block_tokens=16))
+    blocks = list(pack_blocks(articles, cfg, BOS_ID, EOS_ID, PAD_ID, np.uint16, block_tokens=16))
+    assert all(b.tokens.dtype == np.uint16 and b.tokens.flags.c_contiguous for b in blocks)
+    for name in ("tokens", "source_ids", "loss_mask"):
+        rows = np.concatenate([getattr(b, name) for b in blocks])  # (n, 9)
+        assert rows.tolist() == [getattr(c, name).tolist() for c in contexts]
 
 
 def test_exact_fit_emits_no_padding_context():

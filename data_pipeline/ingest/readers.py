@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from data_pipeline.ingest.wikitext import wikitext_to_text
+from data_pipeline.ingest.wikitext import convert_pages
 
 FORMATS = ("parquet", "xml", "jsonl")
 _SUFFIXES = {
@@ -91,12 +91,14 @@ def _matches(path: Path, fmt: str) -> bool:
     return name.endswith(tuple(suffixes))
 
 
-def read_articles(path: Path, fmt: str, batch_rows: int, stats: Counter) -> Iterator[pa.RecordBatch]:
-    """Raw batches of one input file; format-specific counts go to `stats`."""
+def read_articles(path: Path, fmt: str, batch_rows: int, stats: Counter,
+                  num_workers: int = 1) -> Iterator[pa.RecordBatch]:
+    """Raw batches of one input file; format-specific counts go to `stats`. `num_workers` processes convert
+    XML wikitext (the other formats need no conversion)."""
     if fmt == "parquet":
         return read_parquet(path, batch_rows)
     if fmt == "xml":
-        return read_xml(path, batch_rows, stats)
+        return read_xml(path, batch_rows, stats, num_workers)
     if fmt == "jsonl":
         return read_jsonl(path, batch_rows, stats)
     raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
@@ -228,8 +230,23 @@ def _child_text(elem, name: str) -> str | None:
     return None
 
 
-def read_xml(path: Path, batch_rows: int, stats: Counter) -> Iterator[pa.RecordBatch]:
+def read_xml(path: Path, batch_rows: int, stats: Counter, num_workers: int = 1) -> Iterator[pa.RecordBatch]:
+    """Pages are parsed here; their wikitext is converted by `num_workers` processes (`convert_pages`), in
+    order, so batches and their rows do not depend on `num_workers`."""
     cols: tuple[list, list, list, list] = ([], [], [], [])
+    for title, page_id, url, text in convert_pages(_xml_pages(path, stats), stats, num_workers):
+        for col, value in zip(cols, (title.encode("utf-8", "surrogatepass"), page_id, url,
+                                     text.encode("utf-8", "surrogatepass"))):
+            col.append(value)
+        if len(cols[0]) >= batch_rows:
+            yield _raw_batch(*cols)
+            cols = ([], [], [], [])
+    if cols[0]:
+        yield _raw_batch(*cols)
+
+
+def _xml_pages(path: Path, stats: Counter) -> Iterator[tuple[str, int, str, str]]:
+    """(title, page_id, url, wikitext) of the article pages of a dump, streamed with iterparse."""
     url_base = ""
     with _open_xml(path) as raw:
         events = ET.iterparse(_Utf8Repair(raw, stats), events=("start", "end"))
@@ -247,19 +264,12 @@ def read_xml(path: Path, batch_rows: int, stats: Counter) -> Iterator[pa.RecordB
             elif tag == "page":
                 page = _page(elem, url_base, stats)
                 root.clear()  # drops this page (and anything before it) from memory
-                if page is None:
-                    continue
-                for col, value in zip(cols, page):
-                    col.append(value)
-                if len(cols[0]) >= batch_rows:
-                    yield _raw_batch(*cols)
-                    cols = ([], [], [], [])
-    if cols[0]:
-        yield _raw_batch(*cols)
+                if page is not None:
+                    yield page
 
 
 def _page(elem, url_base: str, stats: Counter):
-    """One <page> -> (title, page_id, url, text) or None for redirects and non-article namespaces."""
+    """One <page> -> (title, page_id, url, wikitext) or None for redirects and non-article namespaces."""
     stats["xml_pages"] += 1
     title = _child_text(elem, "title") or ""
     ns = _int_or(_child_text(elem, "ns"), 0)
@@ -271,14 +281,8 @@ def _page(elem, url_base: str, stats: Counter):
         return None
     revisions = [child for child in elem if _local(child.tag) == "revision"]
     wikitext = (_child_text(revisions[-1], "text") or "") if revisions else ""
-    try:
-        text = wikitext_to_text(wikitext)
-    except Exception:  # a parser failure keeps the raw wikitext rather than losing the article
-        stats["xml_wikitext_errors"] += 1
-        text = wikitext
     url = url_base + title.replace(" ", "_") if url_base else ""
-    page_id = _int_or(_child_text(elem, "id"), -1)
-    return (title.encode("utf-8", "surrogatepass"), page_id, url, text.encode("utf-8", "surrogatepass"))
+    return title, _int_or(_child_text(elem, "id"), -1), url, wikitext
 
 
 def input_fingerprint(path: Path) -> dict:

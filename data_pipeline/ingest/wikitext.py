@@ -1,12 +1,21 @@
-"""Wikitext -> plain text with mwparserfromhell.
+"""Wikitext -> plain text with mwparserfromhell, in this process or in parallel worker processes.
 
 Kept: prose, link texts, headings (as their own lines), list items. Dropped: templates (infoboxes,
 citations, navboxes), <ref> and other invisible tags, tables, comments, file/image/category links,
 interlanguage links and behaviour switches (__TOC__ ...).
+
+`convert_pages` converts a stream of pages with `num_workers` spawned processes: pages go out in chunks,
+at most `2 * num_workers` chunks are in flight (memory stays flat whatever the dump size), and results come
+back in input order, so the output is identical to one worker's.
 """
 from __future__ import annotations
 
 import re
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from itertools import islice
+from multiprocessing import get_context
 
 import mwparserfromhell
 from mwparserfromhell.nodes import Wikilink
@@ -49,3 +58,49 @@ def wikitext_to_text(wikitext: str) -> str:
     lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
     return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
 
+
+def _convert(wikitext: str) -> tuple[str, bool]:
+    """(plain text, failed): a parser failure keeps the raw wikitext rather than losing the article."""
+    try:
+        return wikitext_to_text(wikitext), False
+    except Exception:
+        return wikitext, True
+
+
+def _convert_chunk(wikitexts: list[str]) -> list[tuple[str, bool]]:
+    return [_convert(w) for w in wikitexts]
+
+
+def convert_pages(pages: Iterable[tuple], stats: Counter, num_workers: int = 1,
+                  chunk_pages: int = 64) -> Iterator[tuple]:
+    """pages: (*fields, wikitext) -> (*fields, text), in input order; parser failures are counted in
+    `stats["xml_wikitext_errors"]`. num_workers > 1: chunks of `chunk_pages` pages are converted by that many
+    spawned processes, at most 2 * num_workers chunks in flight (only the wikitext travels)."""
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    pages = iter(pages)
+    if num_workers == 1:
+        for *fields, wikitext in pages:
+            text, failed = _convert(wikitext)
+            if failed:
+                stats["xml_wikitext_errors"] += 1
+            yield (*fields, text)
+        return
+    # spawn, not fork: the caller may hold pyarrow's thread pools
+    with ProcessPoolExecutor(num_workers, mp_context=get_context("spawn")) as pool:
+        in_flight: deque = deque()  # (fields of each page, future of their texts)
+        while chunk := list(islice(pages, chunk_pages)):
+            in_flight.append(([p[:-1] for p in chunk], pool.submit(_convert_chunk, [p[-1] for p in chunk])))
+            del chunk
+            if len(in_flight) >= 2 * num_workers:
+                yield from _finished(in_flight.popleft(), stats)
+        while in_flight:
+            yield from _finished(in_flight.popleft(), stats)
+
+
+def _finished(item, stats: Counter) -> Iterator[tuple]:
+    fields, future = item
+    for page_fields, (text, failed) in zip(fields, future.result()):
+        if failed:
+            stats["xml_wikitext_errors"] += 1
+        yield (*page_fields, text)
