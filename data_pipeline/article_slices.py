@@ -14,13 +14,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from data_pipeline.ingest import article_parts
+from data_pipeline.ingest import article_parts, iter_row_group
 
-# Rows per read batch: ~4 MB of Wikipedia text (arrow memory per open slice, not per row group).
+# Rows per read batch: ~4 MB of Wikipedia text (arrow memory per open slice, not per row group). Row groups are
+# read with `ingest.iter_row_group` (calling thread, pool memory returned after each group: why, there).
 READ_BATCH_ROWS = 1024
-# Every read here decodes on the calling thread (use_threads=False): with pyarrow's decode threads, memory freed
-# on another thread than it was allocated on stayed in mimalloc's caches and RSS rose with every row group
-# read (measured: +52 MB over 8 row groups of 2048 articles; single-threaded: flat after the first).
 
 
 @dataclass(frozen=True)
@@ -64,14 +62,13 @@ def read_rows(index: CorpusIndex, start: int, stop: int, columns: list[str],
                 continue
             pf = pf or pq.ParquetFile(path)
             at = lo  # global row of the next batch
-            for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[g], columns=columns, use_threads=False):
+            for batch in iter_row_group(pf, g, columns, batch_rows):
                 b_lo, b_hi = max(start - at, 0), min(stop - at, batch.num_rows)
                 at += batch.num_rows
                 if b_hi > b_lo:
                     yield batch.slice(b_lo, b_hi - b_lo)
                 if at >= stop:
                     break
-            pa.default_memory_pool().release_unused()  # see READ_BATCH_ROWS
         if offset >= stop:
             return
 
@@ -93,11 +90,10 @@ def read_selected_rows(index: CorpusIndex, source_ids: pa.Array, columns: list[s
                 continue
             # the kept rows of the group as one table (as a whole-group read would give), streamed in batches
             pieces, at = [], 0
-            for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=[g], columns=columns,
-                                         use_threads=False):
+            for batch in iter_row_group(pf, g, columns, READ_BATCH_ROWS):
                 pieces.append(batch.filter(keep.slice(at, batch.num_rows)))
                 at += batch.num_rows
             kept = pa.Table.from_batches(pieces).combine_chunks()
             del pieces
-            pa.default_memory_pool().release_unused()  # see READ_BATCH_ROWS
+            pa.default_memory_pool().release_unused()  # the unfiltered batches
             yield from kept.to_batches()
