@@ -13,8 +13,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
-from data_pipeline.ingest import article_parts, iter_row_group
+from nulls_dist.data_pipeline.ingest import article_parts, iter_row_group
 
 # Rows per read batch: ~4 MB of Wikipedia text (arrow memory per open slice, not per row group). Row groups are
 # read with `ingest.iter_row_group` (calling thread, pool memory returned after each group: why, there).

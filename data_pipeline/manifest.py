@@ -5,18 +5,18 @@ Both are written atomically and carry no timestamps, so an identical rerun write
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from nulls_dist.data_pipeline.article_slices import index_corpus, read_rows
+from nulls_dist.data_pipeline.registry import write_registry
+from nulls_dist.data_pipeline.shards import HOLDOUT_TASK, WORK_DIR
 
-from data_pipeline import schema
-from data_pipeline.article_slices import index_corpus, read_rows
-from data_pipeline.registry import write_registry
-from data_pipeline.shards import HOLDOUT_TASK, WORK_DIR
+from nulls_dist.formats import atomic
+from nulls_dist.formats import dataset as schema
 
 _META_COLUMNS = ["source_id", "title", "page_id", "url", "chars"]
 
@@ -108,8 +108,4 @@ def build_manifest(plan: dict, markers: list[dict], tokenizer: dict, registry: d
 
 
 def write_manifest(out_dir: str | Path, manifest: dict) -> Path:
-    path = Path(out_dir) / schema.MANIFEST_NAME
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-    return path
+    return atomic.write_text(Path(out_dir) / schema.MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True))

@@ -21,7 +21,7 @@ from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from data_pipeline.schema import LOSS_MASK_DTYPE, SOURCE_ID_DTYPE
+from nulls_dist.formats.dataset import LOSS_MASK_DTYPE, SOURCE_ID_DTYPE
 
 PACKING_MODES = ("pack", "single")
 

@@ -11,21 +11,36 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from nulls_dist.data_pipeline.ingest import (
+    IngestConfig,
+    iter_articles,
+    read_report,
+    run_ingest,
+)
+from nulls_dist.data_pipeline.manifest import (
+    build_manifest,
+    write_dataset_registry,
+    write_manifest,
+)
+from nulls_dist.data_pipeline.packing import PackingConfig
+from nulls_dist.data_pipeline.registry import SourceRegistry
+from nulls_dist.data_pipeline.selection import random_holdouts, select_holdouts
+from nulls_dist.data_pipeline.shards import ShardConfig, write_shards
+from nulls_dist.data_pipeline.tokenizer import (
+    MODEL_FILE,
+    TokenizerConfig,
+    describe_tokenizer,
+    load_tokenizer,
+    train_tokenizer,
+)
 from tqdm import tqdm
 
-from data_pipeline.ingest import IngestConfig, iter_articles, read_report, run_ingest
-from data_pipeline.manifest import build_manifest, write_dataset_registry, write_manifest
-from data_pipeline.packing import PackingConfig
-from data_pipeline.registry import SourceRegistry
-from data_pipeline.selection import random_holdouts, select_holdouts
-from data_pipeline.shards import ShardConfig, write_shards
-from data_pipeline.tokenizer import (MODEL_FILE, TokenizerConfig, describe_tokenizer, file_sha256, load_tokenizer,
-                                     train_tokenizer)
+from nulls_dist.formats import atomic
+from nulls_dist.formats.digests import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +166,7 @@ def run_tokenizer_stage(cfg: DataConfig) -> Path:
     texts = tqdm((t for batch in iter_articles(cfg.ingest_dir, columns=["text"]) for t in batch.column(0).to_pylist()),
                  total=report["num_written"], desc="tokenizer sample", unit="article")
     path = train_tokenizer(texts, cfg.tokenizer, cfg.output_dir, num_texts=report["num_written"])
-    tmp = info_path.with_name(f"{info_path.name}.tmp.{os.getpid()}")
-    tmp.write_text(json.dumps({**info, "sha256": file_sha256(path)}, indent=1, sort_keys=True))
-    os.replace(tmp, info_path)
+    atomic.write_text(info_path, json.dumps({**info, "sha256": file_sha256(path)}, indent=1, sort_keys=True))
     return path
 
 

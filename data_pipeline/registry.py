@@ -13,7 +13,6 @@ Items naming sources (`resolve`, used for holdouts and exclude lists):
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections import OrderedDict
@@ -23,8 +22,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from nulls_dist.data_pipeline.titles import title_hash, title_hashes
 
-from data_pipeline.titles import title_hash, title_hashes
+from nulls_dist.formats import atomic
+from nulls_dist.formats.digests import file_sha256
 
 REGISTRY_SCHEMA = pa.schema([
     ("source_id", pa.int64()),
@@ -47,9 +48,8 @@ def write_registry(path: str | Path, batches: Iterable[pa.RecordBatch | pa.Table
     """Write registry rows (REGISTRY_COLUMNS, source ids strictly increasing) to `path` atomically.
     Returns {"path", "rows", "sha256"}."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     rows, last_id = 0, None
-    try:
+    with atomic.atomic_path(path) as tmp:
         with pq.ParquetWriter(tmp, REGISTRY_SCHEMA, compression="zstd") as writer:
             for batch in batches:
                 table = _as_registry_table(batch, path)
@@ -63,9 +63,6 @@ def write_registry(path: str | Path, batches: Iterable[pa.RecordBatch | pa.Table
                 writer.write_table(table, row_group_size=row_group_size)
                 rows += table.num_rows
         digest = file_sha256(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return {"path": str(path), "rows": rows, "sha256": digest}
 
 
@@ -77,12 +74,6 @@ def _as_registry_table(batch, path: Path) -> pa.Table:
     return table.select(list(REGISTRY_COLUMNS)).cast(REGISTRY_SCHEMA)
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _parquet_files(path: Path) -> list[Path]:
@@ -153,10 +144,8 @@ class SourceRegistry:
         hashes = hashes[order]
         order = order.astype(np.uint32)
         if index_cache is not None:
-            tmp = Path(index_cache).with_name(f".{Path(index_cache).name}.tmp")
-            with open(tmp, "wb") as f:
+            with atomic.atomic_open(index_cache, "wb") as f:
                 np.savez(f, fingerprint=np.array(fingerprint), source_ids=source_ids, hashes=hashes, order=order)
-            os.replace(tmp, index_cache)
         return cls(files, source_ids, hashes, order)
 
     def __len__(self) -> int:

@@ -34,12 +34,25 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from nulls_dist.data_pipeline.article_slices import (
+    CorpusIndex,
+    index_corpus,
+    read_rows,
+    read_selected_rows,
+)
+from nulls_dist.data_pipeline.packing import (
+    Context,
+    ContextBlock,
+    PackingConfig,
+    pack_blocks,
+    shuffled,
+)
+from nulls_dist.data_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID, load_tokenizer
 from tqdm import tqdm
 
-from data_pipeline import schema
-from data_pipeline.article_slices import CorpusIndex, index_corpus, read_rows, read_selected_rows
-from data_pipeline.packing import Context, ContextBlock, PackingConfig, pack_blocks, shuffled
-from data_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID, file_sha256, load_tokenizer
+from nulls_dist.formats import atomic
+from nulls_dist.formats import dataset as schema
+from nulls_dist.formats.digests import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +160,7 @@ def write_shard_blocks(path: Path, shard_index: int, blocks: Iterable[ContextBlo
     rerun (webdataset.TarWriter with a fixed mtime, user/group "nulls", ustar headers). Each block is turned into
     the members' .npy bytes with three numpy assignments; TarWriter gets one row view per member. `sources`, if
     given, receives the source ids of the loss tokens (each at least once)."""
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    try:
+    with atomic.atomic_path(path) as tmp:
         with open(tmp, "wb") as raw:
             out = _HashingFile(raw)
             # A fixed integer mtime: byte-identical reruns and no pax record per member (a float mtime costs
@@ -159,12 +171,6 @@ def write_shard_blocks(path: Path, shard_index: int, blocks: Iterable[ContextBlo
                 num_samples, num_tokens = _write_blocks(writer, shard_index, blocks, token_dtype, sources)
             finally:
                 writer.close()  # also on error: the temp file is still open, and is removed below
-            raw.flush()
-            os.fsync(raw.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
     return {"samples": num_samples, "tokens": num_tokens, "bytes": out.num_bytes, "sha256": out.sha.hexdigest()}
 
 
@@ -197,9 +203,7 @@ def write_shard(path: Path, shard_index: int, contexts: Iterable[Context], token
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 # ---- tasks (run in worker processes) -----------------------------------------------------------------------
@@ -288,9 +292,8 @@ def _run_task(task: dict) -> dict:
     stats = pa.table({"source_id": pa.array(source_ids, pa.int64()), "tokens": pa.array(num_tokens, pa.int64()),
                       "shards": pa.array([where.get(s, []) for s in source_ids.tolist()], pa.list_(pa.string()))})
     stats_path = work / f"{task['name']}.stats.parquet"
-    tmp = stats_path.with_name(stats_path.name + f".tmp.{os.getpid()}")
-    pq.write_table(stats, tmp)
-    os.replace(tmp, stats_path)
+    with atomic.atomic_path(stats_path) as tmp:
+        pq.write_table(stats, tmp)
     marker = {"task": task["name"], "plan": task["plan_hash"], "shards": shards}
     _write_json(work / f"{task['name']}.done.json", marker)
     _release_memory()

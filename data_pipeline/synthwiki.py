@@ -1,6 +1,6 @@
 """SynthWiki: a seeded generator of a small fictional encyclopedia with known facts, and its fact probes.
 
-Run: `python -m data_pipeline.synthwiki --out data_pipeline/bundled/synthwiki` (the bundled copy).
+Run: `python -m nulls_dist.data_pipeline.synthwiki --out data_pipeline/bundled/synthwiki` (the bundled copy).
 
 Each cluster is a fictional region with one article per entity type (town, river, composer, festival,
 mountain, guild). Every article states:
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
 from dataclasses import asdict, dataclass
@@ -28,7 +27,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_pipeline.schema import PAPER_ID_OFFSET
+from nulls_dist.formats import atomic
+from nulls_dist.formats.dataset import PAPER_ID_OFFSET
 
 GENERATOR_VERSION = 2
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled" / "synthwiki"
@@ -336,9 +336,8 @@ def write(cfg: SynthWikiConfig, out: str | Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     rows, probes = generate(cfg)
     table = pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA)
-    tmp = out / f".{PARQUET_NAME}.tmp"
-    pq.write_table(table, tmp, compression="zstd", row_group_size=64)
-    os.replace(tmp, out / PARQUET_NAME)
+    with atomic.atomic_path(out / PARQUET_NAME) as tmp:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=64)
     _write_text(out / PROBES_NAME, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in probes))
     meta = {"generator_version": GENERATOR_VERSION, "config": asdict(cfg), "num_articles": len(rows),
             "num_chars": sum(len(r["text"]) for r in rows),
@@ -350,9 +349,7 @@ def write(cfg: SynthWikiConfig, out: str | Path) -> dict:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_text(path, text)
 
 
 def load_probes(path: str | Path = BUNDLED_DIR / PROBES_NAME, id_offset: int | None = None) -> list[dict]:

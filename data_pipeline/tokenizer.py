@@ -9,7 +9,6 @@ Special ids, fixed for every model this stage trains (and checked on an adopted 
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -19,6 +18,9 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import sentencepiece as spm
+
+from nulls_dist.formats import atomic
+from nulls_dist.formats.digests import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +53,6 @@ class TokenizerConfig:
             raise ValueError(f"tokenizer.vocab_size must be >= 260 (byte fallback), got {self.vocab_size}")
         if self.sample_articles <= 0:
             raise ValueError(f"tokenizer.sample_articles must be positive, got {self.sample_articles}")
-
-
-def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def reservoir_sample(texts: Iterable[str], k: int, seed: int, max_chars: int,
@@ -142,11 +136,7 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_dir: str | o
         shuffle_input_sentence=False,  # the sample is already a seeded random sample
         minloglevel=2,
     )
-    final = out_dir / MODEL_FILE
-    tmp = final.with_name(f"{final.name}.tmp.{os.getpid()}")
-    tmp.write_bytes(model.getvalue())
-    os.replace(tmp, final)
-    return final
+    return atomic.write_bytes(out_dir / MODEL_FILE, model.getvalue())
 
 
 def load_tokenizer(path: str | os.PathLike, num_threads: int = 1) -> spm.SentencePieceProcessor:

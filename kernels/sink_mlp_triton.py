@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nulls_dist.kernels.sink_mlp_ref import check_sink_mlp_inputs
+
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Default tiles: multiples of 16 (tl.dot's minimum on NVIDIA), untuned: no GPU has measured them yet.
 DEFAULT_BLOCKS = {"block_m": 64, "block_k": 32, "block_d": 64, "block_r": 16}
@@ -254,8 +256,6 @@ def uses_interpreter() -> bool:
 
 def check_triton_inputs(x, offsets, seg_source, source_rows, w_gate, w_up, w_down, validate_indices=True):
     """Raise ValueError on what these kernels do not support; no silent fallback to torch."""
-    from kernels.sink_mlp import check_sink_mlp_inputs
-
     check_sink_mlp_inputs(x, offsets, seg_source, source_rows, w_gate, w_up, w_down)
     if x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"x dtype must be one of {SUPPORTED_DTYPES}, got {x.dtype}")

@@ -3,9 +3,9 @@ stage, activation memory per micro-batch, FLOPs per token (gathered vs published
 tokens/s per GPU, GPU-hours and wall-clock for 1/4/16 nodes, and the disk to hold the shards. Prints JSON.
 
 Every number here is COMPUTED from the model shape and stated assumptions (the cost facts measured on one H100
-in /work/shared/NULLS.md); none is a measurement of this trainer. docs/capacity_plan.md is its output, explained.
+in /work/shared/docs/nulls_facts.md); none is a measurement of this trainer. docs/capacity_plan.md is its output, explained.
 
-    python -m launch.capacity_plan --preset paper_wiki_1b --tokens 32e9 > plan.json
+    python -m nulls_dist.launch.capacity_plan --preset paper_wiki_1b --tokens 32e9 > plan.json
 """
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ from nulls_dist.config import NullConfig
 
 GIB = 2**30
 
-# Measured on one H100 80GB, torch 2.11, bf16 (NULLS.md "Cost facts"): MLP layer fwd+bwd at the paper's shape,
+# Measured on one H100 80GB, torch 2.11, bf16 (docs/nulls_facts.md "Cost facts"): MLP layer fwd+bwd at the paper's shape,
 # 16 x 1024 tokens in 512-token single-source segments.
 MLP_MS_PER_16K_TOKENS = {"masked": 4.78, "gathered": 2.11}
 MICROBENCH_TOKENS = 16 * 1024
 HBM_TB_S = 3.0
 # Non-MLP matmuls (attention projections, scores, LM head) at the utilisation published dense ~1B training
-# reaches (40-46K tokens/s/GPU at ~40% MFU, NULLS.md): 40% of the measured 743 TFLOP/s bf16 matmul rate.
+# reaches (40-46K tokens/s/GPU at ~40% MFU, docs/nulls_facts.md): 40% of the measured 743 TFLOP/s bf16 matmul rate.
 DENSE_MATMUL_TFLOPS = 0.40 * 743
 PUBLISHED_DENSE_1B_TOKENS_S = 40_000  # the low end of the published range: the conservative planning rate
 # Collective bandwidth per GPU, NCCL bus bandwidth (assumed, typical H100 nodes): NVLink within a node; 8 x 400 Gb/s
@@ -106,7 +106,7 @@ def forward_flops_per_token(cfg: NullConfig, sink_path: str, active_sinks: int, 
 
 
 def projected_tokens_per_s(cfg: NullConfig, sink_path: str, active_sinks: int, context: int) -> float:
-    """One H100: measured MLP time (NULLS.md) + other matmuls at dense-1B utilisation + elementwise passes."""
+    """One H100: measured MLP time (docs/nulls_facts.md) + other matmuls at dense-1B utilisation + elementwise passes."""
     flops = forward_flops_per_token(cfg, sink_path, active_sinks, context)
     mlp_s = cfg.n_layer * MLP_MS_PER_16K_TOKENS[sink_path] / 1e3 / MICROBENCH_TOKENS
     matmul_s = 3 * (flops["attention"] + flops["lm_head"]) / (DENSE_MATMUL_TFLOPS * 1e12)
@@ -142,7 +142,7 @@ def plan(preset: str, tokens: float, epochs: int, context: int, global_batch_tok
              "projected_masked": projected_tokens_per_s(cfg, "masked", active, context),
              "projected_gathered": projected_tokens_per_s(cfg, "gathered", active, context)}
     return {
-        "label": "PROJECTION: computed from shapes and NULLS.md cost facts, not measured",
+        "label": "PROJECTION: computed from shapes and docs/nulls_facts.md cost facts, not measured",
         "preset": preset, "active_sinks_per_source": active, "params": {**asdict(params), "total": params.total},
         "model_state_gib_per_gpu": {f"zero{s}": {str(n): model_state_gib(params.total, s, n) for n in (8, 32, 128)}
                                     for s in range(4)},

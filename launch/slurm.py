@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launch.task import PORT_BASE, PORT_SPAN
+from nulls_dist.launch.task import PORT_BASE, PORT_SPAN
 
 TIME_RE = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
 MEM_RE = re.compile(r"^\d+[KMGT]?$")
@@ -45,7 +45,7 @@ class SlurmSpec:
     requeue: bool = True
     requeue_exit_code: int = 75  # nulls-train's exit code after "checkpointed on signal" (EX_TEMPFAIL)
     train_command: str | None = None  # None: the nulls-train beside `python`, else `nulls-train` on PATH
-    python: str | None = None  # runs `-m launch.task` on every task; None: this interpreter
+    python: str | None = None  # runs `-m nulls_dist.launch.task` on every task; None: this interpreter
     setup: list[str] = field(default_factory=list)  # shell lines before srun (module load, source venv)
     env: dict[str, str] = field(default_factory=dict)  # exported before srun (NCCL_*, WANDB_MODE, ...)
     sbatch_args: list[str] = field(default_factory=list)  # extra `#SBATCH` options, verbatim
@@ -129,7 +129,7 @@ def render_sbatch(spec: SlurmSpec, job_name: str, run_dir: Path, train_args: lis
     lines += [f"export {key}={shlex.quote(str(value))}" for key, value in spec.env.items()]
     srun = ["srun", f"--ntasks-per-node={spec.tasks_per_node}", f"--cpus-per-task={spec.cpus_per_task}",
             "--open-mode=append", f"--output={log_dir}/rank%t-%j.out", *spec.srun_args]
-    task = [spec.python, "-m", "launch.task", *shlex.split(spec.train_command), *train_args]
+    task = [spec.python, "-m", "nulls_dist.launch.task", *shlex.split(spec.train_command), *train_args]
     lines += [
         " ".join(shlex.quote(part) for part in srun + task),
         "rc=$?",

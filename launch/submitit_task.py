@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from launch.slurm import SlurmSpec
-from launch.task import rendezvous_env
+from nulls_dist.launch.slurm import SlurmSpec
+from nulls_dist.launch.task import rendezvous_env
 
 PREEMPT_SIGNAL_ENV = "SUBMITIT_PREEMPT_SIGNAL"
 PREEMPT_SIGNAL = "USR1"  # what nulls-train checkpoints on

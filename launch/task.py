@@ -1,7 +1,7 @@
 """One SLURM task -> one torch.distributed rank: maps SLURM's variables to the torchrun-style environment,
 then execs the training command in place (same PID, so SLURM's signals reach the trainer directly).
 
-    srun python -m launch.task nulls-train experiment=demo
+    srun python -m nulls_dist.launch.task nulls-train experiment=demo
 
 SLURM_PROCID -> RANK, SLURM_NTASKS -> WORLD_SIZE, SLURM_LOCALID -> LOCAL_RANK, tasks on this node ->
 LOCAL_WORLD_SIZE, SLURM_NODEID -> NODE_RANK; MASTER_ADDR = first host of SLURM_JOB_NODELIST and
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] == "--":
         argv = argv[1:]
     if not argv:
-        raise SystemExit("usage: python -m launch.task COMMAND [ARGS...]")
+        raise SystemExit("usage: python -m nulls_dist.launch.task COMMAND [ARGS...]")
     env = rendezvous_env(os.environ)
     os.environ.update(env)
     # One line per rank in its srun log: which rank landed where (the first thing to read on a hung job).

@@ -138,12 +138,12 @@ class NullConfig:
 
     @property
     def backbone_only_scale(self) -> float:
-        """Backbone-only mode rescales the backbone by (p_gen + p_mem) / p_gen (NULLS.md)."""
+        """Backbone-only mode rescales the backbone by (p_gen + p_mem) / p_gen (docs/nulls_facts.md)."""
         return (self.p_gen + self.p_mem) / self.p_gen
 
     def sink_assignment_config(self):
         """The `SinkAssignmentConfig` of this model's pool (pool_size = n_sink)."""
-        from nulls_dist.sinks import SinkAssignmentConfig
+        from nulls_dist.sink_config import SinkAssignmentConfig
 
         return SinkAssignmentConfig(
             strategy=self.sink_strategy,
@@ -220,7 +220,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         name="debug", block_size=256, vocab_size=4096, n_layer=2, n_embd=64, n_head=4, n_query_groups=2,
         head_size=16, intermediate_size=512, p_gen=0.125, p_mem=0.05, rope_base=10000,
     ),
-    # The published 1B Wikipedia model (NULLS.md): 500 backbone units, a 7692-unit pool, ~100 sinks per source.
+    # The published 1B Wikipedia model (docs/nulls_facts.md): 500 backbone units, a 7692-unit pool, ~100 sinks per source.
     "paper_wiki_1b": dict(
         name="paper_wiki_1b", block_size=1024, vocab_size=49152, padded_vocab_size=49152, n_layer=32, n_embd=960,
         n_head=15, n_query_groups=5, head_size=128, intermediate_size=8192, p_gen=0.06103515625, p_mem=0.013,

@@ -1,7 +1,7 @@
 """Released NULLs checkpoints in litgpt format (`lit_model.pth` + `model_config.yaml`) <-> NullTransformer.
 
 litgpt stores the SwiGLU as three full matrices; the first n_backbone hidden units are the backbone, the rest
-the sink pool (NULLS.md). The mapping (design.md, "Model weights"):
+the sink pool (docs/nulls_facts.md). The mapping (design.md, "Model weights"):
     fc_1.weight (I, D) -> [backbone_gate ; sink_gate]      fc_2.weight (I, D) -> [backbone_up ; sink_up]
     proj.weight (D, I) -> [backbone_down | sink_down^T]
 Attention keeps litgpt's fused `qkv.weight`: rows [q (n_head*hs) ; k (n_query_groups*hs) ; v (same)], which is
@@ -10,7 +10,6 @@ how litgpt 0.5.x splits it (no per-group interleave). Older litgpt names it `att
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 import yaml
 
 from nulls_dist.config import NullConfig
+from nulls_dist.formats import atomic
 from nulls_dist.model import NullTransformer
 
 LIT_WEIGHTS = "lit_model.pth"
@@ -114,12 +114,9 @@ def save_litgpt_checkpoint(model: NullTransformer, checkpoint_dir: str | Path) -
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     state_dict = null_to_litgpt_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()}, model.cfg)
-    tmp = checkpoint_dir / (LIT_WEIGHTS + ".tmp")
-    torch.save(state_dict, tmp)
-    os.replace(tmp, checkpoint_dir / LIT_WEIGHTS)
-    tmp = checkpoint_dir / (LIT_CONFIG + ".tmp")
-    tmp.write_text(yaml.safe_dump(model.cfg.to_litgpt_dict(), sort_keys=False))
-    os.replace(tmp, checkpoint_dir / LIT_CONFIG)
+    with atomic.atomic_path(checkpoint_dir / LIT_WEIGHTS) as tmp:
+        torch.save(state_dict, tmp)  # litgpt's own format: a plain tensor dict, read with weights_only=True
+    atomic.write_text(checkpoint_dir / LIT_CONFIG, yaml.safe_dump(model.cfg.to_litgpt_dict(), sort_keys=False))
     return checkpoint_dir
 
 

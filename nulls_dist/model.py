@@ -1,5 +1,5 @@
 """The NULL transformer: a Llama-style decoder whose SwiGLU MLP is split into always-on backbone units and a
-pool of per-source sink units; the attention mask is causal AND same-source; the deployment modes of NULLS.md.
+pool of per-source sink units; the attention mask is causal AND same-source; the deployment modes of docs/nulls_facts.md.
 Single-device code: no parallelism, no config system, no logging backends.
 
 Shape legend:
@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.sink_mlp import sink_mlp
+from nulls_dist.kernels.sink_mlp import sink_mlp
 from nulls_dist.config import NullConfig
 from nulls_dist.segments import Segments, source_segments
 from nulls_dist.sinks import SinkAssignment
@@ -127,19 +127,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (x * self.weight.float()).to(dtype)
-
-
 class LayerKVCache:
     """Keys and values of one layer for incremental decoding."""
 
@@ -239,9 +226,9 @@ class NullMLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: NullConfig) -> None:
         super().__init__()
-        self.norm_1 = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.norm_1 = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.attn = CausalSelfAttention(cfg)
-        self.norm_2 = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.norm_2 = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.mlp = NullMLP(cfg)
 
     def forward(self, x, cos, sin, mask, plan, layer, cache=None, input_pos=None, num_keys=0):
@@ -261,7 +248,7 @@ class NullTransformer(nn.Module):
             dict(
                 wte=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
                 h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
-                ln_f=RMSNorm(cfg.n_embd, cfg.norm_eps),
+                ln_f=nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps),
             )
         )
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)

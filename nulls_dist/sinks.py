@@ -17,67 +17,21 @@ Shape legend:
 """
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 
 from nulls_dist import sink_hash
+from nulls_dist.sink_config import (ID_DTYPES, INT32_MAX, STRATEGIES, SinkAssignmentConfig, code_parameters,
+                                    largest_prime_at_most)
 
-STRATEGIES = ("reference", "uniform", "code")
-ID_DTYPES = ("int64", "int32")
+__all__ = ["ID_DTYPES", "STRATEGIES", "SinkAssignment", "SinkAssignmentConfig", "largest_prime_at_most",
+           "mask_to_rows", "rows_to_mask"]
+
 VERSIONS = {"reference": "nulls-published-1", "uniform": "splitmix64-first-k-1", "code": "gf-poly-1"}
 # Elements per temporary (S_chunk x P, S_chunk x M or S_chunk x k): 2**21 int64 = 16 MiB. On the dev box
 # (65536 paper ids) 2**18..2**21 ran equally fast and 2**14 ~30% slower (per-call overhead).
 CHUNK_ELEMENTS = 1 << 21
-INT32_MAX = 2**31 - 1
-
-
-@dataclass(frozen=True)
-class SinkAssignmentConfig:
-    """How source ids map to sink units.
-
-    k: sinks per source. None derives it: round(p_mem * pool_size) for uniform, q for code; reference ignores
-       k (each unit is on with probability ~p_mem). code accepts any k <= q (k evaluation points).
-    num_sources: number of sources the run will see; code picks the smallest r with q**r >= num_sources and
-       refuses a config that would need r > k (capacity q**k too small). None for code means "every
-       non-negative int32 id" (capacity >= 2**31).
-    min_source_id: code only; source index = source_id - min_source_id (e.g. 49152 for the paper's ids).
-    """
-
-    strategy: str = "reference"
-    pool_size: int = 7692
-    p_mem: float = 0.013
-    k: int | None = None
-    layer_specific: bool = False
-    seed: int = 0
-    num_sources: int | None = None
-    id_dtype: str = "int64"
-    min_source_id: int = 0
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if not isinstance(self.pool_size, int) or not 1 <= self.pool_size <= INT32_MAX:
-            raise ValueError(f"pool_size must be an integer in [1, 2**31), got {self.pool_size!r}")
-        if isinstance(self.p_mem, bool) or not isinstance(self.p_mem, (int, float)) or not 0.0 < self.p_mem <= 1.0:
-            raise ValueError(f"p_mem must be in (0, 1], got {self.p_mem!r}")
-        if self.k is not None and (not isinstance(self.k, int) or self.k < 1):
-            raise ValueError(f"k must be a positive integer or None, got {self.k!r}")
-        if self.k is not None and self.k > self.pool_size:
-            raise ValueError(f"k={self.k} is larger than the sink pool (pool_size={self.pool_size})")
-        if self.id_dtype not in ID_DTYPES:
-            raise ValueError(f"id_dtype must be one of {ID_DTYPES}, got {self.id_dtype!r}")
-        if self.num_sources is not None and (not isinstance(self.num_sources, int) or self.num_sources < 1):
-            raise ValueError(f"num_sources must be a positive integer or None, got {self.num_sources!r}")
-        if not isinstance(self.min_source_id, int) or self.min_source_id < 0:
-            raise ValueError(f"min_source_id must be a non-negative integer, got {self.min_source_id!r}")
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
-        if self.strategy == "reference" and self.layer_specific:
-            raise ValueError(
-                "layer_specific=True is not available for strategy 'reference' (the published hash has no layer)"
-            )
 
 
 class SinkAssignment:
@@ -99,28 +53,8 @@ class SinkAssignment:
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _init_code(self) -> None:
-        cfg = self.cfg
-        q = largest_prime_at_most(math.isqrt(cfg.pool_size))
-        if q < 2:
-            raise ValueError(f"pool_size={cfg.pool_size} is too small for strategy 'code' (needs q*q >= 4)")
-        k = cfg.k if cfg.k is not None else q
-        if k > q:
-            raise ValueError(
-                f"k={k} exceeds q={q} for strategy 'code' (pool_size={cfg.pool_size} gives q = the largest prime "
-                f"with q*q <= pool_size; k must be <= q)"
-            )
-        needed = cfg.num_sources if cfg.num_sources is not None else 2**31  # None: every int32 id
-        r = 1
-        while q**r < needed:
-            r += 1
-        if r > k:
-            # degree < r polynomials stay distinct on k points only while r <= k: capacity tops out at q**k
-            raise ValueError(
-                f"num_sources={cfg.num_sources} (needs capacity {needed}) exceeds the capacity q**k={q**k} of "
-                f"strategy 'code' (q={q}, k={k}, pool_size={cfg.pool_size}); use a larger pool_size or k"
-            )
-        self.q, self.r, self.k, self.capacity = q, r, k, q**r
-        self._code_affine = sink_hash.code_affine(q, r, cfg.seed, cfg.layer_specific)
+        self.q, self.r, self.k, self.capacity = code_parameters(self.cfg)
+        self._code_affine = sink_hash.code_affine(self.q, self.r, self.cfg.seed, self.cfg.layer_specific)
 
     # ----------------------------------------------------------------------------------------------- public
     def rows(self, source_ids: torch.Tensor, layer: int = 0) -> torch.Tensor:
@@ -239,11 +173,3 @@ def rows_to_mask(rows: torch.Tensor, pool_size: int) -> torch.Tensor:
     mask = torch.zeros(rows.shape[0], pool_size + 1, dtype=torch.bool, device=rows.device)
     mask.scatter_(1, torch.where(rows < 0, pool_size, rows), True)
     return mask[:, :pool_size].contiguous()
-
-
-def largest_prime_at_most(n: int) -> int:
-    """The largest prime <= n (0 when there is none)."""
-    for cand in range(n, 1, -1):
-        if all(cand % d for d in range(2, math.isqrt(cand) + 1)):
-            return cand
-    return 0

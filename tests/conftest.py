@@ -4,7 +4,6 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DIR = REPO_ROOT.parent / "shared"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -21,11 +20,3 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
-
-
-@pytest.fixture(scope="session")
-def compat_dir() -> Path:
-    path = SHARED_DIR / "compat"
-    if not path.exists():
-        pytest.fail(f"golden vectors not found at {path}: the repo must sit beside shared/")
-    return path

@@ -6,7 +6,7 @@ import json
 import random
 from pathlib import Path
 
-from data_pipeline.pipeline import data_config_from_dict, run_stages
+from nulls_dist.data_pipeline.pipeline import data_config_from_dict, run_stages
 
 WORDS = ("river mountain city king queen war peace born died founded music north south empire bridge tower "
          "harbour forest temple market river school painter poet engine island valley").split()

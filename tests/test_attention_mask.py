@@ -52,7 +52,7 @@ def test_mask_with_cached_keys_matches_naive_loop():
 
 
 def test_other_sources_future_tokens_are_hidden():
-    # The bug NULLS.md notes in the upstream copy: source 1 must not see source 2's *future* tokens either.
+    # The bug docs/nulls_facts.md notes in the upstream copy: source 1 must not see source 2's *future* tokens either.
     source_ids = torch.tensor([[1, 1, 2, 2, 1, 1]])
     mask = same_source_causal_mask(source_ids)[0, 0]
     assert not mask[1, 2] and not mask[3, 4] and not mask[4, 2]

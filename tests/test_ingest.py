@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline.ingest import IngestConfig, iter_articles, read_report, run_ingest
-from data_pipeline.ingest.readers import expand_inputs
-from data_pipeline.titles import SeenTitles
+from nulls_dist.data_pipeline.ingest import IngestConfig, iter_articles, read_report, run_ingest
+from nulls_dist.data_pipeline.ingest.readers import expand_inputs
+from nulls_dist.data_pipeline.titles import SeenTitles
 
 FIXTURE = "mini-pages-articles.xml"
 

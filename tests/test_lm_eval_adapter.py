@@ -24,8 +24,8 @@ from lm_eval.api.model import LM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from nulls_dist.model import SinkMode  # noqa: E402
-from nulls_dist.unlearn.checkpoint_io import build_model, load_checkpoint  # noqa: E402
-from nulls_dist.unlearn.lm_eval_adapter import NullsLM  # noqa: E402
+from nulls_dist.deploy.checkpoint_io import build_model, load_checkpoint  # noqa: E402
+from nulls_dist.deploy.lm_eval_adapter import NullsLM  # noqa: E402
 
 PROBES = Path(__file__).resolve().parents[1] / "data_pipeline" / "bundled" / "synthwiki" / "probes.jsonl"
 BOS = 256  # byte tokens are 0..255; the debug vocabulary (4096) has room for a BOS id

@@ -12,7 +12,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from data_pipeline import schema
+from nulls_dist.formats import dataset as schema
 from nulls_data_fixtures import build_dataset
 from nulls_dist.data import ShardDataset, build_loader
 

@@ -182,7 +182,7 @@ def test_preset_parameter_counts():
         cfg = NullConfig.from_preset(name)
         assert num_parameters_of(cfg) == expected(cfg), name
     paper = NullConfig.from_preset("paper_wiki_1b")
-    assert num_parameters_of(paper) == 1_006_695_360  # "about 1.0B" (NULLS.md)
+    assert num_parameters_of(paper) == 1_006_695_360  # "about 1.0B" (docs/nulls_facts.md)
     assert (paper.n_backbone, paper.n_sink) == (500, 7692)
     hp = NullConfig.from_preset("paper_hp")
     assert (hp.n_backbone, hp.n_sink) == (500, 2000)

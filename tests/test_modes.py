@@ -1,4 +1,4 @@
-"""Deployment modes (NULLS.md) against an explicit dense-mask formulation, and KV-cache decoding.
+"""Deployment modes (docs/nulls_facts.md) against an explicit dense-mask formulation, and KV-cache decoding.
 
 The dense formulation rebuilds litgpt's full SwiGLU (fc_1, fc_2, proj over all I hidden units) from the
 model's weights and multiplies the hidden activations by a per-token vector over all I units, written here

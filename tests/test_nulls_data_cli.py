@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from data_pipeline import schema
+from nulls_dist.formats import dataset as schema
 from nulls_data_fixtures import write_corpus
 
 NULLS_DATA = str(Path(sys.executable).parent / "nulls-data")

@@ -1,13 +1,14 @@
 """Source registry: atomic writer, title<->id lookup in bounded memory, resolve, holdout/exclude selection."""
+from nulls_dist.formats.digests import file_sha256
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline import registry as registry_mod
-from data_pipeline.ingest import IngestConfig, run_ingest
-from data_pipeline.registry import REGISTRY_COLUMNS, REGISTRY_SCHEMA, SourceRegistry, write_registry
-from data_pipeline.selection import resolve_exclude_sources, select_holdouts, source_keys
+from nulls_dist.data_pipeline import registry as registry_mod
+from nulls_dist.data_pipeline.ingest import IngestConfig, run_ingest
+from nulls_dist.data_pipeline.registry import REGISTRY_COLUMNS, REGISTRY_SCHEMA, SourceRegistry, write_registry
+from nulls_dist.data_pipeline.selection import resolve_exclude_sources, select_holdouts, source_keys
 
 
 def _batch(ids, titles) -> pa.RecordBatch:
@@ -103,7 +104,7 @@ def test_write_is_atomic_and_validated(tmp_path, reg_path):
     with pytest.raises(ValueError, match="tokens"):
         write_registry(tmp_path / "x.parquet", [pa.table({"source_id": [1], "title": ["a"]})])
     info = write_registry(tmp_path / "ok.parquet", [_batch([1], ["a"])])
-    assert info["rows"] == 1 and info["sha256"] == registry_mod.file_sha256(tmp_path / "ok.parquet")
+    assert info["rows"] == 1 and info["sha256"] == file_sha256(tmp_path / "ok.parquet")
 
 
 def test_holdouts_deterministic_and_stable(reg_path):

@@ -13,13 +13,18 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-
-from data_pipeline import schema
-from data_pipeline.packing import Context, PackingConfig, pack_articles, pack_blocks
-from data_pipeline.pipeline import data_config_from_dict, run_stages
-from data_pipeline.shards import WORK_DIR, write_shard, write_shard_blocks
-from data_pipeline.tokenizer import file_sha256
 from nulls_data_fixtures import build_dataset, data_config, write_corpus
+from nulls_dist.data_pipeline.packing import (
+    Context,
+    PackingConfig,
+    pack_articles,
+    pack_blocks,
+)
+from nulls_dist.data_pipeline.pipeline import data_config_from_dict, run_stages
+from nulls_dist.data_pipeline.shards import WORK_DIR, write_shard, write_shard_blocks
+
+from nulls_dist.formats import dataset as schema
+from nulls_dist.formats.digests import file_sha256
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +182,7 @@ def test_unknown_config_field_is_named():
 
 _KILLABLE = """
 import json, sys
-from data_pipeline.pipeline import data_config_from_dict, run_stages
+from nulls_dist.data_pipeline.pipeline import data_config_from_dict, run_stages
 run_stages(data_config_from_dict(json.loads(sys.argv[1])), ["shard"])
 """
 
@@ -216,8 +221,8 @@ def test_shard_writing_process_stays_torch_free(tmp_path):
     target = tmp_path / "shard-000000.tar"
     code = ("import sys, numpy as np\n"
             "from pathlib import Path\n"
-            "from data_pipeline.packing import Context\n"
-            "from data_pipeline.shards import write_shard\n"
+            "from nulls_dist.data_pipeline.packing import Context\n"
+            "from nulls_dist.data_pipeline.shards import write_shard\n"
             "ctx = Context(np.arange(8), np.full(8, 7, np.uint32), np.ones(8, np.uint8))\n"
             f"write_shard(Path({str(target)!r}), 0, iter([ctx]), np.dtype(np.uint16))\n"
             "print('torch' in sys.modules, 'webdataset' in sys.modules)\n")

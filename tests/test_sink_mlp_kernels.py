@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.sink_mlp import sink_mlp, sink_mlp_ref
+from nulls_dist.kernels.sink_mlp import sink_mlp, sink_mlp_ref
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SMALL_BLOCKS = {"block_m": 16, "block_k": 16, "block_d": 16, "block_r": 16}
@@ -88,7 +88,7 @@ CASES = {  # (num_rows, row_len, num_sources, pool, k, dim, max_seg)
 
 
 def _kernels():
-    import kernels.sink_mlp_triton as module
+    import nulls_dist.kernels.sink_mlp_triton as module
 
     return module
 
@@ -239,7 +239,7 @@ def test_interpreter(interp_results, check):
 
 
 def test_compiled_kernels_refuse_cpu_tensors():
-    import kernels.sink_mlp_triton as compiled
+    import nulls_dist.kernels.sink_mlp_triton as compiled
 
     assert not compiled.uses_interpreter(), "run pytest without TRITON_INTERPRET (the worker sets it)"
     x, offsets, seg_source, source_rows, wg, wu, wd, _ = packed_batch(1, *CASES["prime-D7-P31-K5"])
@@ -258,7 +258,7 @@ def test_dispatch_on_cpu_uses_the_reference():
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_kernels_compile_for_sm90(dtype):
     """Compile every kernel variant with the default tiles for an H100 (sm_90) without a GPU."""
-    from kernels.bench.compile_check import compile_all
+    from nulls_dist.kernels.bench.compile_check import compile_all
 
     compiled = compile_all(dtype, arch=90)
     assert len(compiled) == 6 and all(".entry" in ptx for ptx in compiled.values())
@@ -268,7 +268,7 @@ def test_kernels_compile_for_sm90(dtype):
 
 def test_bench_smoke_json():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-m", "kernels.bench.sink_mlp_bench", "--smoke"], cwd=REPO_ROOT,
+    proc = subprocess.run([sys.executable, "-m", "nulls_dist.kernels.bench.sink_mlp_bench", "--smoke"], cwd=REPO_ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
@@ -305,7 +305,7 @@ BF16_REL_TOL = {"y": 1e-2, "dx": 2e-2, "d_gate": 2e-2, "d_up": 2e-2, "d_down": 2
 @pytest.mark.parametrize("case", list(GPU_CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_matches_reference(case, dtype, monkeypatch):
-    from kernels.sink_mlp_triton import sink_mlp_triton
+    from nulls_dist.kernels.sink_mlp_triton import sink_mlp_triton
 
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # a true fp32 reference
 
@@ -334,7 +334,7 @@ def test_gpu_bit_identical_and_auto_dispatch(dtype):
 @pytest.mark.gpu
 def test_gpu_deterministic_mode_and_compact_gradients():
     """The index plumbing must not trip torch.use_deterministic_algorithms (as a trainer may set it)."""
-    from kernels.sink_mlp_triton import sink_mlp_triton_grads
+    from nulls_dist.kernels.sink_mlp_triton import sink_mlp_triton_grads
 
     x, offsets, seg_source, source_rows, wg, wu, wd, dy = packed_batch(
         19, *GPU_CASES["paper-like"], dtype=torch.bfloat16, device="cuda")

@@ -21,13 +21,13 @@ NULLS_SINKS = Path(sys.executable).parent / "nulls-sinks"
 
 
 def _golden_cases() -> list[dict]:
-    path = Path(__file__).resolve().parent.parent.parent / "shared" / "compat" / "reference_sink_masks.json"
+    path = Path(__file__).resolve().parent / "data" / "reference_sink_masks.json"
     return json.loads(path.read_text())["cases"]
 
 
 def _naive_reference_mask(source_ids: torch.Tensor, pool: int, p_mem: float, id_dtype: str) -> torch.Tensor:
     """The published formula written out literally: torch int64 pow/products, float32 division, `< p`."""
-    a, m = 1588635695, 4294967291
+    a, m = sink_hash.REF_A, sink_hash.REF_M
     aj = torch.pow(torch.tensor(a, dtype=torch.int64), torch.arange(pool, dtype=torch.int64))
     sid = source_ids.to(getattr(torch, id_dtype))
     h = ((sid * 2**16)[:, None] * (aj % m)) % m

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from launch.cli import flatten_overrides, spec_from_config, split_forwarded
-from launch.local_cluster import LocalSlurmCluster, missing_requirements
-from launch.slurm import SlurmSpec, render_sbatch
-from launch.submitit_task import slurm_minutes
-from launch.task import master_port, rendezvous_env, tasks_on_node
+from nulls_dist.cli.launch import flatten_overrides, spec_from_config, split_forwarded
+from nulls_dist.launch.local_cluster import LocalSlurmCluster, missing_requirements
+from nulls_dist.launch.slurm import SlurmSpec, render_sbatch
+from nulls_dist.launch.submitit_task import slurm_minutes
+from nulls_dist.launch.task import master_port, rendezvous_env, tasks_on_node
 
 pytestmark = pytest.mark.slurm
 
@@ -56,7 +56,7 @@ def test_dry_run_renders_multi_node_script(tmp_path):
     assert not any(d.startswith("--signal=B:") for d in directives)  # the ranks, not the shell, get USR1
     srun = next(line for line in out.splitlines() if line.startswith("srun "))
     assert "--ntasks-per-node=8" in srun and f"--output={run_dir}/logs/rank%t-%j.out" in srun
-    assert srun.endswith(f"-m launch.task {BIN / 'nulls-train'} experiment=demo optim.lr=0.0003 "
+    assert srun.endswith(f"-m nulls_dist.launch.task {BIN / 'nulls-train'} experiment=demo optim.lr=0.0003 "
                          f"train.max_steps=7 train.run_dir={run_dir}")
     assert 'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"' in out
     assert "export MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 10000 ))" in out
@@ -217,7 +217,7 @@ def test_two_rank_job_checkpoints_on_signal_requeues_resumes_and_completes(slurm
     assert steps == list(range(1, max_steps + 1)), steps
     tag_dir = run_dir / "checkpoints" / f"step_{max_steps:08d}"
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == tag_dir.name
-    assert (tag_dir / "nulls_rank_00001.pt").is_file()  # rank 1's loader/RNG state
+    assert (tag_dir / "rank_00001.json").is_file()  # rank 1's RNG state
     assert list(tag_dir.glob("*zero_pp_rank_1_*"))  # rank 1's ZeRO partition
     assert (run_dir / "wandb_run_id").read_text().strip() == wandb_id  # the same wandb run continues
     version = json.loads((run_dir / "code_version.json").read_text())

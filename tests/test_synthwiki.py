@@ -5,8 +5,8 @@ import re
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline import synthwiki
-from data_pipeline.synthwiki import SynthWikiConfig, generate, load_probes, write
+from nulls_dist.data_pipeline import synthwiki
+from nulls_dist.data_pipeline.synthwiki import SynthWikiConfig, generate, load_probes, write
 
 
 def _mentions(word: str, texts: list[str]) -> list[int]:

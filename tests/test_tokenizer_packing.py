@@ -5,10 +5,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import sentencepiece as spm
+from nulls_dist.data_pipeline.packing import (
+    PackingConfig,
+    pack_articles,
+    pack_blocks,
+    shuffled,
+)
+from nulls_dist.data_pipeline.tokenizer import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    UNK_ID,
+    TokenizerConfig,
+    load_tokenizer,
+    reservoir_sample,
+    train_tokenizer,
+)
 
-from data_pipeline.packing import PackingConfig, pack_articles, pack_blocks, shuffled
-from data_pipeline.tokenizer import (BOS_ID, EOS_ID, PAD_ID, UNK_ID, TokenizerConfig, file_sha256, load_tokenizer,
-                                     reservoir_sample, train_tokenizer)
+from nulls_dist.formats.digests import file_sha256
 
 TEXTS = [f"The river {w} flows past the old {v} of town number {i}.\nA second line about {w}."
          for i, (w, v) in enumerate(zip(["Ayla", "Borin", "Cedro", "Dunmar"] * 30, ["mill", "keep", "gate"] * 40))]
@@ -152,7 +166,10 @@ def test_bad_packing_config_names_the_field():
 
 
 def test_existing_model_is_adopted_and_gives_the_default_id_offset(model_path):
-    from data_pipeline.pipeline import data_config_from_dict, run_tokenizer_stage
+    from nulls_dist.data_pipeline.pipeline import (
+        data_config_from_dict,
+        run_tokenizer_stage,
+    )
 
     cfg = data_config_from_dict({"tokenizer": {"model_path": str(model_path)}})
     assert run_tokenizer_stage(cfg) == model_path

@@ -18,7 +18,7 @@ REQUEUE_EXIT_CODE = 75
 
 def nulls_train(*args: str) -> list[str]:
     script = Path(sys.executable).parent / "nulls-train"
-    return [str(script), *args] if script.exists() else [sys.executable, "-m", "nulls_dist.train.cli", *args]
+    return [str(script), *args] if script.exists() else [sys.executable, "-m", "nulls_dist.cli.train", *args]
 
 
 def test_cfg_job_prints_the_resolved_config():
@@ -88,7 +88,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes(tmp_path):
 def test_prepare_data_resolves_exclude_sources_by_title_and_id(tmp_path):
     import pyarrow.parquet as pq
 
-    from nulls_dist.train.cli import prepare_data
+    from nulls_dist.cli.train import prepare_data
     from nulls_dist.train.config import train_config_from_dict
     from train_helpers import compose_raw
 

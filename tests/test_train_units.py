@@ -11,7 +11,9 @@ import torch
 from nulls_dist.config import NullConfig
 from nulls_dist.sinks import SinkAssignment
 from nulls_dist.train import callbacks as cb
-from nulls_dist.train.checkpoint import (check_compatible, find_resume_point, write_atomic)
+from nulls_dist.formats import checkpoint as layout
+from nulls_dist.formats.atomic import write_bytes as write_atomic
+from nulls_dist.train.checkpoint import check_compatible, find_resume_point
 from nulls_dist.train.config import train_config_from_dict
 from nulls_dist.train.distributed import dist_env_from_environ
 from nulls_dist.train.ds_config import WarmupCosine, build_ds_config
@@ -135,7 +137,8 @@ def test_find_resume_point_and_atomic_write(tmp_path):
     assert find_resume_point("auto", tmp_path) is None and find_resume_point("never", tmp_path) is None
     ck = tmp_path / "checkpoints"
     (ck / "step_00000004").mkdir(parents=True)
-    (ck / "step_00000004" / "nulls_meta.json").write_text("{}")
+    (ck / "step_00000004" / "model.safetensors").write_bytes(b"w")
+    layout.write_meta(ck / "step_00000004", {})
     write_atomic(ck / "latest", b"step_00000004\n")
     assert not [p for p in ck.iterdir() if p.name.startswith(".")]  # no temporary left behind
     point = find_resume_point("auto", tmp_path)
@@ -188,7 +191,7 @@ def test_real_conf_composes_into_typed_config():
 
     from nulls_dist.train.config import train_config_from_omegaconf
 
-    with initialize_config_module(config_module="conf", version_base="1.3"):
+    with initialize_config_module(config_module="nulls_dist.conf", version_base="1.3"):
         demo = compose(config_name="nulls_train", overrides=["experiment=demo"])
         zero3 = compose(config_name="nulls_train", overrides=["deepspeed=zero3", "model=paper_hp"])
     cfg = train_config_from_omegaconf(demo)
@@ -223,7 +226,7 @@ def test_activation_checkpointing_keeps_loss_gradients_and_keys():
 
 
 def test_deepspeed_launcher_local_rank_argument_is_dropped():
-    from nulls_dist.train.cli import strip_launcher_args
+    from nulls_dist.cli.train import strip_launcher_args
 
     assert strip_launcher_args(["--local_rank=3", "deepspeed=zero2", "--local-rank", "1", "train.seed=2"]) == \
         ["deepspeed=zero2", "train.seed=2"]

@@ -12,12 +12,12 @@ import torch
 
 from nulls_dist.config import NullConfig
 from nulls_dist.model import NullTransformer, SinkMode
-from nulls_dist.unlearn import metrics as M
-from nulls_dist.unlearn.evaluate import EvalConfig, EvalData, gold_deployment, routed_deployment, run_evaluation
-from nulls_dist.unlearn.posthoc import FinetuneConfig, finetune
-from nulls_dist.unlearn.report import write_report
-from nulls_dist.unlearn.routing import ModelEmbedder, SourceIndex
-from nulls_dist.unlearn.source_text import read_source_tokens
+from nulls_dist.evaluation import metrics as M
+from nulls_dist.evaluation.evaluate import EvalConfig, EvalData, gold_deployment, routed_deployment, run_evaluation
+from nulls_dist.evaluation.posthoc import FinetuneConfig, finetune
+from nulls_dist.evaluation.report import write_report
+from nulls_dist.deploy.routing import ModelEmbedder, SourceIndex
+from nulls_dist.evaluation.source_text import read_source_tokens
 
 BASE = 4096
 
@@ -175,7 +175,7 @@ class _Req:
 
 
 def test_lm_eval_adapter_scores_match_direct_log_probs():
-    from nulls_dist.unlearn.lm_eval_adapter import NullsLM
+    from nulls_dist.deploy.lm_eval_adapter import NullsLM
 
     model = _model()
     words = "the cat sat on a mat dog ran".split()

@@ -17,8 +17,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from unlearn_helpers import ID_OFFSET, NUM_HOLDOUT, NUM_TRAIN, make_checkpoint_with_manifest  # noqa: E402
 
-from data_pipeline.schema import LOSS_MASK_KEY, SOURCE_IDS_KEY, TOKENS_KEY  # noqa: E402
-from nulls_dist.unlearn.unlearn import unlearn  # noqa: E402
+from nulls_dist.formats.dataset import LOSS_MASK_KEY, SOURCE_IDS_KEY, TOKENS_KEY  # noqa: E402
+from nulls_dist.audit.unlearn import unlearn  # noqa: E402
 
 FORGET = 3  # the forgotten article's index
 

@@ -8,8 +8,8 @@ import torch
 
 from nulls_dist.config import NullConfig
 from nulls_dist.model import NullTransformer, SinkMode
-from nulls_dist.unlearn.generate import SamplingConfig, generate, top_p_filter
-from nulls_dist.unlearn.routing import ModelEmbedder, Router, SourceIndex, active_rows, make_embedder
+from nulls_dist.deploy.generate import SamplingConfig, generate, top_p_filter
+from nulls_dist.deploy.routing import ModelEmbedder, Router, SourceIndex, active_rows, make_embedder
 
 BASE = 4096
 

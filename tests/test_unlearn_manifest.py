@@ -20,10 +20,9 @@ from unlearn_helpers import ID_OFFSET, NUM_HOLDOUT, NUM_TRAIN, make_ds_checkpoin
 from nulls_dist.config import NullConfig  # noqa: E402
 from nulls_dist.model import NullTransformer  # noqa: E402
 from nulls_dist.sinks import SinkAssignment  # noqa: E402
-from nulls_dist.unlearn.checkpoint_io import (  # noqa: E402
-    build_model, load_checkpoint, save_deployed, sink_table_keys, state_dict_digest,
-)
-from nulls_dist.unlearn.manifest import (  # noqa: E402
+from nulls_dist.deploy.checkpoint_io import build_model, load_checkpoint, save_deployed, sink_table_keys  # noqa: E402
+from nulls_dist.formats.weights import state_dict_digest  # noqa: E402
+from nulls_dist.audit.manifest import (  # noqa: E402
     INDEX_NAME, ManifestOptions, build_manifest, manifest_digest, sinks_array,
 )
 
@@ -97,7 +96,7 @@ def test_missing_checkpoint_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         load_checkpoint(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="latest"):
+    with pytest.raises(ValueError, match="no complete checkpoint"):
         load_checkpoint(tmp_path / "empty")
 
 
@@ -178,14 +177,14 @@ def test_manifest_sampled_estimates(run, tmp_path):
 
 def test_manifest_cli(run, tmp_path):
     out = tmp_path / "cli"
-    proc = subprocess.run([sys.executable, "-c", "from nulls_dist.unlearn.manifest_cli import main; main()",
+    proc = subprocess.run([sys.executable, "-c", "from nulls_dist.cli.manifest import main; main()",
                            f"checkpoint={run / 'run'}", f"out={out}", f"registry={run / 'registry.parquet'}",
                            "exclude_sources=[4100,'Article 9']"], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert summary["num_sources"] == NUM_TRAIN + NUM_HOLDOUT and summary["num_trained"] == NUM_TRAIN - 2
     assert (out / INDEX_NAME).is_file() and not list(tmp_path.glob("*.log"))
-    bad = subprocess.run([sys.executable, "-c", "from nulls_dist.unlearn.manifest_cli import main; main()",
+    bad = subprocess.run([sys.executable, "-c", "from nulls_dist.cli.manifest import main; main()",
                           f"checkpoint={run / 'run'}", f"out={tmp_path / 'bad'}",
                           f"registry={run / 'registry.parquet'}", "exclude_sources=['No such title']"],
                          capture_output=True, text=True, cwd=tmp_path)

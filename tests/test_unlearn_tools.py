@@ -18,16 +18,16 @@ from unlearn_helpers import ID_OFFSET, NUM_TRAIN, make_checkpoint_with_manifest,
 from nulls_dist.config import NullConfig  # noqa: E402
 from nulls_dist.model import NullTransformer  # noqa: E402
 from nulls_dist.sinks import SinkAssignment  # noqa: E402
-from nulls_dist.unlearn.checkpoint_io import (  # noqa: E402
-    file_sha256, load_checkpoint, save_deployed, sink_table_keys, state_dict_digest,
+from nulls_dist.deploy.checkpoint_io import load_checkpoint, save_deployed, sink_table_keys  # noqa: E402
+from nulls_dist.formats.weights import state_dict_digest  # noqa: E402
+from nulls_dist.audit.collateral import forget_sinks, iter_collateral, read_sidecar, sidecar_path  # noqa: E402
+from nulls_dist.audit.manifest import ManifestOptions, build_manifest  # noqa: E402
+from nulls_dist.formats.digests import file_sha256, json_sha256
+from nulls_dist.audit.unlearn import (  # noqa: E402
+    load_forget_set, parse_requests, resolve_sources, unlearn,
 )
-from nulls_dist.unlearn.collateral import forget_sinks, iter_collateral, read_sidecar, sidecar_path  # noqa: E402
-from nulls_dist.unlearn.manifest import ManifestOptions, build_manifest  # noqa: E402
-from nulls_dist.unlearn.unlearn import (  # noqa: E402
-    _sha256_json, load_forget_set, parse_requests, resolve_sources, unlearn,
-)
-from nulls_dist.unlearn.unlearn_cli import main as unlearn_main  # noqa: E402
-from nulls_dist.unlearn.verify import load_certificate, verify_paths  # noqa: E402
+from nulls_dist.cli.unlearn import main as unlearn_main  # noqa: E402
+from nulls_dist.audit.verify import load_certificate, verify_paths  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +154,7 @@ def test_collateral_sidecar_tampering(env, tmp_path):
     doc["collateral"].update(content["summary"], num_rows=sub.num_rows, sha256=file_sha256(sidecar),
                              content_sha256=content["content_sha256"])
     doc.pop("certificate_sha256")
-    doc["certificate_sha256"] = _sha256_json(doc)
+    doc["certificate_sha256"] = json_sha256(doc)
     cert_path.write_text(json.dumps(doc))
     assert verify_paths(cert_path, ckpt, fs)["ok"]  # self-consistent without the manifest
     assert _failed(verify_paths(cert_path, ckpt, fs, env["manifest"])) == {"collateral_matches_manifest"}
@@ -258,7 +258,7 @@ def test_cli_exit_codes(env, tmp_path, capsys):
 def test_generate_cli_modes(env, tmp_path, capsys):
     import sentencepiece as spm
 
-    from nulls_dist.unlearn.generate_cli import main as generate_main
+    from nulls_dist.cli.generate import main as generate_main
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"Article {i} is a town in the north with a river and a tower" for i in range(40)))

@@ -5,9 +5,9 @@ from collections import Counter
 
 import pytest
 
-from data_pipeline.ingest import IngestConfig, iter_articles, run_ingest
-from data_pipeline.ingest.wikitext import convert_pages, wikitext_to_text
-from data_pipeline.registry import SourceRegistry
+from nulls_dist.data_pipeline.ingest import IngestConfig, iter_articles, run_ingest
+from nulls_dist.data_pipeline.ingest.wikitext import convert_pages, wikitext_to_text
+from nulls_dist.data_pipeline.registry import SourceRegistry
 
 _RUN_SPECIFIC = ("config", "elapsed_s", "peak_rss_mb")
 

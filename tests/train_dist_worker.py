@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nulls_dist.train.cli import prepare_data
+from nulls_dist.cli.train import prepare_data
 from nulls_dist.train.config import train_config_from_dict
 from nulls_dist.train.distributed import dist_env_from_environ, resolve_device, setup_distributed, teardown_distributed
 from nulls_dist.train.trainer import train
@@ -111,9 +111,14 @@ def main() -> None:
                                "nulls_meta.json").read_text())
             model = NullTransformer(NullConfig(**meta["model"]))
             missing, unexpected = model.load_state_dict(state, strict=False)
+            from nulls_dist.formats.weights import load_weights  # the trainer's own consolidated copy
+
+            ours = load_weights(out / "zero2_straight" / "checkpoints" / f"step_{2 * N:08d}" / "model.safetensors")
             results["consolidated"] = {"missing": list(missing), "unexpected": list(unexpected),
                                        "num_tensors": len(state), "step": meta["step"],
-                                       "finite": all(torch.isfinite(v).all().item() for v in state.values())}
+                                       "finite": all(torch.isfinite(v).all().item() for v in state.values()),
+                                       "safetensors_equal": sorted(ours) == sorted(state) and all(
+                                           torch.equal(ours[k], state[k].float()) for k in state)}
         results["ok"] = True
     except Exception:  # noqa: BLE001 - the marker must carry the failure to the test
         results["ok"] = False

@@ -5,7 +5,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from data_pipeline.pipeline import data_config_from_dict, run_stages
+from nulls_dist.data_pipeline.pipeline import data_config_from_dict, run_stages
 
 # Small and fast: 2 x 2 x 255-token micro-batches per step, every evaluation on 1 batch per split.
 TINY = ["deepspeed.micro_batch=2", "deepspeed.grad_accum=2", "optim.warmup_steps=2", "train.device=cpu",
@@ -14,7 +14,7 @@ TINY = ["deepspeed.micro_batch=2", "deepspeed.grad_accum=2", "optim.warmup_steps
 
 
 def compose_raw(overrides: list[str]) -> dict:
-    with initialize_config_module(config_module="conf", version_base="1.3"):
+    with initialize_config_module(config_module="nulls_dist.conf", version_base="1.3"):
         cfg = compose(config_name="nulls_train", overrides=overrides)
     return OmegaConf.to_container(cfg, resolve=True)
 

@@ -41,14 +41,10 @@ for step in range(3):
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
     engine.backward(loss)
     engine.step()
-ckpt = os.path.join(out, "checkpoints")
-engine.save_checkpoint(ckpt, tag="step_00000003")
+from nulls_dist.train.checkpoint import Checkpointer  # the trainer's own checkpoint writer
 meta = {"model": dataclasses.asdict(cfg), "sinks": model.sink_assignment.describe(),
-        "data_manifest_sha256": "0" * 64, "step": 3, "tokens_seen": 3 * 2 * 32, "zero_stage": stage}
-with open(os.path.join(ckpt, "step_00000003", "nulls_meta.json"), "w") as f:
-    json.dump(meta, f)
-with open(os.path.join(ckpt, "latest"), "w") as f:
-    f.write("step_00000003")
+        "data_manifest_sha256": "0" * 64, "tokens_seen": 3 * 2 * 32, "zero_stage": stage}
+Checkpointer(out, keep_last_k=2, rank=0, world_size=1).save(engine, 3, meta, {"rng": {}})
 with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=stage == 3):
     full = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
 torch.save(full, os.path.join(out, "expected_state.pt"))
@@ -93,8 +89,9 @@ def make_registry(path: Path, num_train: int = NUM_TRAIN, num_holdout: int = NUM
 def make_checkpoint_with_manifest(root: Path, zero_stage: int, shard_rows: int):
     """A real DeepSpeed checkpoint in `root/run`, its registry and its manifest in `root/manifest`; returns the
     loaded checkpoint."""
-    from nulls_dist.unlearn.checkpoint_io import load_checkpoint, state_dict_digest
-    from nulls_dist.unlearn.manifest import ManifestOptions, build_manifest
+    from nulls_dist.deploy.checkpoint_io import load_checkpoint
+    from nulls_dist.formats.weights import state_dict_digest
+    from nulls_dist.audit.manifest import ManifestOptions, build_manifest
 
     make_ds_checkpoint(root / "run", zero_stage=zero_stage)
     make_registry(root / "registry.parquet")

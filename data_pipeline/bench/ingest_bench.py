@@ -5,7 +5,7 @@ it also ingests a synthetic MediaWiki XML dump of N pages (templates, refs, link
 each `--xml-workers` count of wikitext-converting processes: pages/s and peak RSS per worker count, and a
 check that every worker count wrote the same parts. Prints JSON.
 
-    python -m data_pipeline.bench.ingest_bench [--sizes 20000 80000] [--chars 2000] [--xml-pages 3000 --xml-workers 1 2]
+    python -m nulls_dist.data_pipeline.bench.ingest_bench [--sizes 20000 80000] [--chars 2000] [--xml-pages 3000 --xml-workers 1 2]
 """
 from __future__ import annotations
 
@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from data_pipeline.ingest import IngestConfig, run_ingest
+from nulls_dist.data_pipeline.ingest import IngestConfig, run_ingest
 
 _ROWS_PER_FILE = 20_000
 
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run_child(corpus: Path, out: Path, num_workers: int) -> dict:
-    run = subprocess.run([sys.executable, "-m", "data_pipeline.bench.ingest_bench", "--child", str(corpus), str(out),
+    run = subprocess.run([sys.executable, "-m", "nulls_dist.data_pipeline.bench.ingest_bench", "--child", str(corpus), str(out),
                           str(num_workers)], check=True, capture_output=True, text=True)
     return json.loads(run.stdout.strip().splitlines()[-1])
 

@@ -2,7 +2,7 @@
 the same machine, with peak RSS at several corpus sizes (memory must not grow with the corpus), and a
 projection for the paper's corpus (6,407,814 articles) on a 64-core node. Prints one JSON object.
 
-    python -m data_pipeline.bench.pipeline_bench --num-articles 1000 --scales 1 4 16 --workers 1
+    python -m nulls_dist.data_pipeline.bench.pipeline_bench --num-articles 1000 --scales 1 4 16 --workers 1
 
 Each measured run is a fresh spawned process, so its peak RSS (VmHWM, plus the workers' peak) is its own; the
 ingest and tokenizer stages run in processes of their own too, and the shard stage's peak is also reported per
@@ -58,7 +58,7 @@ def write_corpus(path: Path, num_articles: int, chars: int, seed: int = 0) -> No
 
 def _peak_rss_mb() -> float:
     """This process's peak RSS (VmHWM: reset by exec) or its worker processes' peak, whichever is larger."""
-    from data_pipeline.ingest.run import peak_rss_mb
+    from nulls_dist.data_pipeline.ingest.run import peak_rss_mb
 
     return max(peak_rss_mb(), round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1))
 
@@ -74,8 +74,8 @@ def _warm_imports() -> float:
     import numpy as np
     import pyarrow as pa
 
-    importlib.import_module("data_pipeline.pipeline")
-    importlib.import_module("data_pipeline.shards")._webdataset()  # webdataset, with torch hidden
+    importlib.import_module("nulls_dist.data_pipeline.pipeline")
+    importlib.import_module("nulls_dist.data_pipeline.shards")._webdataset()  # webdataset, with torch hidden
     pa.array(np.zeros(1))  # pyarrow's lazy pandas import
     return time.perf_counter() - start
 
@@ -90,7 +90,7 @@ def _reset_peak() -> None:
 
 
 def _stage(cfg_dict: dict, stage: str) -> dict:
-    from data_pipeline.pipeline import data_config_from_dict, run_stages
+    from nulls_dist.data_pipeline.pipeline import data_config_from_dict, run_stages
 
     _warm_imports()
     start = time.perf_counter()
@@ -100,7 +100,7 @@ def _stage(cfg_dict: dict, stage: str) -> dict:
 
 def _shard_stage(cfg_dict: dict) -> dict:
     import_s = _warm_imports()
-    from data_pipeline.pipeline import data_config_from_dict, run_shard_stage
+    from nulls_dist.data_pipeline.pipeline import data_config_from_dict, run_shard_stage
 
     out = Path(cfg_dict["output_dir"])  # a repeat must redo the work, not find it done
     for path in [*out.glob("shard-*.tar"), out / "manifest.json", out / "registry.parquet"]:
@@ -128,7 +128,7 @@ def _shard_stage(cfg_dict: dict) -> dict:
 def _count_encode_cpu() -> list[float]:
     """Wrap the shard tasks' sentencepiece calls (one process: --workers 1) to add up their CPU seconds. The plan's
     size estimate encodes its 64 articles a second time: that encoding is overhead, not counted."""
-    from data_pipeline import shards
+    from nulls_dist.data_pipeline import shards
 
     total, encode = [0.0], shards._encode
 
@@ -147,8 +147,8 @@ def _count_encode_cpu() -> list[float]:
 
 def _raw_encode(ingest_dir: str, model_path: str) -> dict:
     """Raw single-thread encoding of every text, with both batch calls; the faster one counts."""
-    from data_pipeline.ingest import iter_articles
-    from data_pipeline.tokenizer import load_tokenizer
+    from nulls_dist.data_pipeline.ingest import iter_articles
+    from nulls_dist.data_pipeline.tokenizer import load_tokenizer
 
     sp = load_tokenizer(model_path)
     texts = [t for b in iter_articles(ingest_dir, columns=["text"]) for t in b.column(0).to_pylist()]

@@ -3,7 +3,7 @@
 `SourceRegistry.open`, lookup latency (title -> id and id -> title, p50/p99 over random queries), a batched
 `resolve`, the ingest duplicate-title set over the same titles, and RSS. Prints JSON.
 
-    python -m data_pipeline.bench.registry_bench [--num-sources 6407814] [--queries 2000] [--out FILE]
+    python -m nulls_dist.data_pipeline.bench.registry_bench [--num-sources 6407814] [--queries 2000] [--out FILE]
 """
 from __future__ import annotations
 
@@ -17,11 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from nulls_dist.data_pipeline.ingest.run import peak_rss_mb
+from nulls_dist.data_pipeline.registry import (
+    REGISTRY_SCHEMA,
+    SourceRegistry,
+    write_registry,
+)
+from nulls_dist.data_pipeline.titles import SeenTitles, title_hashes
 
-from data_pipeline.ingest.run import peak_rss_mb
-from data_pipeline.registry import REGISTRY_SCHEMA, SourceRegistry, write_registry
-from data_pipeline.schema import PAPER_ID_OFFSET
-from data_pipeline.titles import SeenTitles, title_hashes
+from nulls_dist.formats.dataset import PAPER_ID_OFFSET
 
 WIKIPEDIA_SOURCES = 6_407_814
 _WORDS = ("river", "station", "album", "battle", "church", "football", "county", "species", "school", "film")

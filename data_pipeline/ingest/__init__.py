@@ -2,9 +2,17 @@
 
 Public API: `IngestConfig`, `run_ingest`, `iter_articles`, `iter_row_group` (see run.py), `ARTICLES_SCHEMA` (clean.py).
 """
-from data_pipeline.ingest.clean import ARTICLES_SCHEMA
-from data_pipeline.ingest.run import (ARTICLES_DIR, REPORT_NAME, IngestConfig, article_parts, iter_articles,
-                                      iter_row_group, read_report, run_ingest)
+from nulls_dist.data_pipeline.ingest.clean import ARTICLES_SCHEMA
+from nulls_dist.data_pipeline.ingest.run import (
+                                      ARTICLES_DIR,
+                                      REPORT_NAME,
+                                      IngestConfig,
+                                      article_parts,
+                                      iter_articles,
+                                      iter_row_group,
+                                      read_report,
+                                      run_ingest,
+)
 
 __all__ = ["ARTICLES_DIR", "ARTICLES_SCHEMA", "REPORT_NAME", "IngestConfig", "article_parts", "iter_articles",
            "iter_row_group", "read_report", "run_ingest"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import resource
 import time
 from collections import Counter
@@ -21,10 +20,15 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from nulls_dist.data_pipeline.ingest.clean import ARTICLES_SCHEMA, Cleaner
+from nulls_dist.data_pipeline.ingest.readers import (
+    expand_inputs,
+    input_fingerprint,
+    read_articles,
+)
 from tqdm import tqdm
 
-from data_pipeline.ingest.clean import ARTICLES_SCHEMA, Cleaner
-from data_pipeline.ingest.readers import expand_inputs, input_fingerprint, read_articles
+from nulls_dist.formats import atomic
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +87,14 @@ class _PartWriter:
 
     def _open(self, first_id: int) -> None:
         name = PART_PATTERN.format(index=len(self.parts))
-        self._tmp = self.directory / f".{name}.tmp"
+        self._tmp = atomic.temp_sibling(self.directory / name)
         self._writer = pq.ParquetWriter(self._tmp, ARTICLES_SCHEMA, compression="zstd")
         self._rows, self._first_id = 0, first_id
 
     def _close_part(self) -> None:
         self._writer.close()
         name = PART_PATTERN.format(index=len(self.parts))
-        os.replace(self._tmp, self.directory / name)
+        atomic.commit(self._tmp, self.directory / name)
         self.parts.append({"name": name, "rows": self._rows, "first_source_id": self._first_id})
         self._writer = None
 
@@ -131,9 +135,7 @@ def _is_complete(output_dir: Path, fingerprint: str) -> dict | None:
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def run_ingest(cfg: IngestConfig) -> dict:

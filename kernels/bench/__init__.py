@@ -1,1 +1,1 @@
-"""Benchmarks and offline compile checks for the kernels package (`python -m kernels.bench.sink_mlp_bench`)."""
+"""Benchmarks and offline compile checks for the kernels package (`python -m nulls_dist.kernels.bench.sink_mlp_bench`)."""

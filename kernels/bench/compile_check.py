@@ -1,6 +1,6 @@
 """Offline compile check: builds every sink-MLP kernel variant for an NVIDIA target (PTX + cubin through the
 ptxas bundled with Triton) without a GPU, to catch code that the CPU interpreter accepts but the compiler
-rejects (tl.dot shapes, dtypes, control flow). Run: `python -m kernels.bench.compile_check --dtype bf16`.
+rejects (tl.dot shapes, dtypes, control flow). Run: `python -m nulls_dist.kernels.bench.compile_check --dtype bf16`.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import sink_mlp_triton
+from nulls_dist.kernels import sink_mlp_triton
 
 TRITON_DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 
@@ -46,7 +46,7 @@ def _variants(dtype: str, sk) -> dict:
 
 def compile_all(dtype: str = "bf16", arch: int = 90, module=None) -> dict:
     """Compile each variant for sm_<arch>; returns {variant: PTX text}. Raises on any compile error.
-    `module` defaults to kernels.sink_mlp_triton (tests pass a freshly loaded copy)."""
+    `module` defaults to nulls_dist.kernels.sink_mlp_triton (tests pass a freshly loaded copy)."""
     sk = module or sink_mlp_triton
     if sk.uses_interpreter():
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter builds no compilable kernels")

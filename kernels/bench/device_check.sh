@@ -19,6 +19,6 @@ $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 git rev-parse HEAD 2>/dev/null | tee -a "$out/gpu.txt"
 $py -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_sink_mlp_kernels.py tests/test_model.py 2>&1 \
     | tee "$out/gpu_tests.log" || status=1
-$py -m kernels.bench.sink_mlp_bench --shapes "${SHAPES:-paper,large}" --out "$out/sink_mlp_bench.json" 2>&1 \
+$py -m nulls_dist.kernels.bench.sink_mlp_bench --shapes "${SHAPES:-paper,large}" --out "$out/sink_mlp_bench.json" 2>&1 \
     | tee "$out/sink_mlp_bench.log" || status=1
 exit $status

@@ -21,15 +21,16 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from data_pipeline.schema import PAPER_ID_OFFSET
+from nulls_dist.formats.dataset import PAPER_ID_OFFSET
 from nulls_dist.bench.manifest_bench import PAPER_NUM_SOURCES, write_synthetic_registry
 from nulls_dist.config import NullConfig
 from nulls_dist.model import NullTransformer
-from nulls_dist.unlearn.checkpoint_io import load_checkpoint, save_deployed, state_dict_digest
-from nulls_dist.unlearn.collateral import sidecar_path
-from nulls_dist.unlearn.manifest import INDEX_NAME, ManifestOptions, build_manifest
-from nulls_dist.unlearn.unlearn import unlearn
-from nulls_dist.unlearn.verify import verify_paths
+from nulls_dist.deploy.checkpoint_io import load_checkpoint, save_deployed
+from nulls_dist.formats.weights import state_dict_digest
+from nulls_dist.audit.collateral import sidecar_path
+from nulls_dist.audit.manifest import INDEX_NAME, ManifestOptions, build_manifest
+from nulls_dist.audit.unlearn import unlearn
+from nulls_dist.audit.verify import verify_paths
 
 
 def build(workdir: Path, num_sources: int, strategy: str) -> float:

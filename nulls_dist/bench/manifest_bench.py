@@ -22,11 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from data_pipeline.schema import PAPER_ID_OFFSET, SPLIT_HOLDOUT, SPLIT_TRAIN
+from nulls_dist.formats.dataset import PAPER_ID_OFFSET, SPLIT_HOLDOUT, SPLIT_TRAIN
 from nulls_dist.config import NullConfig
 from nulls_dist.model import NullTransformer
-from nulls_dist.unlearn.checkpoint_io import state_dict_digest
-from nulls_dist.unlearn.manifest import ManifestOptions, build_manifest
+from nulls_dist.formats.weights import state_dict_digest
+from nulls_dist.audit.manifest import ManifestOptions, build_manifest
 
 PAPER_NUM_SOURCES = 6_407_814
 

@@ -1,4 +1,4 @@
-"""Torch-side data loading over the pipeline's shards (`loader.py`); imports only `data_pipeline.schema`
+"""Torch-side data loading over the pipeline's shards (`loader.py`); imports only `nulls_dist.formats.dataset`
 from the pipeline."""
 from nulls_dist.data.loader import ShardDataset, StatefulLoader, build_loader, load_manifest
 

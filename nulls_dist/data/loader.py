@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline import schema
+from nulls_dist.formats import dataset as schema
 
 log = logging.getLogger(__name__)
 

@@ -115,15 +115,19 @@ class LoggingConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Save every N steps and at the end, keep the newest K; `resume` is auto | never | a checkpoint path."""
+    """Save every N steps and at the end, keep the newest K; `resume` is auto | never | a checkpoint path;
+    `start_over` is the explicit permission to start a run directory that holds checkpoints again (they are
+    moved aside, never deleted)."""
 
     every_n_steps: int = 500
     keep_last_k: int = 3
     resume: str = "auto"
+    start_over: bool = False
 
     def validate(self) -> None:
         _positive_int("checkpoint.every_n_steps", self.every_n_steps)
         _positive_int("checkpoint.keep_last_k", self.keep_last_k)
+        _check(isinstance(self.start_over, bool), "checkpoint.start_over", self.start_over, "true or false")
         _check(isinstance(self.resume, str) and bool(self.resume), "checkpoint.resume", self.resume,
                "'auto', 'never' or a checkpoint path")
 

@@ -9,8 +9,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_pipeline import schema
-from nulls_dist.train.checkpoint import file_sha256
+from nulls_dist.formats import dataset as schema
+from nulls_dist.formats.digests import file_sha256
 from nulls_dist.train.config import TrainConfig
 from nulls_dist.train.distributed import DistEnv
 

@@ -77,3 +77,36 @@ def lr_scheduler_factory(cfg: TrainConfig):
         return LambdaLR(optimizer, schedule)
 
     return make
+
+
+def restore_schedule(engine, cfg: TrainConfig, step: int, saved_optim: dict[str, Any],
+                     saved_max_steps: int | None) -> list[str]:
+    """After a resume: put the optimizer and the schedule where THIS config says they are at `step`.
+
+    DeepSpeed restores the optimizer's param groups (lr, betas, eps, weight decay) from the checkpoint; the
+    schedule is a pure function of (config, step), so it is rebuilt rather than restored. A changed `optim.*` or
+    `train.max_steps` therefore takes effect from the resumed step (docs/training.md, "Resuming"); returns one
+    line per changed field for the log."""
+    scheduler, optimizer = engine.lr_scheduler, engine.optimizer
+    schedule = WarmupCosine(cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr / cfg.optim.lr)
+    scheduler.lr_lambdas = [schedule for _ in scheduler.lr_lambdas]
+    scheduler.base_lrs = [float(cfg.optim.lr) for _ in scheduler.base_lrs]
+    scheduler.last_epoch = step
+    decays = [float(cfg.optim.weight_decay), 0.0]  # param_groups(): decayed matrices first, then the rest
+    for i, group in enumerate(optimizer.param_groups):
+        group["initial_lr"] = float(cfg.optim.lr)
+        group["lr"] = float(cfg.optim.lr) * schedule(step)
+        group["betas"] = tuple(float(b) for b in cfg.optim.betas)
+        group["eps"] = float(cfg.optim.eps)
+        group["weight_decay"] = decays[i] if i < len(decays) else group["weight_decay"]
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    changes = []
+    current = {"lr": cfg.optim.lr, "min_lr": cfg.optim.min_lr, "warmup_steps": cfg.optim.warmup_steps,
+               "weight_decay": cfg.optim.weight_decay, "eps": cfg.optim.eps, "betas": list(cfg.optim.betas)}
+    for key, value in current.items():
+        old = saved_optim.get(key)
+        if old is not None and (list(old) if isinstance(old, (list, tuple)) else old) != value:
+            changes.append(f"optim.{key} changed: checkpoint {old!r} -> run {value!r}")
+    if saved_max_steps is not None and saved_max_steps != cfg.max_steps:
+        changes.append(f"train.max_steps changed: checkpoint {saved_max_steps} -> run {cfg.max_steps}")
+    return changes

@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from nulls_dist.config import NullConfig
 from nulls_dist.model import NullTransformer, SinkMode
 from nulls_dist.train import callbacks as cb
-from nulls_dist.train.checkpoint import Checkpointer, find_resume_point
+from nulls_dist.train.checkpoint import Checkpointer, find_resume_point, move_aside, rng_state
 from nulls_dist.train.config import TrainConfig
 from nulls_dist.train.data import DataHandle, build_train_loader, fixed_batches
 from nulls_dist.train.distributed import DistEnv
-from nulls_dist.train.ds_config import build_ds_config, lr_scheduler_factory
+from nulls_dist.train.ds_config import build_ds_config, lr_scheduler_factory, restore_schedule
 from nulls_dist.train.signals import REQUEUE_EXIT_CODE, StopFlag
 
 log = logging.getLogger(__name__)
@@ -181,17 +181,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def _resume(self) -> None:
-        point = find_resume_point(self.cfg.checkpoint.resume, self.run_dir)
+        ckpt = self.cfg.checkpoint
+        point = find_resume_point(ckpt.resume, self.run_dir, ckpt.start_over)
+        if ckpt.start_over and self.env.is_main:
+            moved = move_aside(self.run_dir)
+            if moved is not None:
+                log.warning("checkpoint.start_over: moved the old checkpoints to %s", moved)
+        if dist.is_initialized():
+            dist.barrier()
         if point is None:
             return
-        saved, loader_state = self.checkpointer.load(self.engine, point, self.meta())
-        self.loader.load_state_dict(loader_state)
+        saved, blob = self.checkpointer.load(self.engine, point, self.meta())
+        if blob is None:
+            raise RuntimeError(f"cannot resume from {point.tag_dir}: rank {self.env.rank} has no saved state")
+        self.loader.load_state_dict(blob["loader"])
         self.step, self.tokens_seen = int(saved["step"]), int(saved["tokens_seen"])
+        changes = restore_schedule(self.engine, self.cfg, self.step, saved.get("config", {}).get("optim", {}),
+                                   saved.get("config", {}).get("train", {}).get("max_steps"))
         if self.env.is_main:
             log.info("resumed from %s at step %d", point.tag_dir, self.step)
+            for change in changes:
+                log.warning("resume: %s (applied from this step on)", change)
 
     def _save(self) -> None:
-        self.checkpointer.save(self.engine, self.step, self.meta(), self.loader.state_dict())
+        self.checkpointer.save(self.engine, self.step, self.meta(),
+                               {"loader": self.loader.state_dict(), "rng": rng_state()})
 
     def _train_step(self, batches) -> dict[str, Any]:
         start = time.perf_counter()

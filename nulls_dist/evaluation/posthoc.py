@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from nulls_dist.model import SinkMode
-from nulls_dist.unlearn.metrics import seq_logprob
+from nulls_dist.evaluation.metrics import seq_logprob
 
 LOSSES = ("nll", "ga", "npo")
 

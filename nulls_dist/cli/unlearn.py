@@ -14,10 +14,10 @@ import json
 import logging
 import sys
 
-from nulls_dist.unlearn.checkpoint_io import load_checkpoint
-from nulls_dist.unlearn.collateral import sidecar_path
-from nulls_dist.unlearn.unlearn import METHODS, parse_requests, unlearn
-from nulls_dist.unlearn.verify import verify_paths
+from nulls_dist.deploy.checkpoint_io import load_checkpoint
+from nulls_dist.audit.collateral import sidecar_path
+from nulls_dist.audit.unlearn import METHODS, parse_requests, unlearn
+from nulls_dist.audit.verify import verify_paths
 
 
 def _forget_parser() -> argparse.ArgumentParser:

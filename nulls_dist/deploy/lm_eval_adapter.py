@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from nulls_dist.model import SinkMode
-from nulls_dist.unlearn.generate import SamplingConfig, generate
+from nulls_dist.deploy.generate import SamplingConfig, generate
 
 try:  # optional: subclass and register with the harness when it is installed
     from lm_eval.api.model import LM as _LMBase

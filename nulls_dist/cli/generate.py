@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 from nulls_dist.model import SinkMode
-from nulls_dist.unlearn.checkpoint_io import build_model, load_checkpoint
-from nulls_dist.unlearn.generate import SamplingConfig, generate
-from nulls_dist.unlearn.manifest import iter_manifest
-from nulls_dist.unlearn.routing import Router, SourceIndex, make_embedder
-from nulls_dist.unlearn.unlearn import load_forget_set, resolve_sources
+from nulls_dist.deploy.checkpoint_io import build_model, load_checkpoint
+from nulls_dist.deploy.generate import SamplingConfig, generate
+from nulls_dist.audit.manifest import iter_manifest
+from nulls_dist.deploy.routing import Router, SourceIndex, make_embedder
+from nulls_dist.audit.unlearn import load_forget_set, resolve_sources
 
 MODES = ("sink_on", "sink_off", "backbone_only", "expected")
 

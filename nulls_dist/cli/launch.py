@@ -26,8 +26,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from launch.slurm import SlurmSpec, render_sbatch, submit, write_run_dir
-from launch.submitit_task import (PREEMPT_SIGNAL, PREEMPT_SIGNAL_ENV, in_submitit_slurm_job, run_dir_for_job,
+from nulls_dist.launch.slurm import SlurmSpec, render_sbatch, submit, write_run_dir
+from nulls_dist.launch.submitit_task import (PREEMPT_SIGNAL, PREEMPT_SIGNAL_ENV, in_submitit_slurm_job, run_dir_for_job,
                                   run_rank, slurm_minutes)
 
 log = logging.getLogger("nulls-launch")
@@ -134,7 +134,7 @@ def launch(cfg: DictConfig) -> int | None:
     return job_id
 
 
-@hydra.main(config_path="pkg://conf", config_name="nulls_launch", version_base="1.3")
+@hydra.main(config_path="pkg://nulls_dist.conf", config_name="nulls_launch", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> int | None:
     return launch(cfg)
 

@@ -9,7 +9,7 @@
 and prints the headline numbers: Truth Ratio / accuracy on the forgotten articles' unique facts and on their
 shared facts, for the original, unlearned and oracle deployments, with the paired difference to the oracle.
 
-    python -m nulls_dist.unlearn.demo --workdir runs/unlearn_demo [--max-steps N] [--train-override KEY=VALUE ...]
+    python -m nulls_dist.cli.unlearn_demo --workdir runs/unlearn_demo [--max-steps N] [--train-override KEY=VALUE ...]
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     forget = [s.strip() for s in args.forget.split(",") if s.strip()]
-    train = "nulls_dist.train.cli"
+    train = "nulls_dist.cli.train"
     common = [f"experiment={args.experiment}", "logging.wandb_mode=disabled"]
     common += [f"train.max_steps={args.max_steps}"] if args.max_steps else []
     common += args.train_override
@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> None:
         if not (work / "runs" / name / "checkpoints" / "latest").is_file():
             _tool(train, [*common, f"train.run_dir={work / 'runs' / name}", *extra], work)
     original, oracle = work / "runs" / "original", work / "runs" / "oracle"
-    _tool("nulls_dist.unlearn.manifest_cli", [f"checkpoint={original}", f"out={work / 'manifest'}"], work)
-    unlearn = "nulls_dist.unlearn.unlearn_cli"
+    _tool("nulls_dist.cli.manifest", [f"checkpoint={original}", f"out={work / 'manifest'}"], work)
+    unlearn = "nulls_dist.cli.unlearn"
     base = ["--checkpoint", str(original), "--manifest", str(work / "manifest")]
     for f in ("forget.json", "forget_hard.json"):
         (work / f).unlink(missing_ok=True)
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         report = json.loads(out[out.index("{\n"):])  # DeepSpeed may log a line to stdout on import
         print(f"verify {cert}: {'ok' if report['ok'] else 'FAILED'}")
     data_dir = work / "data" / "synthwiki"
-    _tool("nulls_dist.unlearn.eval_cli", [*base, "--forget-set", str(work / "forget.json"), "--oracle", str(oracle),
+    _tool("nulls_dist.cli.eval", [*base, "--forget-set", str(work / "forget.json"), "--oracle", str(oracle),
                                           "--hard", str(work / "deployed_hard"), "--data", str(data_dir),
                                           "--probes", str(BUNDLED_PROBES), "--out", str(work / "eval"),
                                           "--baselines", args.baselines, "--threads", "1",

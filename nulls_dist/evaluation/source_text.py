@@ -10,7 +10,7 @@ from typing import Iterable
 
 import numpy as np
 
-from data_pipeline.schema import LOSS_MASK_KEY, SOURCE_IDS_KEY, TOKENS_KEY
+from nulls_dist.formats.dataset import LOSS_MASK_KEY, SOURCE_IDS_KEY, TOKENS_KEY
 
 
 def _samples(path: Path):

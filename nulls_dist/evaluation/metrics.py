@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from nulls_dist.model import SinkMode
-from nulls_dist.unlearn.generate import SamplingConfig, generate
+from nulls_dist.deploy.generate import SamplingConfig, generate
 
 
 @torch.no_grad()

@@ -24,7 +24,6 @@ F = 100 (docs/unlearning.md).
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -33,8 +32,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nulls_dist.unlearn.checkpoint_io import file_sha256
-from nulls_dist.unlearn.manifest import iter_manifest, read_index, read_records, sinks_array
+from nulls_dist.formats import atomic
+from nulls_dist.formats.digests import file_sha256
+from nulls_dist.audit.manifest import iter_manifest, read_index, read_records, sinks_array
 
 COLLATERAL_SCHEMA = pa.schema([
     ("source_id", pa.int64()), ("title", pa.string()), ("shared_sinks", pa.int32()), ("shared_rows", pa.int32()),
@@ -209,7 +209,7 @@ def write_collateral(manifest_dir: str | Path, forget: ForgetSinks, path: str | 
     The caller renames it onto `path` (`os.replace`) once everything else has succeeded, or unlinks it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = atomic.temp_sibling(path)
     summary, digest = _Summary(), ContentDigest()
     try:
         with pq.ParquetWriter(tmp, COLLATERAL_SCHEMA) as writer:

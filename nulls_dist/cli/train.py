@@ -15,8 +15,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from data_pipeline import schema
-from data_pipeline.pipeline import data_config_from_dict, run_stages
+from nulls_dist.formats import dataset as schema
+from nulls_dist.data_pipeline.pipeline import data_config_from_dict, run_stages
 from nulls_dist.train.config import DataSection, train_config_from_dict
 from nulls_dist.train.distributed import (dist_env_from_environ, resolve_device, setup_distributed,
                                           teardown_distributed)
@@ -55,8 +55,8 @@ def prepare_data(section: DataSection, is_main: bool):
         dist.barrier()
     exclude: tuple[int, ...] = ()
     if section.exclude_sources:
-        from data_pipeline.registry import SourceRegistry
-        from data_pipeline.selection import resolve_exclude_sources
+        from nulls_dist.data_pipeline.registry import SourceRegistry
+        from nulls_dist.data_pipeline.selection import resolve_exclude_sources
 
         registry = SourceRegistry.open(data_dir / schema.REGISTRY_NAME)
         exclude = tuple(sorted(resolve_exclude_sources(section.exclude_sources, registry)))
@@ -100,7 +100,7 @@ def main() -> None:
     result: dict[str, int] = {}
     sys.argv = [sys.argv[0], *strip_launcher_args(sys.argv[1:])]
 
-    @hydra.main(config_path="pkg://conf", config_name="nulls_train", version_base="1.3")
+    @hydra.main(config_path="pkg://nulls_dist.conf", config_name="nulls_train", version_base="1.3")
     def _hydra_main(cfg: DictConfig) -> None:
         result["code"] = run(OmegaConf.to_container(cfg, resolve=True))
 

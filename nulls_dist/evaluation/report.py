@@ -3,10 +3,9 @@ losses, relearning curves), each file written through a temporary name."""
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
-from nulls_dist.unlearn.checkpoint_io import write_json_atomic
+from nulls_dist.formats import atomic
 
 PROBE_GROUPS = ("unique_forget", "shared_forget", "shared_forget_via_retained", "unique_related")
 LOSS_GROUPS = ("forget", "related", "retained", "holdout")
@@ -75,9 +74,8 @@ def markdown(result: dict) -> str:
 
 
 def _save_png(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
 
 
 def plots(result: dict, out_dir: Path) -> list[str]:
@@ -132,8 +130,6 @@ def write_report(result: dict, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = plots(result, out_dir)
-    write_json_atomic(out_dir / "report.json", result)
-    tmp = out_dir / f".report.md.tmp-{os.getpid()}"
-    tmp.write_text(markdown(result))
-    os.replace(tmp, out_dir / "report.md")
+    atomic.write_json(out_dir / "report.json", result)
+    atomic.write_text(out_dir / "report.md", markdown(result))
     return {"json": str(out_dir / "report.json"), "markdown": str(out_dir / "report.md"), "plots": files}

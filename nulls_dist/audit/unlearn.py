@@ -15,9 +15,7 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -27,11 +25,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from nulls_dist.unlearn.checkpoint_io import (
-    LoadedCheckpoint, save_deployed, sink_table_keys, state_dict_digest, write_json_atomic,
-)
-from nulls_dist.unlearn.collateral import forget_sinks, sidecar_path, write_collateral
-from nulls_dist.unlearn.manifest import iter_manifest, manifest_digest, read_index, read_records
+from nulls_dist.deploy.checkpoint_io import LoadedCheckpoint, save_deployed, sink_table_keys
+from nulls_dist.formats.weights import state_dict_digest
+from nulls_dist.audit.collateral import forget_sinks, sidecar_path, write_collateral
+from nulls_dist.formats import atomic
+from nulls_dist.formats.digests import json_sha256
+from nulls_dist.audit.manifest import iter_manifest, manifest_digest, read_index, read_records
 
 FORGET_SET_FORMAT = "nulls-forget-set"
 CERTIFICATE_FORMAT = "nulls-unlearning-certificate"
@@ -41,10 +40,6 @@ METHODS = ("mask", "hard")
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _sha256_json(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 @dataclass
@@ -109,7 +104,7 @@ def resolve_sources(manifest_dir: str | Path, requests: list[str]) -> list[Sourc
 
 # --------------------------------------------------------------------------------------------- forget sets
 def forget_set_hash(source_ids: Iterable[int], checkpoint_sha256: str, manifest_sha256: str) -> str:
-    return _sha256_json({"source_ids": sorted(int(s) for s in source_ids), "checkpoint_sha256": checkpoint_sha256,
+    return json_sha256({"source_ids": sorted(int(s) for s in source_ids), "checkpoint_sha256": checkpoint_sha256,
                          "manifest_sha256": manifest_sha256})
 
 
@@ -216,11 +211,11 @@ def unlearn(ckpt: LoadedCheckpoint, manifest_dir: str | Path, requests: list[str
             save_deployed(output_checkpoint, state, meta)
             cert["output_checkpoint"] = {"path": str(output_checkpoint), "sha256": state_dict_digest(state)}
             cert["collateral"]["meaning"] += " (hard: each loses `shared_rows` sink rows of capacity)"
-        cert["certificate_sha256"] = _sha256_json(cert)
+        cert["certificate_sha256"] = json_sha256(cert)
         # the sidecar, forget set and certificate land only after every check above passed
-        os.replace(tmp_sidecar, sidecar)
+        atomic.commit(tmp_sidecar, sidecar)
     finally:
         tmp_sidecar.unlink(missing_ok=True)
-    write_json_atomic(forget_set_path, forget)
-    write_json_atomic(certificate_path, cert)
+    atomic.write_json(forget_set_path, forget)
+    atomic.write_json(certificate_path, cert)
     return cert

@@ -18,7 +18,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -30,11 +29,13 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from data_pipeline.schema import SPLIT_TRAIN
+from nulls_dist.formats.dataset import SPLIT_TRAIN
 from nulls_dist.config import NullConfig
 from nulls_dist.sinks import SinkAssignment
-from nulls_dist.unlearn.checkpoint_io import file_sha256, sink_table_keys, write_json_atomic
-from nulls_dist.unlearn.overlap import OverlapIndex, pair_work
+from nulls_dist.deploy.checkpoint_io import sink_table_keys
+from nulls_dist.formats import atomic
+from nulls_dist.formats.digests import file_sha256
+from nulls_dist.audit.overlap import OverlapIndex, pair_work
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ class _ShardWriter:
 
     def _open(self) -> None:
         name = SHARD_PATTERN.format(index=len(self.shards))
-        self._tmp = self.out_dir / f".{name}.tmp-{os.getpid()}"
+        self._tmp = atomic.temp_sibling(self.out_dir / name)
         self._writer = pq.ParquetWriter(self._tmp, SCHEMA)
         self.shards.append({"name": name, "rows": 0, "first_source_id": None, "last_source_id": None,
                             "min_source_id": np.iinfo(np.int64).max, "max_source_id": -1})
@@ -218,7 +219,7 @@ class _ShardWriter:
     def _close(self) -> None:
         self._writer.close()
         final = self.out_dir / self.shards[-1]["name"]
-        os.replace(self._tmp, final)
+        atomic.commit(self._tmp, final)
         self.shards[-1].update(rows=self._rows, sha256=file_sha256(final))
         self._writer = None
 
@@ -273,7 +274,7 @@ def build_manifest(
         "schema": {f.name: str(f.type) for f in SCHEMA},
         "shards": shards,
     }
-    write_json_atomic(out_dir / INDEX_NAME, index_doc)
+    atomic.write_json(out_dir / INDEX_NAME, index_doc)
     return index_doc
 
 

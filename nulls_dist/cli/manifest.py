@@ -14,11 +14,13 @@ import pyarrow.compute as pc
 import pyarrow as pa
 from omegaconf import DictConfig, OmegaConf
 
-from data_pipeline.schema import REGISTRY_NAME
-from nulls_dist.unlearn.checkpoint_io import file_sha256, load_checkpoint, state_dict_digest
-from nulls_dist.unlearn.manifest import ManifestOptions, build_manifest, iter_registry
+from nulls_dist.formats.dataset import REGISTRY_NAME
+from nulls_dist.deploy.checkpoint_io import load_checkpoint
+from nulls_dist.formats.weights import state_dict_digest
+from nulls_dist.formats.digests import file_sha256
+from nulls_dist.audit.manifest import ManifestOptions, build_manifest, iter_registry
 
-log = logging.getLogger("nulls_dist.unlearn")
+log = logging.getLogger("nulls_dist.audit")
 
 
 def resolve_registry_ids(registry: Path, items: list[Any]) -> list[int]:
@@ -69,7 +71,7 @@ def run(raw: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     result: dict[str, int] = {}
 
-    @hydra.main(config_path="pkg://conf", config_name="unlearn/manifest", version_base="1.3")
+    @hydra.main(config_path="pkg://nulls_dist.conf", config_name="unlearn/manifest", version_base="1.3")
     def _hydra_main(cfg: DictConfig) -> None:
         logging.getLogger().setLevel(logging.INFO)
         try:

@@ -20,9 +20,9 @@ from typing import Callable
 import numpy as np
 
 from nulls_dist.model import SinkMode
-from nulls_dist.unlearn import metrics as M
-from nulls_dist.unlearn.posthoc import FinetuneConfig, finetune
-from nulls_dist.unlearn.routing import Embedder, Router, SourceIndex
+from nulls_dist.evaluation import metrics as M
+from nulls_dist.evaluation.posthoc import FinetuneConfig, finetune
+from nulls_dist.deploy.routing import Embedder, Router, SourceIndex
 
 log = logging.getLogger(__name__)
 

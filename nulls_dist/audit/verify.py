@@ -23,10 +23,12 @@ import pyarrow.parquet as pq
 import torch
 
 from nulls_dist.sinks import SinkAssignment
-from nulls_dist.unlearn.checkpoint_io import LoadedCheckpoint, file_sha256, sink_table_keys, state_dict_digest
-from nulls_dist.unlearn.collateral import COLLATERAL_SCHEMA, read_sidecar, recompute_digest
-from nulls_dist.unlearn.manifest import manifest_digest
-from nulls_dist.unlearn.unlearn import (CERTIFICATE_FORMAT, _sha256_json, forget_set_hash, load_forget_set,
+from nulls_dist.deploy.checkpoint_io import LoadedCheckpoint, sink_table_keys
+from nulls_dist.formats.weights import state_dict_digest
+from nulls_dist.formats.digests import file_sha256, json_sha256
+from nulls_dist.audit.collateral import COLLATERAL_SCHEMA, read_sidecar, recompute_digest
+from nulls_dist.audit.manifest import manifest_digest
+from nulls_dist.audit.unlearn import (CERTIFICATE_FORMAT, forget_set_hash, load_forget_set,
                                         load_json_document)
 
 
@@ -79,7 +81,7 @@ def verify(cert: dict[str, Any], ckpt: LoadedCheckpoint, forget: dict[str, Any],
     """All checks; `certificate_dir` is where the certificate (and so its collateral sidecar) lies."""
     checks: list[dict] = []
     body = {k: v for k, v in cert.items() if k != "certificate_sha256"}
-    _check(checks, "certificate_sha256", _sha256_json(body) == cert.get("certificate_sha256"))
+    _check(checks, "certificate_sha256", json_sha256(body) == cert.get("certificate_sha256"))
 
     recomputed = forget_set_hash(forget["source_ids"], forget["checkpoint_sha256"], forget["manifest_sha256"])
     _check(checks, "forget_set_sha256", recomputed == forget["sha256"], f"recomputed {recomputed}")

@@ -10,7 +10,7 @@ import hydra
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from data_pipeline.pipeline import DataConfig, data_config_from_dict, run_stages
+from nulls_dist.data_pipeline.pipeline import DataConfig, data_config_from_dict, run_stages
 
 
 def _absolute_paths(cfg: DataConfig) -> DataConfig:
@@ -21,7 +21,7 @@ def _absolute_paths(cfg: DataConfig) -> DataConfig:
     return cfg
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="nulls_data")
+@hydra.main(version_base="1.3", config_path="pkg://nulls_dist.conf", config_name="nulls_data")
 def _app(cfg: DictConfig) -> None:
     try:
         data = _absolute_paths(data_config_from_dict(OmegaConf.to_container(cfg.data, resolve=True)))

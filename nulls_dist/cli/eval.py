@@ -16,18 +16,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nulls_dist.unlearn.checkpoint_io import build_model, load_checkpoint
-from nulls_dist.unlearn.evaluate import (
+from nulls_dist.deploy.checkpoint_io import build_model, load_checkpoint
+from nulls_dist.evaluation.evaluate import (
     EvalConfig, EvalData, baseline_deployments, gold_deployment, routed_deployment, run_evaluation,
 )
-from nulls_dist.unlearn.manifest import iter_manifest
-from nulls_dist.unlearn.posthoc import FinetuneConfig
-from nulls_dist.unlearn.report import write_report
-from nulls_dist.unlearn.routing import SourceIndex, make_embedder
-from nulls_dist.unlearn.source_text import read_source_tokens
-from nulls_dist.unlearn.unlearn import load_forget_set
+from nulls_dist.audit.manifest import iter_manifest
+from nulls_dist.evaluation.posthoc import FinetuneConfig
+from nulls_dist.evaluation.report import write_report
+from nulls_dist.deploy.routing import SourceIndex, make_embedder
+from nulls_dist.evaluation.source_text import read_source_tokens
+from nulls_dist.audit.unlearn import load_forget_set
 
-log = logging.getLogger("nulls_dist.unlearn")
+log = logging.getLogger("nulls_dist.evaluation")
 
 
 def _parser() -> argparse.ArgumentParser:

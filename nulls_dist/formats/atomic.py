@@ -1,0 +1,96 @@
+"""Atomic file writes: the one implementation of "write to a temporary sibling, flush, fsync, rename into place".
+
+A reader sees the old file or the new one, never half of one; a crash leaves at worst a hidden temporary
+(`.<name>.tmp-<pid>-<random>`) beside the target. `replace=False` refuses to overwrite an existing file (the
+rename is then a hard link, which fails atomically when the target exists), for artifacts that must never be
+silently replaced.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+
+def temp_sibling(path: str | os.PathLike) -> Path:
+    """A fresh hidden temporary name in `path`'s directory (same file system, so the rename is atomic)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some file systems do not open directories; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def commit(tmp: str | os.PathLike, path: str | os.PathLike, replace: bool = True) -> Path:
+    """Move a finished temporary onto `path`. `replace=False`: FileExistsError if `path` exists."""
+    tmp, path = Path(tmp), Path(path)
+    if replace:
+        os.replace(tmp, path)
+    else:
+        try:
+            os.link(tmp, path)  # fails if `path` exists, atomically
+        finally:
+            tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, replace: bool = True, make_parents: bool = True) -> Iterator[Path]:
+    """Yield a temporary path to write (by any library); on success it is fsynced and renamed onto `path`, on
+    error it is removed and `path` is untouched."""
+    path = Path(path)
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    if not replace and path.exists():
+        raise FileExistsError(f"{path} already exists (refusing to overwrite it)")
+    tmp = temp_sibling(path)
+    try:
+        yield tmp
+        if tmp.exists():
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        commit(tmp, path, replace)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb", replace: bool = True) -> Iterator[IO]:
+    """`open()` for writing through a temporary sibling (text modes use UTF-8)."""
+    if not any(c in mode for c in "wx"):
+        raise ValueError(f"atomic_open writes files; mode {mode!r} does not")
+    with atomic_path(path, replace) as tmp:
+        kwargs = {} if "b" in mode else {"encoding": "utf-8"}
+        with open(tmp, mode.replace("x", "w"), **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, replace: bool = True) -> Path:
+    with atomic_open(path, "wb", replace) as f:
+        f.write(data)
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str, replace: bool = True) -> Path:
+    return write_bytes(path, text.encode("utf-8"), replace)
+
+
+def write_json(path: str | os.PathLike, payload: Any, replace: bool = True, indent: int | None = 2) -> Path:
+    """JSON with sorted keys and a trailing newline."""
+    return write_text(path, json.dumps(payload, indent=indent, sort_keys=True) + "\n", replace)

@@ -1,0 +1,199 @@
+"""The checkpoint layouts on disk, their `latest` pointer and their meta file: written by the trainer and the
+unlearning tools, read by every tool. Standard library only (the weights file itself is `formats.weights`).
+
+Training run:
+
+    <run_dir>/checkpoints/
+        latest                      one line: the newest complete tag (written last, atomically)
+        step_00000300/              one tag per saved step
+            <DeepSpeed's files>     engine, optimizer and scheduler states (read back only by the trainer)
+            model.safetensors       the consolidated fp32 weights: what every tool reads (no pickle)
+            loader_state.json       the data position of every loader stream (world-size independent)
+            rank_00000.json ...     per-rank RNG states
+            nulls_meta.json         written LAST: config, model, sinks, data digests, step, and the size of
+                                    every file above -- its presence and those sizes mark a complete tag
+
+Deployed checkpoint (`nulls-unlearn --method hard`, exports): a directory holding `model.safetensors` and
+`nulls_meta.json` (meta last).
+
+A tag is complete when its meta exists, parses, and every file it lists has the recorded size. `latest` must name
+a tag of this very directory (`step_` + 8 digits, no path). `resolve_latest` falls back to the newest complete tag
+when `latest` is missing, blank, foreign or names an incomplete tag, and says which and why.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nulls_dist.formats import atomic
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_NAME = "latest"
+META_NAME = "nulls_meta.json"
+WEIGHTS_NAME = "model.safetensors"
+LOADER_STATE_NAME = "loader_state.json"
+RANK_STATE_PATTERN = "rank_{rank:05d}.json"
+TAG_RE = re.compile(r"^step_(\d{8})$")
+META_FORMAT = "nulls-checkpoint"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint on disk is missing, incomplete or malformed; the message names the file."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of(tag: str) -> int:
+    match = TAG_RE.match(tag)
+    if match is None:
+        raise CheckpointError(f"{tag!r} is not a checkpoint tag (step_ followed by 8 digits)")
+    return int(match.group(1))
+
+
+def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR
+
+
+def rank_state_file(tag_dir: str | os.PathLike, rank: int) -> Path:
+    return Path(tag_dir) / RANK_STATE_PATTERN.format(rank=rank)
+
+
+def has_checkpoints(run_dir: str | os.PathLike) -> bool:
+    """True when the run directory holds a `latest` pointer or any tag directory (complete or not)."""
+    ckpt = checkpoints_dir(run_dir)
+    return ckpt.is_dir() and ((ckpt / LATEST_NAME).exists() or bool(list_tags(ckpt)))
+
+
+# ------------------------------------------------------------------------------------------------ meta
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """Parse a JSON file; CheckpointError naming the file when it is missing or not JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+
+
+def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    meta = read_json(Path(directory) / META_NAME, "checkpoint meta")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{Path(directory) / META_NAME}: expected a JSON object")
+    return meta
+
+
+def file_sizes(directory: str | os.PathLike, exclude: tuple[str, ...] = (META_NAME,)) -> dict[str, int]:
+    """Relative path -> size of every file under `directory` (recursively), for the meta's completeness record."""
+    directory = Path(directory)
+    out = {}
+    for path in sorted(directory.rglob("*")):
+        rel = path.relative_to(directory).as_posix()
+        if path.is_file() and rel not in exclude and not path.name.startswith("."):
+            out[rel] = path.stat().st_size
+    return out
+
+
+def write_meta(directory: str | os.PathLike, meta: dict[str, Any]) -> Path:
+    """Record every file's size in the meta and write it (atomically, last)."""
+    directory = Path(directory)
+    return atomic.write_json(directory / META_NAME, {**meta, "format": META_FORMAT,
+                                                     "files": file_sizes(directory)})
+
+
+def incomplete_reason(tag_dir: str | os.PathLike) -> str | None:
+    """None when the tag directory is complete, else what is wrong (naming the file)."""
+    tag_dir = Path(tag_dir)
+    if not tag_dir.is_dir():
+        return f"{tag_dir} does not exist"
+    try:
+        meta = read_meta(tag_dir)
+    except CheckpointError as exc:
+        return str(exc)
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        return f"{tag_dir / META_NAME} lists no files (written by an older version, or not a checkpoint)"
+    for rel, size in files.items():
+        path = tag_dir / rel
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes, the meta recorded {size}"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ latest
+def list_tags(ckpt_dir: str | os.PathLike) -> list[str]:
+    """Tag directories in step order (complete or not)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name))
+
+
+def read_latest(ckpt_dir: str | os.PathLike) -> str | None:
+    """The tag `latest` names; None when there is no pointer; CheckpointError when it is blank or names anything
+    but a tag of this directory (a path, `..`, another run's directory)."""
+    path = Path(ckpt_dir) / LATEST_NAME
+    if not path.exists():
+        return None
+    try:
+        tag = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+    if not tag:
+        raise CheckpointError(f"{path} is empty")
+    if not TAG_RE.match(tag):
+        raise CheckpointError(f"{path} names {tag!r}, which is not a tag of this run (step_ + 8 digits, no path)")
+    return tag
+
+
+def write_latest(ckpt_dir: str | os.PathLike, tag: str) -> Path:
+    step_of(tag)
+    return atomic.write_text(Path(ckpt_dir) / LATEST_NAME, tag + "\n")
+
+
+@dataclass
+class Resolved:
+    """The tag to use and what was wrong on the way (for a warning that names each)."""
+
+    tag: str | None
+    problems: list[str] = field(default_factory=list)
+
+
+def resolve_latest(ckpt_dir: str | os.PathLike) -> Resolved:
+    """The newest complete tag: the one `latest` names when it is complete, else the newest complete tag by
+    step (each skipped candidate is listed in `problems`). `tag` is None when no complete tag exists."""
+    ckpt_dir = Path(ckpt_dir)
+    problems: list[str] = []
+    try:
+        named = read_latest(ckpt_dir)
+    except CheckpointError as exc:
+        problems.append(str(exc))
+        named = None
+    if named is not None:
+        reason = incomplete_reason(ckpt_dir / named)
+        if reason is None:
+            return Resolved(named, problems)
+        problems.append(f"`latest` names {named}, which is incomplete: {reason}")
+    for tag in reversed(list_tags(ckpt_dir)):
+        if tag == named:
+            continue
+        reason = incomplete_reason(ckpt_dir / tag)
+        if reason is None:
+            return Resolved(tag, problems)
+        problems.append(f"{tag} is incomplete: {reason}")
+    return Resolved(None, problems)
+
+
+def is_deployed(directory: str | os.PathLike) -> bool:
+    """A deployed checkpoint: weights and meta directly in the directory, not a training tag."""
+    directory = Path(directory)
+    return (directory / WEIGHTS_NAME).is_file() and (directory / META_NAME).is_file() and \
+        not TAG_RE.match(directory.name)

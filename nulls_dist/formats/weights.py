@@ -1,0 +1,108 @@
+"""Weights files: safetensors only (a file a user hands us is parsed, never unpickled), written atomically, and
+`state_dict_digest`, the content digest every manifest and certificate cites.
+
+`state_dict_digest` depends only on key names, dtypes, shapes and values, so the same weights give the same
+digest in a training checkpoint, a deployed copy or memory.
+
+`RowReader` reads selected rows of one 2-D tensor of a safetensors file through a memory map: a deployment that
+needs one source's ~100 sink rows reads those pages, not the whole table.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from nulls_dist.formats import atomic
+
+_DTYPES = {"F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16), "I64": (np.int64, torch.int64),
+           "I32": (np.int32, torch.int32), "U8": (np.uint8, torch.uint8), "BOOL": (np.bool_, torch.bool)}
+
+
+class WeightsError(ValueError):
+    """A weights file is missing or not a valid safetensors file; the message names it."""
+
+
+def save_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor],
+                 metadata: dict[str, str] | None = None) -> Path:
+    """Write a state dict as safetensors through a temporary name (contiguous CPU copies; no shared storage)."""
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    with atomic.atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A safetensors file -> state dict on the CPU; WeightsError naming the file when it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over (key, dtype, shape, bytes) of every tensor, keys sorted."""
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class RowReader:
+    """Selected rows of 2-D tensors in a safetensors file, read through a read-only memory map (the header is
+    parsed by `safetensors.safe_open` first, so a malformed file is refused before any offset is trusted)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        try:
+            with safe_open(str(self.path), framework="pt") as f:  # validates header and offsets
+                self.keys = set(f.keys())
+        except (SafetensorError, OSError) as exc:
+            raise WeightsError(f"{self.path}: not a readable safetensors file ({exc})") from None
+        with open(self.path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+        self._base = 8 + header_len
+        self._entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        self._maps: dict[str, np.ndarray] = {}
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._entry(key)["shape"])
+
+    def _entry(self, key: str) -> dict:
+        if key not in self._entries:
+            raise WeightsError(f"{self.path}: no tensor {key!r}")
+        return self._entries[key]
+
+    def _map(self, key: str) -> np.ndarray:
+        if key not in self._maps:
+            entry = self._entry(key)
+            if entry["dtype"] not in _DTYPES or len(entry["shape"]) != 2:
+                raise WeightsError(f"{self.path}: {key} is {entry['dtype']} {entry['shape']}, need a 2-D table")
+            start, _ = entry["data_offsets"]
+            self._maps[key] = np.memmap(self.path, dtype=_DTYPES[entry["dtype"]][0], mode="r",
+                                        offset=self._base + start, shape=tuple(entry["shape"]))
+        return self._maps[key]
+
+    def rows(self, key: str, rows: Iterable[int] | np.ndarray) -> torch.Tensor:
+        """(R,) row indices -> (R, D) tensor copied out of the map (only those pages are read)."""
+        index = np.asarray(list(rows) if not isinstance(rows, np.ndarray) else rows, dtype=np.int64)
+        table = self._map(key)
+        if index.size and (index.min() < 0 or index.max() >= table.shape[0]):
+            raise WeightsError(f"{self.path}: row index out of range [0, {table.shape[0]}) for {key}")
+        return torch.from_numpy(np.ascontiguousarray(table[index]))
