@@ -13,6 +13,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
 from nulls_dist.data_pipeline.ingest import article_parts, iter_row_group
 
 # Rows per read batch: ~4 MB of Wikipedia text (arrow memory per open slice, not per row group). Row groups are

@@ -11,10 +11,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
 from nulls_dist.data_pipeline.article_slices import index_corpus, read_rows
 from nulls_dist.data_pipeline.registry import write_registry
 from nulls_dist.data_pipeline.shards import HOLDOUT_TASK, WORK_DIR
-
 from nulls_dist.formats import atomic
 from nulls_dist.formats import dataset as schema
 

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from tqdm import tqdm
+
 from nulls_dist.data_pipeline.ingest import (
     IngestConfig,
     iter_articles,
@@ -37,8 +39,6 @@ from nulls_dist.data_pipeline.tokenizer import (
     load_tokenizer,
     train_tokenizer,
 )
-from tqdm import tqdm
-
 from nulls_dist.formats import atomic
 from nulls_dist.formats.digests import file_sha256
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from nulls_dist.data_pipeline.titles import title_hash, title_hashes
 
+from nulls_dist.data_pipeline.titles import title_hash, title_hashes
 from nulls_dist.formats import atomic
 from nulls_dist.formats.digests import file_sha256
 

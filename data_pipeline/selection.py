@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+
 from nulls_dist.data_pipeline.registry import SourceRegistry
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)

@@ -17,14 +17,12 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import importlib
 import io
 import json
 import logging
 import multiprocessing as mp
 import os
 import shutil
-import sys
 import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +32,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from tqdm import tqdm
+
 from nulls_dist.data_pipeline.article_slices import (
     CorpusIndex,
     index_corpus,
@@ -48,11 +48,10 @@ from nulls_dist.data_pipeline.packing import (
     shuffled,
 )
 from nulls_dist.data_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID, load_tokenizer
-from tqdm import tqdm
-
 from nulls_dist.formats import atomic
 from nulls_dist.formats import dataset as schema
 from nulls_dist.formats.digests import file_sha256
+from nulls_dist.formats.shards import import_webdataset
 
 log = logging.getLogger(__name__)
 
@@ -129,24 +128,6 @@ def _npy_rows(rows: np.ndarray) -> np.ndarray:
     return out
 
 
-@functools.cache
-def _webdataset():
-    """The webdataset module, imported without torch unless this process already loaded torch.
-
-    webdataset imports torch at import time when it is installed, only for its DataLoader-facing classes, and
-    ships stand-ins for them when torch is missing; the shard writer (TarWriter, encoder off) needs none of it.
-    Hiding torch for that one import keeps the data pipeline's processes torch-free, as `data_pipeline` is
-    meant to be: about 250 MB of RSS and 2 s of imports less per shard worker. In a process that has torch
-    loaded (a trainer, the test suite) webdataset is imported as usual."""
-    if "torch" in sys.modules or "webdataset" in sys.modules:
-        return importlib.import_module("webdataset")
-    sys.modules["torch"] = None  # `import torch` now raises ModuleNotFoundError, which webdataset handles
-    try:
-        return importlib.import_module("webdataset")
-    finally:
-        del sys.modules["torch"]
-
-
 def _run_starts(values: np.ndarray) -> np.ndarray:
     """The first value of every run of equal values (a superset of the unique values, much cheaper)."""
     if len(values) == 0:
@@ -165,7 +146,7 @@ def write_shard_blocks(path: Path, shard_index: int, blocks: Iterable[ContextBlo
             out = _HashingFile(raw)
             # A fixed integer mtime: byte-identical reruns and no pax record per member (a float mtime costs
             # 1 KiB each). TarWriter does not forward `format`, so ustar (cheaper headers) is set on its stream.
-            writer = _webdataset().TarWriter(out, encoder=False, mtime=0, user="nulls", group="nulls")
+            writer = import_webdataset().TarWriter(out, encoder=False, mtime=0, user="nulls", group="nulls")
             writer.tarstream.format = tarfile.USTAR_FORMAT
             try:
                 num_samples, num_tokens = _write_blocks(writer, shard_index, blocks, token_dtype, sources)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from nulls_dist.data_pipeline.ingest import IngestConfig, run_ingest
 
 _ROWS_PER_FILE = 20_000

@@ -75,7 +75,7 @@ def _warm_imports() -> float:
     import pyarrow as pa
 
     importlib.import_module("nulls_dist.data_pipeline.pipeline")
-    importlib.import_module("nulls_dist.data_pipeline.shards")._webdataset()  # webdataset, with torch hidden
+    importlib.import_module("nulls_dist.formats.shards").import_webdataset()  # webdataset, with torch hidden
     pa.array(np.zeros(1))  # pyarrow's lazy pandas import
     return time.perf_counter() - start
 

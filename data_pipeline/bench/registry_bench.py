@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+
 from nulls_dist.data_pipeline.ingest.run import peak_rss_mb
 from nulls_dist.data_pipeline.registry import (
     REGISTRY_SCHEMA,
@@ -24,7 +25,6 @@ from nulls_dist.data_pipeline.registry import (
     write_registry,
 )
 from nulls_dist.data_pipeline.titles import SeenTitles, title_hashes
-
 from nulls_dist.formats.dataset import PAPER_ID_OFFSET
 
 WIKIPEDIA_SOURCES = 6_407_814

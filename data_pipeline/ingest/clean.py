@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from nulls_dist.data_pipeline.titles import SeenTitles, title_hashes
 
 ARTICLES_SCHEMA = pa.schema([

@@ -24,6 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
 from nulls_dist.data_pipeline.ingest.wikitext import convert_pages
 
 FORMATS = ("parquet", "xml", "jsonl")

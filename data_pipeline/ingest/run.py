@@ -20,14 +20,14 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
+
 from nulls_dist.data_pipeline.ingest.clean import ARTICLES_SCHEMA, Cleaner
 from nulls_dist.data_pipeline.ingest.readers import (
     expand_inputs,
     input_fingerprint,
     read_articles,
 )
-from tqdm import tqdm
-
 from nulls_dist.formats import atomic
 
 log = logging.getLogger(__name__)
