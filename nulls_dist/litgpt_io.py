@@ -5,7 +5,11 @@ the sink pool (docs/nulls_facts.md). The mapping (design.md, "Model weights"):
     fc_1.weight (I, D) -> [backbone_gate ; sink_gate]      fc_2.weight (I, D) -> [backbone_up ; sink_up]
     proj.weight (D, I) -> [backbone_down | sink_down^T]
 Attention keeps litgpt's fused `qkv.weight`: rows [q (n_head*hs) ; k (n_query_groups*hs) ; v (same)], which is
-how litgpt 0.5.x splits it (no per-group interleave). Older litgpt names it `attn.attn.weight`; both load.
+how litgpt 0.5.x splits it (no per-group interleave). Older litgpt names it `attn.attn.weight` and interleaves
+the rows per query group, [q heads of group 0 ; k_0 ; v_0 ; q heads of group 1 ; k_1 ; v_1 ; ...]; such a
+tensor is regrouped into [q ; k ; v] on load, as litgpt 0.5.13 does (`CausalSelfAttention._load_from_state_dict`
+-> `qkv_reassemble`). The two layouts coincide only for n_query_groups == 1. litgpt maps no other legacy
+name (`attn.proj` kept its name).
 """
 from __future__ import annotations
 
@@ -30,12 +34,18 @@ _PLAIN_KEYS = ("transformer.wte.weight", "transformer.ln_f.weight", "lm_head.wei
 
 
 def litgpt_to_null_state_dict(state_dict: dict[str, torch.Tensor], cfg: NullConfig) -> dict[str, torch.Tensor]:
-    """Convert litgpt keys/tensors to `NullTransformer.state_dict()` keys; ValueError on missing/extra keys."""
+    """Convert litgpt keys/tensors to `NullTransformer.state_dict()` keys, regrouping a legacy `attn.attn.weight`;
+    ValueError on missing/extra/duplicate keys and on a legacy qkv of the wrong shape."""
     nb = cfg.n_backbone
     out: dict[str, torch.Tensor] = {}
     seen = set()
     for key, value in state_dict.items():
-        key = key.replace(".attn.attn.weight", ".attn.qkv.weight")  # litgpt < 0.5 name
+        match = _LAYER_KEY.match(key)
+        if match is not None and match.group(2) == "attn.attn.weight":
+            value = _qkv_from_legacy(key, value, cfg)
+            key = f"transformer.h.{match.group(1)}.attn.qkv.weight"
+        if key in seen:  # a legacy and a current qkv for one layer: neither can be trusted to be the one meant
+            raise ValueError(f"{key!r} appears twice in the litgpt state dict (attn.attn.weight and attn.qkv.weight)")
         seen.add(key)
         if key in _PLAIN_KEYS:
             out[key] = value
@@ -118,6 +128,18 @@ def save_litgpt_checkpoint(model: NullTransformer, checkpoint_dir: str | Path) -
         torch.save(state_dict, tmp)  # litgpt's own format: a plain tensor dict, read with weights_only=True
     atomic.write_text(checkpoint_dir / LIT_CONFIG, yaml.safe_dump(model.cfg.to_litgpt_dict(), sort_keys=False))
     return checkpoint_dir
+
+
+def _qkv_from_legacy(key: str, value: torch.Tensor, cfg: NullConfig) -> torch.Tensor:
+    """Legacy `attn.attn.weight`, rows grouped per query group, -> the fused [q ; k ; v] rows of `attn.qkv`."""
+    D, H, G, hs = cfg.n_embd, cfg.n_head, cfg.n_query_groups, cfg.head_size
+    # The same shape as the current layout, so only the order of the rows tells them apart.
+    _check_shape(key, value, ((H + 2 * G) * hs, D))
+    groups = value.reshape(G, H // G + 2, hs, D)  # (G, H/G + 2, hs, D): per group, its q heads, then its k, its v
+    q = groups[:, : H // G].reshape(H * hs, D)  # (H*hs, D): group g holds q heads g*H/G .. (g+1)*H/G - 1
+    k = groups[:, H // G].reshape(G * hs, D)  # (G*hs, D)
+    v = groups[:, H // G + 1].reshape(G * hs, D)  # (G*hs, D)
+    return torch.cat((q, k, v))  # ((H + 2G)*hs, D)
 
 
 def _check_shape(key: str, value: torch.Tensor, shape: tuple[int, ...]) -> None:

@@ -87,13 +87,66 @@ def test_save_round_trip(tmp_path):
     assert again.cfg == model.cfg
 
 
-def test_legacy_attn_key_name_loads(tmp_path):
-    write_checkpoint(tmp_path, litgpt_config(), p_gen=0.25, p_mem=0.1)
-    state = torch.load(tmp_path / LIT_WEIGHTS)
-    legacy = {k.replace("attn.qkv.weight", "attn.attn.weight"): v for k, v in state.items()}
-    torch.save(legacy, tmp_path / LIT_WEIGHTS)
-    model = load_litgpt_checkpoint(tmp_path)
-    assert torch.equal(model.transformer.h[1].attn.qkv.weight, state["transformer.h.1.attn.qkv.weight"])
+def to_legacy_qkv(qkv, config):
+    """[q ; k ; v] rows -> the layout older litgpt wrote: per query group, its q heads, then its k, then its v.
+    The inverse of litgpt's `qkv_reassemble`, written here so the test does not reuse the code it checks."""
+    H, G, hs = config.n_head, config.n_query_groups, config.head_size
+    q, k, v = qkv.split((H * hs, G * hs, G * hs))
+    per_group = (G, -1, hs, qkv.shape[1])  # (G, heads of that kind in the group, hs, D)
+    return torch.cat([q.reshape(per_group), k.reshape(per_group), v.reshape(per_group)], dim=1).reshape(qkv.shape)
+
+
+def write_legacy_checkpoint(path, config, p_gen, p_mem):
+    """A checkpoint as litgpt < 0.5 saved it: `attn.attn.weight` in the per-group interleaved layout."""
+    gpt = write_checkpoint(path, config, p_gen, p_mem)
+    legacy = {}
+    for key, value in torch.load(path / LIT_WEIGHTS).items():
+        if key.endswith(".attn.qkv.weight"):
+            key, value = key.replace(".attn.qkv.weight", ".attn.attn.weight"), to_legacy_qkv(value, config)
+        legacy[key] = value
+    torch.save(legacy, path / LIT_WEIGHTS)
+    return gpt, legacy
+
+
+@pytest.mark.parametrize("n_query_groups", [2, 4, 1], ids=["gqa", "mha", "mqa"])
+@pytest.mark.parametrize("p_gen,p_mem", [(1.0, 0.0), (0.25, 0.1)], ids=["sinks_off", "sinks_on"])
+def test_legacy_interleaved_qkv_matches_litgpt(tmp_path, n_query_groups, p_gen, p_mem):
+    config = litgpt_config(n_query_groups=n_query_groups)
+    gpt, legacy = write_legacy_checkpoint(tmp_path, config, p_gen, p_mem)
+    input_ids = tokens()
+    with torch.no_grad():
+        expected = gpt(input_ids)
+        # The file is genuinely legacy: litgpt's own loader (GPT.load_state_dict, which regroups attn.attn.weight
+        # in CausalSelfAttention._load_from_state_dict) accepts it strictly and rebuilds the original model.
+        assert not any(".attn.qkv." in key for key in legacy)
+        from_legacy = GPT(config).eval()
+        from_legacy.load_state_dict(legacy)
+        assert torch.equal(from_legacy(input_ids), expected)
+
+        # Source id 0 turns every sink on under the published hash, so the NULL equals litgpt's dense MLP.
+        model = load_litgpt_checkpoint(tmp_path).eval()
+        torch.testing.assert_close(model(input_ids, torch.zeros_like(input_ids)), expected, rtol=1e-5, atol=1e-5)
+
+        # The old loader only renamed the key; the test must tell that apart wherever the layouts differ.
+        renamed = {key.replace(".attn.attn.weight", ".attn.qkv.weight"): value for key, value in legacy.items()}
+        torch.save(renamed, tmp_path / LIT_WEIGHTS)
+        rename_only = load_litgpt_checkpoint(tmp_path).eval()(input_ids, torch.zeros_like(input_ids))
+    if n_query_groups == 1:  # one group: [q heads ; k ; v] is already [q ; k ; v], so the layouts coincide
+        torch.testing.assert_close(rename_only, expected, rtol=1e-5, atol=1e-5)
+    else:
+        assert not torch.allclose(rename_only, expected, atol=1e-3)
+
+
+def test_legacy_qkv_bad_shape_or_duplicate_raises(tmp_path):
+    _, legacy = write_legacy_checkpoint(tmp_path, litgpt_config(), p_gen=0.25, p_mem=0.1)
+    key = "transformer.h.1.attn.attn.weight"
+    torch.save({**legacy, key: legacy[key][:-16]}, tmp_path / LIT_WEIGHTS)  # one head's rows short
+    with pytest.raises(ValueError, match=key):
+        load_litgpt_checkpoint(tmp_path)
+    duplicate = {**legacy, "transformer.h.1.attn.qkv.weight": legacy[key]}
+    torch.save(duplicate, tmp_path / LIT_WEIGHTS)
+    with pytest.raises(ValueError, match="transformer.h.1.attn.qkv.weight.*appears twice"):
+        load_litgpt_checkpoint(tmp_path)
 
 
 def test_bad_checkpoints_raise_value_error(tmp_path):
