@@ -14,6 +14,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nulls_dist.kernels.tiles import TilePlan, tile_plan_torch
+
+# Tokens per tile when the reference builds its own plan: a tile's rows are gathered once per BM tokens, and
+# BM - 1 slots per segment may be padding; 64 is the Triton kernels' default too.
+REF_BLOCK_M = 64
+
 
 def check_sink_mlp_inputs(
     x: torch.Tensor,
@@ -53,26 +59,30 @@ def sink_mlp_ref(
     w_gate: torch.Tensor,  # (P, D)
     w_up: torch.Tensor,  # (P, D)
     w_down: torch.Tensor,  # (P, D)
+    tiles: TilePlan | None = None,
 ) -> torch.Tensor:  # (N, D)
-    """Plain-torch specification: one gather + bmm per distinct source over all of its tokens.
+    """Plain-torch specification, batched over the tiles of `tiles` (built here when not given):
 
-    Grouping by source (not by segment) keeps the number of small matmuls at U; autograd's index-based
-    gather backward gives dense-shaped (P, D) table gradients, zero outside the touched rows.
-    """
+        y[t] = sum_{j in rows(seg(t)), j >= 0} silu(x[t] . w_gate[j]) * (x[t] . w_up[j]) * w_down[j]
+
+    Every tile gathers its tokens (T, BM, D) and its source's rows (T, K, D) and runs two batched matmuls; padding
+    (tile slots past the tile's end, -1 rows) is masked to zero, so no index is ever data-dependent in shape:
+    given the plan there is no host sync, in forward or in backward (autograd's gather backward gives dense
+    (P, D) table gradients, zero outside the touched rows, accumulated in a fixed order on the CPU)."""
     check_sink_mlp_inputs(x, offsets, seg_source, source_rows, w_gate, w_up, w_down)
-    num_tokens = x.shape[0]
-    seg_lengths = offsets[1:] - offsets[:-1]  # (S,)
-    token_source = torch.repeat_interleave(seg_source, seg_lengths, output_size=num_tokens)  # (N,)
-    y = torch.zeros_like(x)
-    for u in torch.unique(seg_source).tolist():
-        rows = source_rows[u]
-        rows = rows[rows >= 0]  # (k_u,)
-        if rows.numel() == 0:
-            continue
-        token_index = torch.nonzero(token_source == u, as_tuple=True)[0]  # (n_u,)
-        xu = x.index_select(0, token_index)  # (n_u, D)
-        gate = xu @ w_gate.index_select(0, rows).t()  # (n_u, k_u)
-        up = xu @ w_up.index_select(0, rows).t()  # (n_u, k_u)
-        yu = (F.silu(gate) * up) @ w_down.index_select(0, rows)  # (n_u, D)
-        y = y.index_add(0, token_index, yu)
-    return y
+    num_tokens, dim = x.shape
+    if num_tokens == 0 or seg_source.numel() == 0 or source_rows.shape[1] == 0:
+        return x * 0 + (w_gate.sum() + w_up.sum() + w_down.sum()) * 0  # zeros, still attached to every input
+    if tiles is None:
+        tiles = tile_plan_torch(offsets, seg_source, source_rows.shape[0], num_tokens, REF_BLOCK_M)
+    token, token_ok = tiles.token_index()  # (T, BM) each
+    rows = source_rows[tiles.tile_src]  # (T, K)
+    row_ok = rows >= 0
+    rows = rows.clamp(min=0)
+    xt = x[token] * token_ok[..., None].to(x.dtype)  # (T, BM, D)
+    keep = row_ok[..., None].to(x.dtype)  # (T, K, 1)
+    gate = torch.bmm(xt, (w_gate[rows] * keep).transpose(1, 2))  # (T, BM, K)
+    up = torch.bmm(xt, (w_up[rows] * keep).transpose(1, 2))  # (T, BM, K)
+    yt = torch.bmm(F.silu(gate) * up, w_down[rows] * keep)  # (T, BM, D)
+    yt = yt * token_ok[..., None].to(yt.dtype)
+    return torch.zeros_like(x).index_add(0, token.reshape(-1), yt.reshape(-1, dim))

@@ -6,7 +6,7 @@ also return compact (rows, values) table gradients. Design and tiling are explai
 Shape legend (as in sink_mlp.py):
     N  tokens          D  model width          P  rows in the sink pool
     S  segments        U  distinct sources     K  padded active rows per source (-1 = padding)
-    T  token tiles (each tile = up to BLOCK_M tokens of ONE segment)
+    T  token tiles (each tile = up to BLOCK_M tokens of ONE segment; the plan: `kernels/tiles.py`)
     O  output rows of the table-gradient reduction (P for dense, R touched rows for compact)
 
 Forward  (saves the pre-activations gate/up (N, K) in fp32; h = silu(gate) * up is recomputed elementwise):
@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from nulls_dist.kernels.sink_mlp_ref import check_sink_mlp_inputs
+from nulls_dist.kernels.tiles import TilePlan, tile_plan_torch
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Default tiles: multiples of 16 (tl.dot's minimum on NVIDIA), untuned: no GPU has measured them yet.
@@ -227,17 +228,6 @@ def _row_reduce_kernel(
 
 
 @dataclass(frozen=True)
-class SinkPlan:
-    """Index tensors shared by the forward and backward launches (built with torch, no host sync)."""
-
-    tile_start: torch.Tensor  # (T,) int64 first token of each tile; start == end marks an empty tile
-    tile_end: torch.Tensor  # (T,) int64 end of the tile's segment (exclusive)
-    tile_src: torch.Tensor  # (T,) int64 source index of each tile
-    seg_order: torch.Tensor  # (S,) int64 segments grouped by source
-    src_seg: torch.Tensor  # (U+1,) int64 source u owns seg_order[src_seg[u]:src_seg[u+1]]
-
-
-@dataclass(frozen=True)
 class CompactGrads:
     """Row-sparse table gradients: `rows` (R,) ascending touched pool rows; values (R, D) each."""
 
@@ -296,30 +286,7 @@ def _launch_args(x: torch.Tensor, blocks: dict) -> dict:
     return {"DOT_PRECISION": "ieee" if x.dtype == torch.float32 else "tf32"}
 
 
-def make_plan(offsets: torch.Tensor, seg_source: torch.Tensor, num_sources: int, num_tokens: int,
-              block_m: int) -> SinkPlan:
-    """Split every segment into tiles of at most block_m tokens and group segments by source."""
-    num_segments = seg_source.numel()
-    seg_len = offsets[1:] - offsets[:-1]  # (S,)
-    tiles_per_seg = (seg_len + block_m - 1) // block_m  # (S,)
-    tile_cum = torch.cumsum(tiles_per_seg, 0)  # (S,)
-    # sum_s ceil(len_s / BM) <= N / BM + S: a static bound, so no host sync; spare tiles are empty.
-    num_tiles = triton.cdiv(num_tokens, block_m) + num_segments
-    tile = torch.arange(num_tiles, device=offsets.device)  # (T,)
-    tile_seg = torch.searchsorted(tile_cum, tile, right=True)  # (T,)
-    live = tile_seg < num_segments
-    tile_seg = tile_seg.clamp(max=num_segments - 1)
-    first_tile = tile_cum[tile_seg] - tiles_per_seg[tile_seg]
-    tile_end = torch.where(live, offsets[tile_seg + 1], 0)
-    tile_start = torch.where(live, offsets[tile_seg] + (tile - first_tile) * block_m, 0)
-    seg_order = torch.argsort(seg_source, stable=True)  # (S,)
-    # source u's segments are seg_order[src_seg[u]:src_seg[u+1]]: boundaries of the sorted source indices
-    src_seg = torch.searchsorted(seg_source[seg_order], torch.arange(num_sources + 1, device=offsets.device))
-    return SinkPlan(tile_start.contiguous(), tile_end.contiguous(), seg_source[tile_seg].contiguous(),
-                    seg_order, src_seg)
-
-
-def sink_forward(x, source_rows, w_gate, w_up, w_down, plan: SinkPlan, blocks: dict):
+def sink_forward(x, source_rows, w_gate, w_up, w_down, plan: TilePlan, blocks: dict):
     """Launch the forward. Returns y (N, D) and the fp32 pre-activations gate, up (N, K) for backward."""
     num_tokens, dim = x.shape
     num_rows = source_rows.shape[1]
@@ -352,7 +319,7 @@ def _reduction_runs(source_rows: torch.Tensor, num_pool: int, compact: bool):
     return perm, run_start, run_end, out_rows
 
 
-def sink_backward(dy, x, offsets, source_rows, w_gate, w_up, w_down, gate, up, plan: SinkPlan, blocks: dict,
+def sink_backward(dy, x, offsets, source_rows, w_gate, w_up, w_down, gate, up, plan: TilePlan, blocks: dict,
                   need_dx: bool = True, need_tables: bool = True, compact: bool = False):
     """Launch the backward. Returns dx (N, D) or None, and the table gradients: a (d_gate, d_up, d_down)
     tuple of dense (P, D) tensors, a CompactGrads, or None."""
@@ -402,11 +369,9 @@ class _SinkMLPFunction(torch.autograd.Function):
     h = silu(gate) * up elementwise instead of storing it or redoing the two D-long contractions."""
 
     @staticmethod
-    def forward(ctx, x, offsets, seg_source, source_rows, w_gate, w_up, w_down, blocks):
-        plan = make_plan(offsets, seg_source, source_rows.shape[0], x.shape[0], blocks["block_m"])
+    def forward(ctx, x, offsets, seg_source, source_rows, w_gate, w_up, w_down, blocks, plan):
         y, gate, up = sink_forward(x, source_rows, w_gate, w_up, w_down, plan, blocks)
-        ctx.save_for_backward(x, offsets, source_rows, w_gate, w_up, w_down, gate, up, plan.tile_start,
-                              plan.tile_end, plan.tile_src, plan.seg_order, plan.src_seg)
+        ctx.save_for_backward(x, offsets, source_rows, w_gate, w_up, w_down, gate, up, *plan.tensors())
         ctx.blocks = blocks
         return y
 
@@ -415,25 +380,39 @@ class _SinkMLPFunction(torch.autograd.Function):
         x, offsets, source_rows, w_gate, w_up, w_down, gate, up, *plan_tensors = ctx.saved_tensors
         need = ctx.needs_input_grad
         dx, tables = sink_backward(dy, x, offsets, source_rows, w_gate, w_up, w_down, gate, up,
-                                   SinkPlan(*plan_tensors), ctx.blocks, need_dx=need[0],
+                                   TilePlan(*plan_tensors, ctx.blocks["block_m"]), ctx.blocks, need_dx=need[0],
                                    need_tables=any(need[4:7]), compact=False)
         d_gate, d_up, d_down = tables if tables is not None else (None, None, None)
-        return dx, None, None, None, d_gate, d_up, d_down, None
+        return dx, None, None, None, d_gate, d_up, d_down, None, None
+
+
+def _plan_for(tiles: TilePlan | None, offsets, seg_source, num_sources: int, num_tokens: int,
+              blocks: dict) -> TilePlan:
+    if tiles is None:
+        return tile_plan_torch(offsets, seg_source, num_sources, num_tokens, blocks["block_m"])
+    if tiles.block_m != blocks["block_m"]:
+        raise ValueError(f"tiles were planned for block_m={tiles.block_m}, the launch uses {blocks['block_m']}")
+    return tiles
 
 
 def sink_mlp_triton(x, offsets, seg_source, source_rows, w_gate, w_up, w_down, *, blocks: dict | None = None,
-                    validate_indices: bool = True) -> torch.Tensor:
+                    tiles: TilePlan | None = None, validate_indices: bool = True) -> torch.Tensor:
     """The sink-MLP op on Triton kernels, differentiable in x and the three tables (dense (P, D) gradients).
 
-    `blocks` overrides DEFAULT_BLOCKS (tests use small tiles); `validate_indices` costs one host sync."""
+    `blocks` overrides DEFAULT_BLOCKS (tests use small tiles); `tiles` is a precomputed plan (built here, on the
+    device and without a host sync, when absent); `validate_indices` checks every index against the shapes,
+    which costs one host sync: the model turns it on only in debug mode, since its loader validated the batch."""
     blocks = {**DEFAULT_BLOCKS, **(blocks or {})}
+    if tiles is not None and "block_m" not in (blocks or {}):
+        blocks["block_m"] = tiles.block_m
     check_triton_inputs(x, offsets, seg_source, source_rows, w_gate, w_up, w_down, validate_indices)
     if _is_empty(x, seg_source, source_rows):
         # Exactly zero (no active rows or no tokens); multiplying keeps the autograd graph to the tables.
         return x * 0 + (w_gate.sum() + w_up.sum() + w_down.sum()) * 0
     x, w_gate, w_up, w_down = (t.contiguous() for t in (x, w_gate, w_up, w_down))
+    plan = _plan_for(tiles, offsets, seg_source, source_rows.shape[0], x.shape[0], blocks)
     return _SinkMLPFunction.apply(x, offsets.contiguous(), seg_source.contiguous(), source_rows.contiguous(),
-                                  w_gate, w_up, w_down, blocks)
+                                  w_gate, w_up, w_down, blocks, plan)
 
 
 def sink_mlp_triton_grads(x, offsets, seg_source, source_rows, w_gate, w_up, w_down, dy, *,
@@ -446,7 +425,7 @@ def sink_mlp_triton_grads(x, offsets, seg_source, source_rows, w_gate, w_up, w_d
         raise ValueError("sink_mlp_triton_grads needs at least one token, segment and row slot")
     x, w_gate, w_up, w_down = (t.contiguous() for t in (x, w_gate, w_up, w_down))
     offsets, seg_source, source_rows = offsets.contiguous(), seg_source.contiguous(), source_rows.contiguous()
-    plan = make_plan(offsets, seg_source, source_rows.shape[0], x.shape[0], blocks["block_m"])
+    plan = _plan_for(None, offsets, seg_source, source_rows.shape[0], x.shape[0], blocks)
     y, gate, up = sink_forward(x, source_rows, w_gate, w_up, w_down, plan, blocks)
     dx, tables = sink_backward(dy, x, offsets, source_rows, w_gate, w_up, w_down, gate, up, plan, blocks,
                                compact=compact)
