@@ -1,6 +1,11 @@
 """The NULL transformer: a Llama-style decoder whose SwiGLU MLP is split into always-on backbone units and a
-pool of per-source sink units; the attention mask is causal AND same-source; the deployment modes of docs/nulls_facts.md.
+pool of per-source sink units; attention is causal AND same-source; the deployment modes of docs/nulls_facts.md.
 Single-device code: no parallelism, no config system, no logging backends.
+
+The hot path takes a precomputed `SinkPlan` (nulls_dist/sink_plan.py: built on the host, once per batch, by the
+loader's workers) and then reads nothing back from the device: the plan indexes the sink tables, the attention
+mask is built once per forward from the source ids, and the loss is returned as a device scalar. Without a plan
+the forward builds one itself (convenient, but it reads the source ids back: evaluation and tests only).
 
 Shape legend:
     B  batch rows            T  tokens per row (queries)      L  key length (T, or the cached length)
@@ -10,109 +15,26 @@ Shape legend:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from nulls_dist.kernels.sink_mlp import sink_mlp
+from nulls_dist.attention import AttentionMask, attend, build_mask, same_source_causal_mask
 from nulls_dist.config import NullConfig
-from nulls_dist.segments import Segments, source_segments
+from nulls_dist.kernels.sink_mlp import sink_mlp
+from nulls_dist.sink_plan import (MODE_KINDS, SinkMode, SinkPlan, plan_for_batch, plan_for_mode,
+                                  remove_rows)
 from nulls_dist.sinks import SinkAssignment
 
-MODE_KINDS = ("train", "sink_on", "sink_off", "backbone_only", "expected")
+__all__ = ["MODE_KINDS", "KVCache", "NullTransformer", "SinkMode", "SinkPlan", "chunked_cross_entropy",
+           "flops_per_token", "num_parameters_of", "remove_rows", "same_source_causal_mask"]
+
+IGNORE_INDEX = -100  # labels of tokens that count for no loss term (F.cross_entropy's default ignore_index)
 
 
-# ------------------------------------------------------------------------------------------------ modes
-@dataclass(frozen=True)
-class SinkMode:
-    """Which sink units are on. Build it with the constructors, not directly."""
-
-    kind: str
-    source_id: int | None = None
-    forget_ids: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.kind not in MODE_KINDS:
-            raise ValueError(f"SinkMode kind must be one of {MODE_KINDS}, got {self.kind!r}")
-        ids = ([self.source_id] if self.source_id is not None else []) + list(self.forget_ids)
-        for sid in ids:
-            if int(sid) < 0:
-                raise ValueError(f"SinkMode source ids must be non-negative, got {sid}")
-
-    @classmethod
-    def train(cls) -> "SinkMode":
-        """Each token uses its own source's mask (what training sees)."""
-        return cls("train")
-
-    @classmethod
-    def sink_on(cls, source_id: int) -> "SinkMode":
-        """Every token uses `source_id`'s mask."""
-        return cls("sink_on", source_id=int(source_id))
-
-    @classmethod
-    def sink_off(cls, route_source_id: int, forget_ids) -> "SinkMode":
-        """Every token uses the routed (surviving) source's mask minus the union of the forgotten masks."""
-        return cls("sink_off", source_id=int(route_source_id), forget_ids=tuple(sorted({int(s) for s in forget_ids})))
-
-    @classmethod
-    def backbone_only(cls) -> "SinkMode":
-        """No sinks; the backbone is scaled by (p_gen + p_mem) / p_gen."""
-        return cls("backbone_only")
-
-    @classmethod
-    def expected(cls) -> "SinkMode":
-        """Every sink on, scaled by p_mem (the expectation of a random mask)."""
-        return cls("expected")
-
-
-@dataclass
-class SinkPlan:
-    """What every layer's MLP needs for one forward; built once per forward from the mode and source ids."""
-
-    kind: str  # "none" | "dense" | "masked" | "gathered"
-    backbone_scale: float = 1.0
-    sink_scale: float = 1.0
-    segments: Segments | None = None
-    layer_rows: list[torch.Tensor] = field(default_factory=list)  # gathered: per layer (U, K), or one shared
-    layer_masks: list[torch.Tensor] = field(default_factory=list)  # masked: per layer (N, P) bool, or one shared
-
-    def rows(self, layer: int) -> torch.Tensor:
-        return self.layer_rows[layer if len(self.layer_rows) > 1 else 0]
-
-    def mask(self, layer: int) -> torch.Tensor:
-        return self.layer_masks[layer if len(self.layer_masks) > 1 else 0]
-
-
-def remove_rows(rows: torch.Tensor, forget_rows: torch.Tensor) -> torch.Tensor:
-    """Drop every row index that appears in `forget_rows` from `rows` (U, K); keep ascending, -1 right-padded."""
-    forgotten = torch.isin(rows, forget_rows[forget_rows >= 0])  # (U, K)
-    keep = (rows >= 0) & ~forgotten
-    big = torch.iinfo(torch.int64).max
-    compact = rows.masked_fill(~keep, big).sort(dim=1).values  # (U, K) kept rows first, ascending
-    return compact.masked_fill(compact == big, -1)
-
-
-# ------------------------------------------------------------------------------------------------ attention
-def same_source_causal_mask(
-    source_ids: torch.Tensor,  # (B, T) query tokens' source ids
-    key_source_ids: torch.Tensor | None = None,  # (B, L) key tokens' source ids (default: the queries)
-    query_pos: torch.Tensor | None = None,  # (T,) positions of the queries among the keys (default: the last T)
-) -> torch.Tensor:  # (B, 1, T, L) bool, True = may attend
-    """Causal AND same-source: token t sees key j iff j <= pos(t) and both carry the same source id."""
-    if key_source_ids is None:
-        key_source_ids = source_ids
-    num_keys, num_queries = key_source_ids.shape[1], source_ids.shape[1]
-    device = source_ids.device
-    if query_pos is None:
-        query_pos = torch.arange(num_keys - num_queries, num_keys, device=device)
-    key_pos = torch.arange(num_keys, device=device)
-    causal = key_pos[None, :] <= query_pos[:, None]  # (T, L)
-    same = source_ids[:, :, None] == key_source_ids[:, None, :]  # (B, T, L)
-    return (same & causal[None])[:, None]
-
-
+# ------------------------------------------------------------------------------------------------ rope
 def build_rope_cache(seq_len: int, n_elem: int, base: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin (seq_len, n_elem) in fp32; the half-split (non-interleaved) layout litgpt uses."""
     theta = 1.0 / (base ** (torch.arange(0, n_elem, 2, device=device).float() / n_elem))  # (n_elem/2,)
@@ -127,6 +49,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+# ------------------------------------------------------------------------------------------------ KV cache
 class LayerKVCache:
     """Keys and values of one layer for incremental decoding."""
 
@@ -134,14 +57,16 @@ class LayerKVCache:
         self.k = k  # (B, G, Lmax, hs)
         self.v = v  # (B, G, Lmax, hs)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_keys: int):
-        self.k[:, :, input_pos] = k.to(self.k.dtype)
-        self.v[:, :, input_pos] = v.to(self.v.dtype)
-        return self.k[:, :, :num_keys], self.v[:, :, :num_keys]  # (B, G, L, hs) each
+    def update(self, first_pos: int, k: torch.Tensor, v: torch.Tensor):
+        end = first_pos + k.shape[2]
+        self.k[:, :, first_pos:end] = k.to(self.k.dtype)
+        self.v[:, :, first_pos:end] = v.to(self.v.dtype)
+        return self.k[:, :, :end], self.v[:, :, :end]  # (B, G, L, hs) each
 
 
 class KVCache:
-    """Per-layer key/value caches plus the cached tokens' source ids (the mask stays same-source)."""
+    """Per-layer key/value caches plus the cached tokens' source ids (the mask stays same-source). Positions are
+    host integers (`next_pos`), so decoding never reads a position back from the device."""
 
     def __init__(self, cfg: NullConfig, batch_size: int, max_seq_length: int, device=None, dtype=None) -> None:
         if not 0 < max_seq_length <= cfg.block_size:
@@ -156,11 +81,13 @@ class KVCache:
         self.max_seq_length = max_seq_length
         self.next_pos = 0  # positions [0, next_pos) are filled
 
-    def update_sources(self, input_pos: torch.Tensor, source_ids: torch.Tensor, num_keys: int) -> torch.Tensor:
-        self.source_ids[:, input_pos] = source_ids
-        return self.source_ids[:, :num_keys]  # (B, L)
+    def update_sources(self, first_pos: int, source_ids: torch.Tensor) -> torch.Tensor:
+        end = first_pos + source_ids.shape[1]
+        self.source_ids[:, first_pos:end] = source_ids
+        return self.source_ids[:, :end]  # (B, L)
 
 
+# ------------------------------------------------------------------------------------------------ attention
 class CausalSelfAttention(nn.Module):
     """Grouped-query attention; qkv rows are [q (H*hs) ; k (G*hs) ; v (G*hs)] as in litgpt."""
 
@@ -170,7 +97,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_query_groups) * cfg.head_size, bias=False)
         self.proj = nn.Linear(cfg.n_head * cfg.head_size, cfg.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: LayerKVCache | None = None, input_pos=None, num_keys: int = 0):
+    def forward(self, x, cos, sin, mask: AttentionMask, cache: LayerKVCache | None = None, first_pos: int = 0):
         cfg = self.cfg
         B, T, _ = x.shape
         H, G, hs, n = cfg.n_head, cfg.n_query_groups, cfg.head_size, cfg.rope_n_elem
@@ -181,11 +108,8 @@ class CausalSelfAttention(nn.Module):
         q = torch.cat((apply_rope(q[..., :n], cos, sin), q[..., n:]), dim=-1)
         k = torch.cat((apply_rope(k[..., :n], cos, sin), k[..., n:]), dim=-1)
         if cache is not None:
-            k, v = cache.update(input_pos, k, v, num_keys)  # (B, G, L, hs)
-        if G != H:
-            k = k.repeat_interleave(H // G, dim=1)  # (B, H, L, hs)
-            v = v.repeat_interleave(H // G, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, hs)
+            k, v = cache.update(first_pos, k, v)  # (B, G, L, hs)
+        y = attend(q, k, v, mask)  # (B, H, T, hs): native GQA, K/V never repeated
         return self.proj(y.transpose(1, 2).reshape(B, T, H * hs))
 
 
@@ -202,6 +126,7 @@ class NullMLP(nn.Module):
         self.sink_gate = nn.Parameter(torch.empty(P, D))
         self.sink_up = nn.Parameter(torch.empty(P, D))
         self.sink_down = nn.Parameter(torch.empty(P, D))  # row j = column j of litgpt's proj.weight
+        self.debug_checks = False
 
     def forward(self, x: torch.Tensor, plan: SinkPlan, layer: int) -> torch.Tensor:
         B, T, D = x.shape
@@ -211,15 +136,16 @@ class NullMLP(nn.Module):
             y = y * plan.backbone_scale
         if plan.kind in ("dense", "masked"):
             h = F.silu(xf @ self.sink_gate.t()) * (xf @ self.sink_up.t())  # (N, P)
-            # where() keeps autograd's saved mask a bool, one tensor shared by all layers
-            h = torch.where(plan.mask(layer), h, 0.0) if plan.kind == "masked" else h * plan.sink_scale
+            if plan.kind == "masked":
+                # where() keeps autograd's saved mask a bool; one (N, P) gather per layer, on the device
+                h = torch.where(plan.layer_mask(layer)[plan.token_source], h, 0.0)
+            else:
+                h = h * plan.sink_scale
             y = y + h @ self.sink_down  # (N, D)
         elif plan.kind == "gathered":
-            seg = plan.segments
-            y = y + sink_mlp(
-                xf, seg.offsets, seg.seg_source, plan.rows(layer), self.sink_gate, self.sink_up, self.sink_down,
-                impl="auto",
-            )
+            y = y + sink_mlp(xf, plan.offsets, plan.seg_source, plan.layer_rows(layer), self.sink_gate,
+                             self.sink_up, self.sink_down, impl="auto", tiles=plan.tiles,
+                             validate=self.debug_checks)
         return y.view(B, T, D)
 
 
@@ -231,15 +157,38 @@ class Block(nn.Module):
         self.norm_2 = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.mlp = NullMLP(cfg)
 
-    def forward(self, x, cos, sin, mask, plan, layer, cache=None, input_pos=None, num_keys=0):
-        x = x + self.attn(self.norm_1(x), cos, sin, mask, cache, input_pos, num_keys)
+    def forward(self, x, cos, sin, mask, plan, layer, cache=None, first_pos: int = 0):
+        x = x + self.attn(self.norm_1(x), cos, sin, mask, cache, first_pos)
         return x + self.mlp(self.norm_2(x), plan, layer)
+
+
+# ------------------------------------------------------------------------------------------------ loss
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = (hidden @ weight.t()).float()  # (c, V) fp32: one chunk at a time
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          chunk_tokens: int) -> torch.Tensor:
+    """Sum of next-token cross-entropy over labels != IGNORE_INDEX, from hidden (N, D) and the LM head (V, D),
+    `chunk_tokens` rows at a time with each chunk recomputed in backward: the (N, V) logits never exist, in fp32
+    or otherwise (paper_wiki_1b at B=16, T=1023: 3 GiB in fp32 at once; here chunk x V x 4 bytes, 0.4 GiB at 2048).
+    """
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            total = total + checkpoint(_chunk_loss, hidden[part], weight, labels[part], use_reentrant=False)
+        else:
+            total = total + _chunk_loss(hidden[part], weight, labels[part])
+    return total
 
 
 # ------------------------------------------------------------------------------------------------ model
 class NullTransformer(nn.Module):
-    """input_ids (B, T), source_ids (B, T) -> logits (B, T, V). Parameter names follow litgpt's GPT except the
-    MLP (design.md, "Model weights"); `sink_assignment` is host-side index math, not a module."""
+    """input_ids (B, T), source_ids (B, T) -> logits (B, T, V), or with `labels` the summed loss. Parameter names
+    follow litgpt's GPT except the MLP (design.md, "Model weights"); `sink_assignment` is host-side index math,
+    not a module."""
 
     def __init__(self, cfg: NullConfig) -> None:
         super().__init__()
@@ -257,6 +206,8 @@ class NullTransformer(nn.Module):
         if cfg.n_sink > 0:
             with torch.device("cpu"):  # host-side index math, even under a meta/cuda default-device context
                 self.sink_assignment = SinkAssignment(cfg.sink_assignment_config())
+        self.attention_impl = "auto"  # auto (flex on CUDA for packed rows, SDPA otherwise) | sdpa | flex
+        self.loss_chunk_tokens = 2048
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -269,6 +220,14 @@ class NullTransformer(nn.Module):
                     param.fill_(1.0)
                 else:
                     param.normal_(0.0, std)
+
+    def set_debug_checks(self, enabled: bool) -> None:
+        """Validate every plan and every kernel launch's indices (host syncs: for debugging, not training)."""
+        self.debug_checks = enabled
+        for block in self.transformer.h:
+            block.mlp.debug_checks = enabled
+
+    debug_checks = False
 
     def rope(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 cos, sin (block_size, n) on `device`. Not buffers: `model.bfloat16()` would round the angles."""
@@ -286,116 +245,107 @@ class NullTransformer(nn.Module):
         dtype = dtype or self.lm_head.weight.dtype
         return KVCache(self.cfg, batch_size, max_seq_length or self.cfg.block_size, device, dtype)
 
-    # ------------------------------------------------------------------ input checks and the sink plan
-    def _check_ids(self, input_ids: torch.Tensor, source_ids: torch.Tensor | None, mode: SinkMode) -> None:
-        cfg = self.cfg
+    # ------------------------------------------------------------------ plans
+    def make_plan(self, source_ids: torch.Tensor | np.ndarray | None, mode: SinkMode,
+                  shape: tuple[int, int], device=None) -> SinkPlan:
+        """The sink plan of one forward, on `device` (reads `source_ids` back to the host: not for training)."""
+        if mode.kind == "train" and source_ids is None:
+            if self.cfg.n_sink:
+                raise ValueError("source_ids is None but mode 'train' needs each token's source id")
+            plan = SinkPlan("none", *shape, single_source_rows=True)  # no sinks: nothing to route
+        elif mode.kind == "train":
+            ids = source_ids.detach().cpu().numpy() if isinstance(source_ids, torch.Tensor) else source_ids
+            plan = plan_for_batch(np.asarray(ids, dtype=np.int64), self.cfg, self.sink_assignment)
+        else:
+            plan = plan_for_mode(mode, shape, self.cfg, self.sink_assignment)
+        return plan if device is None else plan.to(device)
+
+    # ------------------------------------------------------------------ forward
+    def _check_inputs(self, input_ids: torch.Tensor, source_ids: torch.Tensor | None, plan: SinkPlan | None) -> None:
+        """Shape checks only: host-side metadata, no value is read from the device."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= cfg.padded_vocab_size:
-            raise ValueError(f"input_ids out of range [0, {cfg.padded_vocab_size}): min {lo}, max {hi}")
-        ids = [mode.source_id] if mode.source_id is not None else []
-        ids += list(mode.forget_ids)
         if source_ids is not None:
             if source_ids.shape != input_ids.shape:
                 raise ValueError(
-                    f"source_ids shape {tuple(source_ids.shape)} != input_ids shape {tuple(input_ids.shape)}"
-                )
+                    f"source_ids shape {tuple(source_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
             if source_ids.dtype.is_floating_point or source_ids.dtype == torch.bool:
                 raise ValueError(f"source_ids must be an integer tensor, got {source_ids.dtype}")
-            ids += [int(source_ids.min()), int(source_ids.max())]
-        elif mode.kind == "train" and cfg.n_sink > 0:
-            raise ValueError("source_ids is None but mode 'train' needs each token's source id")
-        for sid in ids:
-            if sid < 0:
-                raise ValueError(f"source_ids must be non-negative, got source id {sid}")
-            if cfg.num_sources is not None and not cfg.min_source_id <= sid < cfg.min_source_id + cfg.num_sources:
-                raise ValueError(
-                    f"source id {sid} is out of range [min_source_id={cfg.min_source_id}, "
-                    f"min_source_id + num_sources={cfg.min_source_id + cfg.num_sources})"
-                )
+        if plan is not None and (plan.num_rows, plan.row_len) != tuple(input_ids.shape):
+            raise ValueError(f"the sink plan is for a ({plan.num_rows}, {plan.row_len}) batch, input_ids are "
+                             f"{tuple(input_ids.shape)}")
 
-    def sink_plan(self, source_ids: torch.Tensor | None, mode: SinkMode, shape: tuple[int, int], device) -> SinkPlan:
-        """Resolve the mode into per-layer active sinks for the configured sink path."""
-        cfg = self.cfg
-        if mode.kind == "backbone_only":
-            return SinkPlan("none", backbone_scale=cfg.backbone_only_scale)
-        if cfg.n_sink == 0:
-            return SinkPlan("none")
-        if mode.kind == "expected":
-            return SinkPlan("dense", sink_scale=cfg.p_mem)
-        if mode.kind == "train":
-            if source_ids is None:
-                raise ValueError("source_ids is None but mode 'train' needs each token's source id")
-            sink_source_ids = source_ids.to(torch.int64)  # (B, T)
+    def _check_values(self, input_ids: torch.Tensor) -> None:
+        """Token-id range (reads back: the planless path and debug mode only)."""
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.cfg.padded_vocab_size:
+            raise ValueError(f"input_ids out of range [0, {self.cfg.padded_vocab_size}): min {lo}, max {hi}")
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        source_ids: torch.Tensor | None = None,  # (B, T)
+        mode: SinkMode | None = None,
+        kv_cache: KVCache | None = None,
+        plan: SinkPlan | None = None,
+    ) -> torch.Tensor:  # (B, T, D) after the final norm
+        mode = mode or SinkMode.train()
+        self._check_inputs(input_ids, source_ids, plan)
+        B, T = input_ids.shape
+        device = input_ids.device
+        if plan is None:
+            if input_ids.numel():
+                self._check_values(input_ids)
+            plan = self.make_plan(source_ids, mode, (B, T), device)
+        elif self.debug_checks:
+            self._check_values(input_ids)
+            plan.check(self.cfg.n_sink)
+        # Attention is same-source whenever source ids are given (whatever the sink mode); it is plain causal when
+        # they are not, or when the plan knows every row is one source and no cache holds other tokens.
+        attn_source_ids = source_ids.to(torch.int64) if source_ids is not None else None
+        single = attn_source_ids is None or (kv_cache is None and mode.kind == "train" and plan.single_source_rows)
+        first_pos = 0
+        if kv_cache is None:
+            if T > self.cfg.block_size:
+                raise ValueError(f"sequence length {T} exceeds block_size={self.cfg.block_size}")
+            cos, sin = (c[:T] for c in self.rope(device))  # (T, n)
+            mask = build_mask(self.attention_impl, attn_source_ids, single, T, T, 0)
         else:
-            sink_source_ids = torch.full(shape, mode.source_id, dtype=torch.int64, device=device)  # (B, T)
-        segments = source_segments(sink_source_ids)
-        sources = segments.sources.cpu()  # (U,)
-        forget = torch.tensor(mode.forget_ids, dtype=torch.int64)  # (F,)
-        layers = range(cfg.n_layer) if cfg.sink_layer_specific else range(1)
-        assignment = self.sink_assignment
-        if cfg.sink_path == "gathered":
-            rows = []
-            for layer in layers:
-                layer_rows = assignment.rows(sources, layer=layer)  # (U, K)
-                if forget.numel():
-                    layer_rows = remove_rows(layer_rows, assignment.rows(forget, layer=layer))
-                rows.append(layer_rows.to(device=device, dtype=torch.int64))
-            return SinkPlan("gathered", segments=segments, layer_rows=rows)
-        token_source = segments.token_source_index()  # (N,)
-        masks = []
-        for layer in layers:
-            source_mask = assignment.mask(sources, layer=layer)  # (U, P) bool
-            if forget.numel():
-                source_mask = source_mask & ~assignment.mask(forget, layer=layer).any(dim=0)
-            masks.append(source_mask.to(device)[token_source])  # (N, P)
-        return SinkPlan("masked", segments=segments, layer_masks=masks)
+            first_pos = kv_cache.next_pos
+            if first_pos + T > kv_cache.max_seq_length:
+                raise ValueError(f"the KV cache's max_seq_length={kv_cache.max_seq_length}: {first_pos} positions "
+                                 f"are filled and {T} more do not fit")
+            cos, sin = (c[first_pos:first_pos + T] for c in self.rope(device))  # (T, n)
+            keys = None
+            if attn_source_ids is not None:
+                keys = kv_cache.update_sources(first_pos, attn_source_ids)  # (B, L)
+            mask = build_mask(self.attention_impl, attn_source_ids, single, T, first_pos + T, first_pos, keys,
+                              device)
+            kv_cache.next_pos = first_pos + T
+        x = self.transformer.wte(input_ids)  # (B, T, D)
+        for layer, block in enumerate(self.transformer.h):
+            cache = kv_cache.layers[layer] if kv_cache is not None else None
+            x = block(x, cos, sin, mask, plan, layer, cache, first_pos)
+        return self.transformer.ln_f(x)
 
-    # ------------------------------------------------------------------ forward
     def forward(
         self,
         input_ids: torch.Tensor,  # (B, T)
         source_ids: torch.Tensor | None = None,  # (B, T)
         mode: SinkMode | None = None,
         kv_cache: KVCache | None = None,
-        input_pos: torch.Tensor | None = None,  # (T,) positions, only with kv_cache
-    ) -> torch.Tensor:  # (B, T, V)
-        mode = mode or SinkMode.train()
-        self._check_ids(input_ids, source_ids, mode)
-        B, T = input_ids.shape
-        device = input_ids.device
-        # without source ids (deployment modes) the whole row is one source: plain causal attention
-        attn_source_ids = (
-            source_ids.to(torch.int64) if source_ids is not None else torch.zeros_like(input_ids, dtype=torch.int64)
-        )  # (B, T)
-        plan = self.sink_plan(source_ids, mode, (B, T), device)
-        if kv_cache is None:
-            if input_pos is not None:
-                raise ValueError("input_pos is given without a kv_cache")
-            if T > self.cfg.block_size:
-                raise ValueError(f"sequence length {T} exceeds block_size={self.cfg.block_size}")
-            cos, sin = (c[:T] for c in self.rope(device))  # (T, n)
-            mask = same_source_causal_mask(attn_source_ids)  # (B, 1, T, T)
-            num_keys = T
-        else:
-            if input_pos is None:
-                input_pos = torch.arange(kv_cache.next_pos, kv_cache.next_pos + T, device=device)
-            num_keys = int(input_pos.max()) + 1
-            if input_pos.shape != (T,) or num_keys > kv_cache.max_seq_length:
-                raise ValueError(
-                    f"input_pos must be (T={T},) with positions < max_seq_length={kv_cache.max_seq_length}, "
-                    f"got shape {tuple(input_pos.shape)} and max position {num_keys - 1}"
-                )
-            cos, sin = (c[input_pos] for c in self.rope(device))  # (T, n)
-            key_source_ids = kv_cache.update_sources(input_pos, attn_source_ids, num_keys)  # (B, L)
-            mask = same_source_causal_mask(attn_source_ids, key_source_ids, input_pos)  # (B, 1, T, L)
-            kv_cache.next_pos = num_keys
-        x = self.transformer.wte(input_ids)  # (B, T, D)
-        for layer, block in enumerate(self.transformer.h):
-            cache = kv_cache.layers[layer] if kv_cache is not None else None
-            x = block(x, cos, sin, mask, plan, layer, cache, input_pos, num_keys)
-        return self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        plan: SinkPlan | None = None,
+        labels: torch.Tensor | None = None,  # (B, T) next-token targets, IGNORE_INDEX where nothing counts
+    ) -> torch.Tensor:
+        """Logits (B, T, V); with `labels`, the SUM of the cross-entropy over the counted labels (fp32 scalar; the
+        caller divides by its token count, e.g. the global count of a data-parallel step)."""
+        hidden = self.hidden_states(input_ids, source_ids, mode, kv_cache, plan)  # (B, T, D)
+        if labels is None:
+            return self.lm_head(hidden)  # (B, T, V)
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        return chunked_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, labels.reshape(-1),
+                                     self.loss_chunk_tokens)
 
 
 # ------------------------------------------------------------------------------------------------ cost model

@@ -1,163 +1,192 @@
-"""The torch-side shard loader: disjoint rank x worker split, (seed, epoch) shuffling, exact resume from
-`state_dict()` with 2 ranks x 2 DataLoader workers, manifest checks (missing / corrupt shards), forget sets."""
+"""The step loader: micro-batch contract (labels, sink plans), a sample order independent of ranks and workers,
+exact resume across world sizes at sample granularity, complete epochs per stream, forget sets, shard checks."""
 from __future__ import annotations
 
+import hashlib
 import json
-import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 
-from nulls_dist.formats import dataset as schema
 from nulls_data_fixtures import build_dataset
-from nulls_dist.data import ShardDataset, build_loader
+from nulls_dist.config import NullConfig
+from nulls_dist.data.loader import (IGNORE_INDEX, ShardStreams, StreamLayout, build_step_loader,
+                                    default_num_streams, fixed_batches, load_manifest, merge_states)
+from nulls_dist.formats import dataset as schema
+from nulls_dist.formats.shards import ShardError, read_shard
+from nulls_dist.sink_plan import plan_for_batch, segments_numpy
+from nulls_dist.sinks import SinkAssignment
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    return build_dataset(tmp_path_factory.mktemp("loader"))
+    return build_dataset(tmp_path_factory.mktemp("loader"))  # 10 train shards of 37-68 samples, context 32
 
 
-def _manifest(path: Path) -> dict:
-    return json.loads((path / schema.MANIFEST_NAME).read_text())
+def _row_ids(micro: dict) -> list[str]:
+    """One identity per sample of a micro-batch (its input tokens, sources and labels)."""
+    rows = torch.cat([micro["input_ids"], micro["source_ids"], micro["labels"]], dim=1).numpy()
+    return [hashlib.sha1(r.tobytes()).hexdigest() for r in rows]
 
 
-def _batches(loader, limit=None) -> list[dict]:
+def _steps(loaders: list, num_steps: int) -> list[list[str]]:
+    """Sample identities of each step over all ranks (a step is a set: the loss sums over all its tokens)."""
+    iters = [iter(loader) for loader in loaders]
     out = []
-    for batch in loader:
-        out.append({k: v.clone() for k, v in batch.items()})
-        if limit is not None and len(out) == limit:
-            break
+    for _ in range(num_steps):
+        ids = []
+        for it in iters:
+            for micro in next(it):
+                ids += _row_ids(micro)
+        out.append(sorted(ids))
     return out
 
 
-def _assert_same(a: list[dict], b: list[dict]) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys() == {"tokens", "source_ids", "loss_mask"}
-        for key in x:
-            assert torch.equal(x[key], y[key])
+def _loaders(dataset, world_size, num_workers=0, num_streams=4, global_batch=8, micro_batch=2, seed=3, **kw):
+    return [build_step_loader(dataset, StreamLayout(num_streams, global_batch, micro_batch, world_size, rank,
+                                                    num_workers), seed=seed, **kw) for rank in range(world_size)]
 
 
-def test_batches_have_contract_shapes_and_dtypes(dataset):
-    batch = next(iter(build_loader(dataset, batch_size=3, num_epochs=1)))
-    T = _manifest(dataset)["context_length"]
-    assert batch["tokens"].shape == batch["source_ids"].shape == batch["loss_mask"].shape == (3, T)
-    assert batch["tokens"].dtype == batch["source_ids"].dtype == torch.int64
-    assert batch["loss_mask"].dtype == torch.bool
+def test_micro_batches_follow_the_contract(dataset):
+    cfg = NullConfig.from_preset("debug", vocab_size=300, sink_strategy="uniform", sink_k=5)
+    assignment = SinkAssignment(cfg.sink_assignment_config())
+    builder = lambda ids: plan_for_batch(ids, cfg, assignment)  # noqa: E731
+    (loader,) = _loaders(dataset, 1, plan_builder=builder, vocab_size=300)
+    step = next(iter(loader))
+    T = load_manifest(dataset)["context_length"]
+    assert len(step) == 4  # global batch 8 / micro-batch 2 on one rank
+    for micro in step:
+        assert micro["input_ids"].shape == micro["source_ids"].shape == micro["labels"].shape == (2, T - 1)
+        assert micro["input_ids"].dtype == micro["labels"].dtype == torch.int64
+        assert micro["num_targets"] == int((micro["labels"] != IGNORE_INDEX).sum()) > 0
+        plan = micro["plan"]
+        offsets, seg_source, sources, _ = segments_numpy(micro["source_ids"].numpy())
+        assert torch.equal(plan.sources, torch.from_numpy(sources)) and torch.equal(plan.offsets, torch.from_numpy(offsets))
+        assert plan.rows.shape == (1, len(sources), 5) and plan.tiles is not None
 
 
-@pytest.mark.parametrize("num_workers", [2, 0])
-def test_resume_mid_epoch_gives_the_uninterrupted_batches_bit_for_bit(dataset, num_workers):
-    for rank in range(2):
-        make = lambda: build_loader(dataset, batch_size=3, rank=rank, world_size=2, seed=5,  # noqa: E731
-                                    num_workers=num_workers, num_epochs=2)
-        full = _batches(make())
-        assert len(full) > 8
-        for stop in (3, len(full) // 2 + 1):
-            first = make()
-            head = _batches(first, limit=stop)
-            state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint stores it
-            resumed = make()
-            resumed.load_state_dict(state)
-            _assert_same(head + _batches(resumed), full)
+def test_labels_count_only_same_source_unpadded_targets(dataset):
+    manifest = load_manifest(dataset)
+    entry = manifest["shards"][0]
+    raw = read_shard(dataset / entry["name"], entry["sha256"], entry["samples"])
+    streams = ShardStreams(dataset, manifest["shards"], 1, seed=0)
+    samples, keeps, _ = streams.take(0, (0, 0, 0), 3)
+    from nulls_dist.data.loader import make_micro_batch
+
+    micro = make_micro_batch(samples, keeps, None, None)
+    for b, sample in enumerate(samples):
+        tokens, sources, mask = (sample[k].astype(np.int64) for k in schema.SAMPLE_KEYS)
+        for t in range(len(tokens) - 1):
+            counts = bool(mask[t + 1]) and sources[t + 1] == sources[t]
+            assert int(micro["labels"][b, t]) == (tokens[t + 1] if counts else IGNORE_INDEX)
+    assert len(raw) == entry["samples"]
 
 
-def _all_samples(dataset: Path) -> list[bytes]:
-    urls = [str(dataset / e["name"]) for e in _manifest(dataset)["shards"]]
-    return sorted(s[schema.TOKENS_KEY].astype(np.int64).tobytes() + s[schema.SOURCE_IDS_KEY].astype(np.int64).tobytes()
-                  for s in wds.WebDataset(urls, shardshuffle=False).decode())
+@pytest.mark.parametrize("world_size,num_workers", [(2, 0), (2, 2), (4, 0), (1, 2)])
+def test_steps_do_not_depend_on_ranks_or_workers(dataset, world_size, num_workers):
+    reference = _steps(_loaders(dataset, 1), 12)
+    assert _steps(_loaders(dataset, world_size, num_workers), 12) == reference
 
 
-def test_ranks_and_workers_split_an_epoch_disjointly_and_completely(dataset):
-    seen = []
-    for rank in range(2):
-        for batch in build_loader(dataset, batch_size=2, rank=rank, world_size=2, seed=1, num_workers=2,
-                                  num_epochs=1):
-            seen += [t.numpy().tobytes() + s.numpy().tobytes() for t, s in zip(batch["tokens"], batch["source_ids"])]
-    assert sorted(seen) == _all_samples(dataset)  # every sample exactly once across 2 ranks x 2 workers
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2), (2, 4), (4, 2)])
+def test_resume_on_another_world_size_continues_at_the_next_sample(dataset, before, after):
+    straight = _steps(_loaders(dataset, 1), 14)
+    first = _loaders(dataset, before, num_workers=2 if before == 2 else 0)
+    head = _steps(first, 9)
+    state = json.loads(json.dumps(merge_states([loader.state_dict() for loader in first])))  # as on disk
+    second = _loaders(dataset, after)
+    for loader in second:
+        loader.load_state_dict(state)
+    assert head + _steps(second, 5) == straight
 
 
-def test_order_depends_on_seed_and_epoch_only(dataset):
-    ds = ShardDataset(dataset, rank=0, world_size=2, seed=3)
-    assert ds.worker_shards(0, 0, 2) == ShardDataset(dataset, rank=0, world_size=2, seed=3).worker_shards(0, 0, 2)
-    orders = {tuple(ShardDataset(dataset, seed=3).worker_shards(e, 0, 1)) for e in range(4)}
-    assert len(orders) > 1
-    a = _batches(build_loader(dataset, batch_size=4, seed=3, num_epochs=1))
-    b = _batches(build_loader(dataset, batch_size=4, seed=4, num_epochs=1))
-    assert not all(torch.equal(x["tokens"], y["tokens"]) for x, y in zip(a, b))
+def test_every_stream_reads_each_of_its_samples_once_per_epoch(dataset):
+    manifest = load_manifest(dataset)
+    streams = ShardStreams(dataset, manifest["shards"], 2, seed=7)
+    for stream in range(2):
+        shards = streams.stream_shards(stream, 0)
+        total = sum(manifest["shards"][i]["samples"] for i in shards)
+        samples, _, position = streams.take(stream, (0, 0, 0), total)
+        ids = {hashlib.sha1(b"".join(s[k].tobytes() for k in schema.SAMPLE_KEYS)).hexdigest() for s in samples}
+        assert len(ids) == total  # no sample twice, none skipped
+        assert position[0] == 0 and position[1] == len(shards) - 1  # still inside epoch 0, on its last shard
+        nxt, _, position = streams.take(stream, position, 1)
+        assert position[0] == 1 and position[1] == 0  # the next sample opens epoch 1
 
 
-def test_excluded_sources_are_masked_and_pure_samples_dropped(dataset):
-    full = _batches(build_loader(dataset, batch_size=1, num_epochs=1))
-    counts: dict[int, int] = {}
-    for b in full:
-        for s in b["source_ids"][b["loss_mask"]].tolist():
-            counts[s] = counts.get(s, 0) + 1
-    long_source = max(counts, key=counts.get)  # spans whole contexts on its own
-    excluded = {long_source, min(counts)}
-    kept = _batches(build_loader(dataset, batch_size=1, num_epochs=1, exclude_source_ids=excluded))
-    assert len(kept) < len(full)
-    for b in kept:
-        excluded_tokens = torch.isin(b["source_ids"], torch.tensor(sorted(excluded)))
-        assert not b["loss_mask"][excluded_tokens].any() and b["loss_mask"].any()
-    kept_counts: dict[int, int] = {}
-    for b in kept:
-        for s in b["source_ids"][b["loss_mask"]].tolist():
-            kept_counts[s] = kept_counts.get(s, 0) + 1
-    assert kept_counts == {s: n for s, n in counts.items() if s not in excluded}
+def test_order_depends_on_seed(dataset):
+    assert _steps(_loaders(dataset, 1, seed=3), 4) != _steps(_loaders(dataset, 1, seed=4), 4)
 
 
-def _copy(dataset: Path, tmp: Path) -> Path:
-    dst = tmp / "copy"
-    shutil.copytree(dataset, dst, ignore=shutil.ignore_patterns("ingest"))
-    return dst
+def test_excluded_sources_get_no_labels_and_pure_samples_are_skipped(dataset):
+    (plain,) = _loaders(dataset, 1)
+    step = next(iter(plain))
+    victim = int(step[0]["source_ids"][0, 0])
+    (loader,) = _loaders(dataset, 1, exclude_source_ids=[victim])
+    for _, micro in zip(range(30), (m for s in loader for m in s)):
+        counted = micro["labels"] != IGNORE_INDEX
+        targets_of_victim = torch.zeros_like(counted)
+        targets_of_victim[:, :] = micro["source_ids"] == victim
+        assert not (counted & targets_of_victim).any()
+        assert (counted.sum(dim=1) > 0).all()  # no sample without a counted target
 
 
-def test_missing_shard_is_an_error_naming_it(dataset, tmp_path):
-    data = _copy(dataset, tmp_path)
-    name = _manifest(data)["shards"][2]["name"]
-    (data / name).unlink()
-    with pytest.raises(ValueError, match=f"{name} is missing"):
-        ShardDataset(data)
+def test_corrupt_or_missing_shards_are_errors_naming_them(dataset, tmp_path):
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(dataset, copy)
+    name = load_manifest(copy)["shards"][3]["name"]
+    raw = bytearray((copy / name).read_bytes())
+    raw[600] ^= 0xFF
+    (copy / name).write_bytes(bytes(raw))
+    with pytest.raises(ShardError, match=name):
+        _loaders(copy, 1)  # verified up front (a small dataset)
+    (loader,) = _loaders(copy, 1, verify=False)
+    with pytest.raises(ShardError, match="sha256"):
+        _steps([loader], 200)  # and again when read (within the first epoch of every stream)
+    (copy / name).unlink()
+    with pytest.raises(ShardError, match=f"{name} is missing"):
+        _loaders(copy, 1)
 
 
-def test_corrupt_shard_is_an_error_naming_it(dataset, tmp_path):
-    data = _copy(dataset, tmp_path)
-    name = _manifest(data)["shards"][1]["name"]
-    raw = bytearray((data / name).read_bytes())
-    raw[2000] ^= 0xFF
-    (data / name).write_bytes(bytes(raw))
-    with pytest.raises(ValueError, match=f"{name}.*sha256"):
-        _batches(build_loader(data, batch_size=2, num_epochs=1))
+def test_fixed_batches_of_the_holdout_split(dataset):
+    holdout = set(load_manifest(dataset)["holdout"]["source_ids"])
+    batches = fixed_batches(dataset, schema.SPLIT_HOLDOUT, 2, 3, seed=1)
+    assert len(batches) == 3
+    assert {int(s) for b in batches for s in torch.unique(b["source_ids"])} <= holdout
+    again = fixed_batches(dataset, schema.SPLIT_HOLDOUT, 2, 3, seed=1)
+    assert all(_row_ids(a) == _row_ids(b) for a, b in zip(batches, again))
 
 
-def test_skip_mode_counts_and_logs_bad_shards(dataset, tmp_path, caplog):
-    data = _copy(dataset, tmp_path)
-    shards = _manifest(data)["shards"]
-    (data / shards[0]["name"]).unlink()
-    (data / shards[3]["name"]).write_bytes(b"not a tar")
-    caplog.set_level(logging.WARNING)
-    loader = build_loader(data, batch_size=1, num_epochs=1, on_bad_shard="skip")
-    got = _batches(loader)
-    assert loader.dataset.num_skipped_shards == 2
-    assert len(got) == sum(s["samples"] for s in shards) - shards[0]["samples"] - shards[3]["samples"]
-    assert shards[0]["name"] in caplog.text and shards[3]["name"] in caplog.text
+def test_state_of_another_order_is_refused(dataset):
+    (loader,) = _loaders(dataset, 1)
+    _steps([loader], 2)
+    state = loader.state_dict()
+    (other,) = _loaders(dataset, 1, seed=9)
+    with pytest.raises(RuntimeError, match="seed"):
+        other.load_state_dict(state)
+    (other,) = _loaders(dataset, 1, num_streams=2)
+    with pytest.raises(RuntimeError, match="num_streams"):
+        other.load_state_dict(state)
 
 
-def test_holdout_split_reads_only_holdout_shards(dataset):
-    holdout = set(_manifest(dataset)["holdout"]["source_ids"])
-    batches = _batches(build_loader(dataset, batch_size=1, split="holdout", num_epochs=1))
-    assert batches and all(set(b["source_ids"].flatten().tolist()) <= holdout for b in batches)
+@pytest.mark.parametrize("args,field", [
+    ((3, 8, 2, 1, 0, 0), "data_loader.num_streams"),  # does not divide the global batch
+    ((4, 8, 2, 3, 0, 0), "data_loader.num_streams"),  # not a multiple of the world size
+    ((4, 8, 2, 2, 0, 3), "data_loader.num_workers"),  # 2 streams per rank, 3 workers
+    ((4, 8, 3, 1, 0, 0), "deepspeed.micro_batch"),  # 8 samples per step do not cut into 3s
+])
+def test_layout_errors_name_the_field(args, field):
+    with pytest.raises(ValueError, match=field):
+        StreamLayout(*args)
 
 
-def test_state_from_another_layout_is_refused(dataset):
-    loader = build_loader(dataset, batch_size=2, rank=0, world_size=2, num_epochs=1)
-    _batches(loader, limit=1)
-    other = build_loader(dataset, batch_size=2, rank=0, world_size=1, num_epochs=1)
-    with pytest.raises(RuntimeError, match="world_size"):
-        other.load_state_dict(loader.state_dict())
+def test_default_stream_count_prefers_equal_streams():
+    assert default_num_streams(global_batch=8, num_shards=10, world_size=1) == 2  # 8 does not divide 10; 2 does
+    assert default_num_streams(global_batch=8, num_shards=16, world_size=2) == 8
+    assert default_num_streams(global_batch=4, num_shards=7, world_size=1) == 1
+    with pytest.raises(ValueError, match="world size"):
+        default_num_streams(global_batch=3, num_shards=7, world_size=2)

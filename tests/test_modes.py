@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from nulls_dist.config import NullConfig
+from nulls_dist.attention import AttentionMask
 from nulls_dist.model import NullTransformer, SinkMode, same_source_causal_mask
 
 VOCAB = 4096
@@ -19,7 +20,7 @@ def dense_forward(model, input_ids, source_ids, hidden_scale):
     """hidden_scale (B, T, I): multiplies silu(fc_1 x) * fc_2 x before proj, in every layer."""
     cfg = model.cfg
     n = input_ids.shape[1]
-    mask = same_source_causal_mask(source_ids)
+    mask = AttentionMask("dense", same_source_causal_mask(source_ids))
     x = model.transformer.wte(input_ids)
     for block in model.transformer.h:
         cos, sin = model.rope(input_ids.device)

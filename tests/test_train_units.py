@@ -17,7 +17,7 @@ from nulls_dist.train.checkpoint import check_compatible, find_resume_point
 from nulls_dist.train.config import train_config_from_dict
 from nulls_dist.train.distributed import dist_env_from_environ
 from nulls_dist.train.ds_config import WarmupCosine, build_ds_config
-from nulls_dist.train.trainer import next_token_loss, param_groups
+from nulls_dist.train.trainer import param_groups
 
 BASE = {
     "train": {"max_steps": 10, "seed": 0, "run_dir": "runs/x", "device": "cpu", "sink_path": "gathered",
@@ -149,19 +149,35 @@ def test_find_resume_point_and_atomic_write(tmp_path):
         find_resume_point(str(tmp_path / "nothing"), tmp_path)
 
 
-def test_loss_counts_only_same_source_unpadded_targets():
+def test_loss_is_the_sum_over_counted_labels_and_never_holds_all_logits():
+    """The model's labelled forward returns the SUM of cross-entropy over labels != -100, computed in chunks
+    (the loader puts -100 on padding and on targets of another source than their input token)."""
+    from nulls_dist.model import IGNORE_INDEX, NullTransformer, chunked_cross_entropy
+
     torch.manual_seed(0)
-    B, T, V = 2, 7, 11
-    tokens = torch.randint(0, V, (B, T))
-    source_ids = torch.tensor([[5, 5, 5, 6, 6, 6, 6], [7, 7, 7, 7, 7, 7, 7]])
-    loss_mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]], dtype=torch.bool)
-    logits = torch.randn(B, T - 1, V)
-    loss, num = next_token_loss(logits, {"tokens": tokens, "source_ids": source_ids, "loss_mask": loss_mask})
-    terms = [torch.nn.functional.cross_entropy(logits[b, t], tokens[b, t + 1])
-             for b in range(B) for t in range(T - 1)
-             if loss_mask[b, t + 1] and source_ids[b, t + 1] == source_ids[b, t]]
-    assert int(num) == len(terms) == 5 + 4
-    assert torch.allclose(loss, torch.stack(terms).mean(), atol=1e-6)
+    cfg = NullConfig.from_preset("debug")
+    model = NullTransformer(cfg)
+    model.loss_chunk_tokens = 5  # several chunks, one of them short
+    input_ids = torch.randint(0, cfg.vocab_size, (2, 7))
+    source_ids = torch.tensor([[4096] * 3 + [4097] * 4, [4098] * 7])
+    labels = torch.randint(0, cfg.vocab_size, (2, 7))
+    labels[0, 2] = labels[1, 5:] = IGNORE_INDEX
+    total = model(input_ids, source_ids, labels=labels)
+    logits = model(input_ids, source_ids)
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+    assert torch.allclose(total, want, atol=1e-4)
+    total.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    want.backward()
+    for name, param in model.named_parameters():
+        assert torch.allclose(grads[name], param.grad, atol=1e-5, rtol=1e-4), name
+    hidden = torch.randn(11, 4, requires_grad=True)
+    weight = torch.randn(9, 4, requires_grad=True)
+    y = torch.randint(0, 9, (11,))
+    for chunk in (1, 3, 11, 64):
+        assert torch.allclose(chunked_cross_entropy(hidden, weight, y, chunk),
+                              torch.nn.functional.cross_entropy(hidden @ weight.T, y, reduction="sum"), atol=1e-5)
 
 
 def test_sink_statistics_and_param_groups():
@@ -169,7 +185,7 @@ def test_sink_statistics_and_param_groups():
 
     model = NullTransformer(NullConfig.from_preset("debug"))
     source_ids = torch.tensor([[4096, 4096, 4097], [4098, 4098, 4098]])
-    stats = cb.sink_statistics(model.sink_assignment, source_ids)
+    stats = cb.sink_statistics(model.sink_assignment, torch.unique(source_ids))
     rows = model.sink_assignment.rows(torch.tensor([4096, 4097, 4098]))
     sets = [set(r[r >= 0].tolist()) for r in rows]
     shared = len((sets[0] & sets[1]) | (sets[0] & sets[2]) | (sets[1] & sets[2]))
@@ -214,10 +230,9 @@ def test_activation_checkpointing_keeps_loss_gradients_and_keys():
     assert list(recompute.state_dict()) == list(plain.state_dict())
     tokens = torch.randint(0, cfg.vocab_size, (2, 17))
     source_ids = torch.tensor([[4096] * 9 + [4100] * 8, [4101] * 17])
-    batch = {"tokens": tokens, "source_ids": source_ids, "loss_mask": torch.ones(2, 17, dtype=torch.bool)}
     losses = []
     for model in (plain, recompute):
-        loss, _ = next_token_loss(model(tokens[:, :-1], source_ids=source_ids[:, :-1]), batch)
+        loss = model(tokens[:, :-1], source_ids[:, :-1], labels=tokens[:, 1:])
         loss.backward()
         losses.append(loss)
     assert torch.equal(losses[0], losses[1])

@@ -1,5 +1,4 @@
-"""Torch-side data loading over the pipeline's shards (`loader.py`); imports only `nulls_dist.formats.dataset`
-from the pipeline."""
-from nulls_dist.data.loader import ShardDataset, StatefulLoader, build_loader, load_manifest
+"""Torch-side data loading over the pipeline's shards (`loader.py`); reads them through `nulls_dist.formats`."""
+from nulls_dist.data.loader import StepLoader, StreamLayout, build_step_loader, fixed_batches, load_manifest
 
-__all__ = ["ShardDataset", "StatefulLoader", "build_loader", "load_manifest"]
+__all__ = ["StepLoader", "StreamLayout", "build_step_loader", "fixed_batches", "load_manifest"]

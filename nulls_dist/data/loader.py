@@ -1,234 +1,352 @@
-"""The torch-side reader of the pipeline's WebDataset shards: `ShardDataset`, an IterableDataset split
-disjointly over data-parallel ranks and DataLoader workers, shuffled by (seed, epoch), and `StatefulLoader`
-(from `build_loader`), a DataLoader wrapper whose `state_dict()` resumes the exact batch sequence.
+"""The torch-side reader of the pipeline's WebDataset shards: a sample order that does not depend on the number
+of ranks or workers, exactly resumable at sample granularity on any world size, delivering whole optimizer
+steps of ready micro-batches (tensors + the sink plan built in the worker processes).
 
-Order. Epoch e permutes the shard list with rng(seed, e); rank r takes every world_size-th shard of it and its
-logical worker w every num_workers-th of those; each shard's samples are permuted with rng(seed, e, shard).
-A (rank, worker) stream is the concatenation of its epochs, so its position is (epoch, shard_pos, sample_pos).
+Order. The training split is read as `num_streams` independent streams (fixed for a run, recorded in its
+checkpoints). In epoch e, stream s owns the shards perm_e[s::num_streams] (perm_e = rng(seed, e) over the
+shard list), read in that order, each shard's samples permuted with rng(seed, e, shard); a stream is the
+concatenation of its epochs. Every optimizer step takes the next `global_batch / num_streams` samples of EVERY
+stream; so the samples of step i are the same whatever the world size, and a stream's position (epoch,
+shard position, sample position) is all a resume needs.
 
-Exact resume. Every sample carries its logical worker and the position after it; the wrapper strips both
-from the batch and records them only for batches it has handed out (prefetched ones do not count). A
-resumed DataLoader asks its physical worker 0 first, so physical worker p plays logical worker
-(p + next_worker) % num_workers: the round-robin continues where it stopped.
+Placement. Rank r (of W) reads the streams s with s % W == r; its DataLoader worker w reads every
+num_workers-th of those. Each worker yields one item per step: its streams' samples for the step, cut into
+micro-batches of `micro_batch` samples, each with its `SinkPlan` and labels built right there (numpy, off the
+training process's critical path). The training process takes one item per worker per step -- a DataLoader
+returns workers' items in order, so a step always starts at worker 0 -- pins them when training on a GPU, and
+records the positions of the items it handed out (prefetched items do not count).
+
+Exact resume. `state_dict()` is this rank's streams' positions; `merge_states` joins every rank's into one
+world-size independent document (the trainer writes it into the checkpoint), and `load_state_dict` of that
+document restarts any layout at exactly the next unread sample of every stream.
 
 Forget sets. `exclude_source_ids` gives the retrain-oracle dataset without re-tokenizing: tokens of those
-sources get loss_mask 0 and samples left with no loss token are dropped. With the causal AND same-source
-attention mask no other source's token can attend to an excluded token, and the MLP (sink or backbone) acts
-per token, so an excluded token changes no loss term but its own (masked) one: the excluded sources
-contribute exactly zero gradient, as if never trained on. (Batch composition and step count differ from a
-re-packed corpus; the per-source gradient contributions do not.)
+sources get no label and samples left with no label are skipped (the stream moves on). With the causal AND
+same-source attention no other source's token attends to an excluded token and the MLP acts per token, so the
+excluded sources contribute exactly zero gradient.
 
-Batches: `tokens` (B, T) int64, `source_ids` (B, T) int64, `loss_mask` (B, T) bool.
+Micro-batch: `input_ids`, `source_ids`, `labels` (B, T-1) int64 (labels = next token, -100 where the target does
+not count: padding, or a different source than the input token), `num_targets` (int), `plan` (SinkPlan).
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
-import tarfile
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
 
 from nulls_dist.formats import dataset as schema
+from nulls_dist.formats.shards import ShardError, read_shard, verify_shard
 
 log = logging.getLogger(__name__)
 
-BAD_SHARD_MODES = ("error", "skip")
 SPLITS = (schema.SPLIT_TRAIN, schema.SPLIT_HOLDOUT)
-_WORKER_KEY, _POS_KEY = "_worker", "_pos"
+STATE_FORMAT = "nulls-loader-state"
+IGNORE_INDEX = -100  # as nulls_dist.model.IGNORE_INDEX (F.cross_entropy's default)
+# Datasets up to this many shards are verified (sha256 of every shard) when a loader is built, by default.
+VERIFY_UP_FRONT_MAX_SHARDS = 256
 
 
 def load_manifest(data_dir: str | Path) -> dict:
     path = Path(data_dir) / schema.MANIFEST_NAME
     if not path.is_file():
         raise ValueError(f"data_dir {data_dir}: no {schema.MANIFEST_NAME} (run `nulls-data` first)")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
     if manifest.get("schema_version") != schema.SCHEMA_VERSION:
         raise ValueError(f"{path}: schema_version {manifest.get('schema_version')}, expected {schema.SCHEMA_VERSION}")
     return manifest
 
 
-def _read_shard(path: Path, expected_sha256: str, num_samples: int) -> list[dict[str, np.ndarray]]:
-    """All samples of one shard, in key order, after checking its sha256 against the manifest."""
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != expected_sha256:
-        raise ValueError(f"shard {path}: sha256 {digest} does not match the manifest's {expected_sha256}")
-    samples: dict[str, dict[str, np.ndarray]] = {}
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        for member in tar:
-            key, _, field = member.name.partition(".")
-            samples.setdefault(key, {})[field] = np.load(io.BytesIO(tar.extractfile(member).read()))
-    if len(samples) != num_samples or any(set(s) != set(schema.SAMPLE_KEYS) for s in samples.values()):
-        raise ValueError(f"shard {path}: {len(samples)} samples or missing fields, manifest says {num_samples}")
-    return [samples[k] for k in sorted(samples)]
+def split_shards(manifest: dict, split: str) -> list[dict]:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return manifest["shards"] if split == schema.SPLIT_TRAIN else manifest.get("holdout", {}).get("shards", [])
 
 
-class ShardDataset(IterableDataset):
-    """One rank's share of a split's shards. `num_epochs=None` streams forever (the trainer counts steps)."""
+def verify_shards(data_dir: str | Path, shards: list[dict]) -> None:
+    """sha256 of every shard against the manifest, with a progress bar; ShardError names the first bad one."""
+    for entry in tqdm(shards, desc="verify shards", unit="shard", disable=len(shards) < 16 or None):
+        verify_shard(Path(data_dir) / entry["name"], entry["sha256"], entry.get("bytes"))
 
-    def __init__(self, data_dir: str | Path, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 split: str = schema.SPLIT_TRAIN, exclude_source_ids: Iterable[int] | None = None,
-                 on_bad_shard: str = "error", num_epochs: int | None = None) -> None:
-        super().__init__()
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if on_bad_shard not in BAD_SHARD_MODES:
-            raise ValueError(f"on_bad_shard must be one of {BAD_SHARD_MODES}, got {on_bad_shard!r}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
-        self.data_dir, self.rank, self.world_size, self.seed = Path(data_dir), rank, world_size, seed
-        self.split, self.on_bad_shard, self.num_epochs = split, on_bad_shard, num_epochs
-        self.manifest = load_manifest(data_dir)
-        self.shards = self.manifest["shards"] if split == schema.SPLIT_TRAIN else self.manifest["holdout"]["shards"]
-        if len(self.shards) < world_size:
-            raise ValueError(f"{data_dir}: {len(self.shards)} {split} shards cannot feed world_size {world_size}")
-        self.context_length = int(self.manifest["context_length"])
-        self.special_ids = dict(self.manifest["special_ids"])
+
+# ------------------------------------------------------------------------------------------------ layout
+@dataclass(frozen=True)
+class StreamLayout:
+    """Who reads which streams, and how many samples a step takes from each; validated on construction."""
+
+    num_streams: int
+    global_batch: int  # samples per optimizer step, all ranks together
+    micro_batch: int
+    world_size: int = 1
+    rank: int = 0
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        ns, gb, w = self.num_streams, self.global_batch, self.world_size
+        if ns < 1 or gb % ns:
+            raise ValueError(f"data_loader.num_streams={ns} must divide the global batch ({gb} samples per step)")
+        if ns % w:
+            raise ValueError(f"data_loader.num_streams={ns} must be a multiple of the world size {w}")
+        per_rank = ns // w
+        if per_rank % max(1, self.num_workers):
+            raise ValueError(f"data_loader.num_workers={self.num_workers} must divide the {per_rank} streams of a rank "
+                             f"(num_streams={ns} / world size {w})")
+        if (self.streams_per_worker * self.per_stream) % self.micro_batch:
+            raise ValueError(f"deepspeed.micro_batch={self.micro_batch} must divide the {self.streams_per_worker} x "
+                             f"{self.per_stream} samples a loader worker reads per step")
+
+    @property
+    def per_stream(self) -> int:
+        """Samples each stream gives to every step."""
+        return self.global_batch // self.num_streams
+
+    @property
+    def streams_per_worker(self) -> int:
+        return self.num_streams // self.world_size // max(1, self.num_workers)
+
+    @property
+    def grad_accum(self) -> int:
+        """Micro-batches per rank per step."""
+        return self.global_batch // self.world_size // self.micro_batch
+
+    def rank_streams(self) -> list[int]:
+        return list(range(self.rank, self.num_streams, self.world_size))
+
+    def worker_streams(self, worker: int) -> list[int]:
+        return self.rank_streams()[worker::max(1, self.num_workers)]
+
+
+def default_num_streams(global_batch: int, num_shards: int, world_size: int) -> int:
+    """The stream count a run uses unless told: a divisor of the global batch, a multiple of the world size and
+    at most the number of shards (every stream needs a shard per epoch); among those the largest that divides the
+    number of shards (equal streams: every sample is read equally often), else the largest (the loader then
+    warns that streams differ in length). The larger it is, the more rank counts a run can later resume on."""
+    fits = [ns for ns in range(1, min(global_batch, num_shards) + 1) if global_batch % ns == 0 and ns % world_size == 0]
+    if not fits:
+        raise ValueError(f"no stream count fits: global batch {global_batch}, {num_shards} shards, world size "
+                         f"{world_size} (the global batch must be a multiple of the world size, and there must be at "
+                         "least as many shards as ranks)")
+    even = [ns for ns in fits if num_shards % ns == 0]
+    return max(even or fits)
+
+
+# ------------------------------------------------------------------------------------------------ streams
+class ShardStreams:
+    """The sample order of one split (see the module docstring); positions are (epoch, shard_pos, sample_pos)."""
+
+    def __init__(self, data_dir: str | Path, shards: list[dict], num_streams: int, seed: int,
+                 exclude_source_ids: Iterable[int] | None = None, context_length: int | None = None) -> None:
+        if num_streams > len(shards):
+            raise ValueError(f"data_loader.num_streams={num_streams} exceeds the {len(shards)} shards of "
+                             f"{data_dir}: every stream needs a shard per epoch")
+        self.data_dir, self.shards, self.num_streams, self.seed = Path(data_dir), shards, num_streams, seed
         self.exclude = np.array(sorted({int(i) for i in exclude_source_ids or ()}), dtype=np.int64)
-        self.num_skipped_shards = 0
-        self._missing = {i for i, s in enumerate(self.shards) if not (self.data_dir / s["name"]).is_file()}
-        for i in sorted(self._missing):
-            self._bad_shard(i, f"shard {self.data_dir / self.shards[i]['name']} is missing")
-        self._positions: dict[int, tuple[int, int, int]] = {}  # logical worker -> (epoch, shard_pos, sample_pos)
-        self._rotation = 0
+        self.context_length = context_length
+        sizes = [sum(s["samples"] for s in shards[i::num_streams]) for i in range(num_streams)]
+        if min(sizes) and max(sizes) > 1.1 * min(sizes):
+            log.warning("data: the %d streams hold %d to %d samples per epoch (%d shards): shorter streams repeat "
+                        "their samples more often; a stream count that divides the shard count avoids this",
+                        num_streams, min(sizes), max(sizes), len(shards))
+        # decoded shards, least recently used first: one per stream a worker reads, plus the next one
+        self._cache: OrderedDict[int, list[dict[str, np.ndarray]]] = OrderedDict()
+        self.cache_shards = 2
 
-    # -- order ------------------------------------------------------------------------------------------------
+    def identity(self) -> dict:
+        shards = hashlib.sha256("".join(s["sha256"] for s in self.shards).encode()).hexdigest()
+        exclude = hashlib.sha256(self.exclude.tobytes()).hexdigest()
+        return {"num_streams": self.num_streams, "seed": self.seed, "shards_sha256": shards,
+                "exclude_sha256": exclude}
 
-    def worker_shards(self, epoch: int, worker: int, num_workers: int) -> list[int]:
+    def stream_shards(self, stream: int, epoch: int) -> list[int]:
         perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-        return [int(i) for i in perm[self.rank :: self.world_size][worker::num_workers]]
+        return [int(i) for i in perm[stream::self.num_streams]]
 
-    def _sample_order(self, epoch: int, shard: int, num_samples: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch, shard]).permutation(num_samples)
+    def _samples(self, index: int) -> list[dict[str, np.ndarray]]:
+        if index in self._cache:
+            self._cache.move_to_end(index)
+        else:
+            entry = self.shards[index]
+            self._cache[index] = read_shard(self.data_dir / entry["name"], entry["sha256"], entry["samples"],
+                                            entry.get("bytes"))
+            while len(self._cache) > self.cache_shards:
+                self._cache.popitem(last=False)
+        return self._cache[index]
 
-    # -- bad shards -------------------------------------------------------------------------------------------
-
-    def _bad_shard(self, index: int, reason: str) -> None:
-        if self.on_bad_shard == "error":
-            raise ValueError(reason)
-        self.num_skipped_shards += 1
-        log.warning("skipping bad shard (%d skipped so far): %s", self.num_skipped_shards, reason)
-
-    def _load(self, index: int) -> list[dict[str, np.ndarray]] | None:
-        if index in self._missing:
-            return None
-        entry = self.shards[index]
-        try:
-            return _read_shard(self.data_dir / entry["name"], entry["sha256"], entry["samples"])
-        except (OSError, ValueError, tarfile.TarError) as err:
-            self._bad_shard(index, f"shard {self.data_dir / entry['name']} is unreadable or corrupt: {err}")
-            return None
-
-    # -- iteration --------------------------------------------------------------------------------------------
-
-    def _to_sample(self, raw: dict[str, np.ndarray]) -> dict[str, torch.Tensor] | None:
-        tokens = torch.from_numpy(raw[schema.TOKENS_KEY].astype(np.int64))  # (T,)
-        source_ids = torch.from_numpy(raw[schema.SOURCE_IDS_KEY].astype(np.int64))  # (T,)
-        keep = raw[schema.LOSS_MASK_KEY].astype(bool)  # (T,)
+    def keep_mask(self, sample: dict[str, np.ndarray]) -> np.ndarray:
+        """(T,) bool: tokens that count for the loss (loss_mask, minus excluded sources)."""
+        keep = sample[schema.LOSS_MASK_KEY].astype(bool)
         if len(self.exclude):
-            keep &= ~np.isin(raw[schema.SOURCE_IDS_KEY], self.exclude)
-            if not keep.any():
-                return None
-        return {"tokens": tokens, "source_ids": source_ids, "loss_mask": torch.from_numpy(keep)}
+            keep &= ~np.isin(sample[schema.SOURCE_IDS_KEY], self.exclude)
+        return keep
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def take(self, stream: int, position: tuple[int, int, int], count: int):
+        """The next `count` usable samples of `stream` from `position`; returns (samples, keep masks, position)."""
+        epoch, shard_pos, sample_pos = position
+        samples, keeps = [], []
+        while len(samples) < count:
+            shards = self.stream_shards(stream, epoch)
+            if shard_pos >= len(shards):
+                epoch, shard_pos, sample_pos = epoch + 1, 0, 0
+                continue
+            index = shards[shard_pos]
+            num = self.shards[index]["samples"]
+            if sample_pos >= num:
+                shard_pos, sample_pos = shard_pos + 1, 0
+                continue
+            order = np.random.default_rng([self.seed, epoch, index]).permutation(num)
+            sample = self._samples(index)[order[sample_pos]]
+            sample_pos += 1
+            keep = self.keep_mask(sample)
+            if keep.any():
+                samples.append(sample)
+                keeps.append(keep)
+        return samples, keeps, (epoch, shard_pos, sample_pos)
+
+
+def make_micro_batch(samples: list[dict[str, np.ndarray]], keeps: list[np.ndarray], vocab_size: int | None,
+                     plan_builder: Callable | None) -> dict:
+    """Stack samples into one micro-batch: inputs = tokens[:, :-1], labels = tokens[:, 1:] where the target
+    counts (its loss mask and the same source as the input token), the sink plan of the inputs' sources."""
+    tokens = np.stack([s[schema.TOKENS_KEY] for s in samples]).astype(np.int64)  # (B, T)
+    sources = np.stack([s[schema.SOURCE_IDS_KEY] for s in samples]).astype(np.int64)  # (B, T)
+    keep = np.stack(keeps)  # (B, T)
+    if vocab_size is not None and tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ValueError(f"token id {int(tokens.max())} is outside the model's vocabulary of {vocab_size}")
+    counted = keep[:, 1:] & (sources[:, 1:] == sources[:, :-1])  # (B, T-1)
+    labels = np.where(counted, tokens[:, 1:], IGNORE_INDEX)
+    batch = {"input_ids": torch.from_numpy(np.ascontiguousarray(tokens[:, :-1])),
+             "source_ids": torch.from_numpy(np.ascontiguousarray(sources[:, :-1])),
+             "labels": torch.from_numpy(np.ascontiguousarray(labels)), "num_targets": int(counted.sum())}
+    if plan_builder is not None:
+        batch["plan"] = plan_builder(sources[:, :-1])
+    return batch
+
+
+class StepDataset(IterableDataset):
+    """One rank's steps: each worker yields, per step, its streams' micro-batches (see the module docstring)."""
+
+    def __init__(self, streams: ShardStreams, layout: StreamLayout, positions: dict[int, tuple[int, int, int]],
+                 vocab_size: int | None, plan_builder: Callable | None) -> None:
+        super().__init__()
+        self.streams, self.layout, self.positions = streams, layout, positions
+        self.vocab_size, self.plan_builder = vocab_size, plan_builder
+
+    def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        num_workers, physical = (info.num_workers, info.id) if info else (1, 0)
-        if len(self.shards) < self.world_size * num_workers:
-            raise ValueError(f"{len(self.shards)} shards < world_size {self.world_size} x num_workers {num_workers}")
-        worker = (physical + self._rotation) % num_workers
-        epoch, shard_pos, sample_pos = self._positions.get(worker, (0, 0, 0))
-        while self.num_epochs is None or epoch < self.num_epochs:
-            shards = self.worker_shards(epoch, worker, num_workers)
-            for shard_pos in range(shard_pos, len(shards)):
-                index = shards[shard_pos]
-                if sample_pos >= self.shards[index]["samples"]:
-                    sample_pos = 0
-                    continue
-                samples = self._load(index)
-                order = self._sample_order(epoch, index, len(samples)) if samples is not None else []
-                for sample_pos in range(sample_pos + 1, len(order) + 1):
-                    sample = self._to_sample(samples[order[sample_pos - 1]])
-                    if sample is None:
-                        continue
-                    self._positions[worker] = (epoch, shard_pos, sample_pos)
-                    sample[_WORKER_KEY] = worker
-                    sample[_POS_KEY] = torch.tensor([epoch, shard_pos, sample_pos])
-                    yield sample
-                sample_pos = 0
-            epoch, shard_pos, sample_pos = epoch + 1, 0, 0
+        worker = info.id if info else 0
+        owned = self.layout.worker_streams(worker)
+        self.streams.cache_shards = len(owned) + 1
+        positions = {s: tuple(self.positions.get(s, (0, 0, 0))) for s in owned}
+        mb = self.layout.micro_batch
+        while True:
+            samples, keeps = [], []
+            for stream in owned:
+                got, kept, positions[stream] = self.streams.take(stream, positions[stream], self.layout.per_stream)
+                samples += got
+                keeps += kept
+            micro = [make_micro_batch(samples[i:i + mb], keeps[i:i + mb], self.vocab_size, self.plan_builder)
+                     for i in range(0, len(samples), mb)]
+            yield {"micro_batches": micro, "positions": {str(s): list(p) for s, p in positions.items()}}
+
+
+class StepLoader:
+    """Iterates optimizer steps: each item is the list of this rank's `grad_accum` micro-batches."""
+
+    def __init__(self, streams: ShardStreams, layout: StreamLayout, vocab_size: int | None = None,
+                 plan_builder: Callable | None = None, pin_memory: bool = False) -> None:
+        self.streams, self.layout = streams, layout
+        self.vocab_size, self.plan_builder, self.pin_memory = vocab_size, plan_builder, pin_memory
+        self._positions: dict[int, tuple[int, int, int]] = {}
+        self.num_steps = 0
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        dataset = StepDataset(self.streams, self.layout, dict(self._positions), self.vocab_size, self.plan_builder)
+        workers = self.layout.num_workers
+        loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
+                            persistent_workers=False, prefetch_factor=2 if workers else None)
+        pending: list[dict] = []
+        for item in loader:
+            pending.append(item)
+            if len(pending) < max(1, workers):
+                continue
+            for part in pending:
+                self._positions.update({int(s): tuple(p) for s, p in part["positions"].items()})
+            self.num_steps += 1
+            step = [mb for part in pending for mb in part["micro_batches"]]
+            pending = []
+            yield step
 
     # -- state ------------------------------------------------------------------------------------------------
-
-    def _identity(self) -> dict:
-        shards = hashlib.sha256("".join(s["sha256"] for s in self.shards).encode()).hexdigest()
-        return {"rank": self.rank, "world_size": self.world_size, "seed": self.seed, "split": self.split,
-                "shards_sha256": shards}
-
     def state_dict(self) -> dict:
-        """The position of an in-process iteration (num_workers=0); the loader wrapper tracks workers."""
-        return {**self._identity(), "positions": {str(w): list(p) for w, p in self._positions.items()},
-                "rotation": self._rotation}
+        """This rank's streams' positions (after the last step handed out) and the order's identity."""
+        return {"format": STATE_FORMAT, **self.streams.identity(), "global_batch": self.layout.global_batch,
+                "num_steps": self.num_steps,
+                "positions": {str(s): list(p) for s, p in sorted(self._positions.items())}}
 
     def load_state_dict(self, state: dict) -> None:
-        for key, value in self._identity().items():
+        """A merged (or this rank's) state; positions of streams this rank does not own are ignored."""
+        if state.get("format") != STATE_FORMAT:
+            raise RuntimeError(f"loader state: format {state.get('format')!r}, expected {STATE_FORMAT!r}")
+        for key, value in self.streams.identity().items():
             if state.get(key) != value:
-                raise RuntimeError(f"loader state mismatch on {key!r}: checkpoint has a different value")
-        self._positions = {int(w): tuple(p) for w, p in state["positions"].items()}
-        self._rotation = int(state.get("rotation", 0))
+                raise RuntimeError(f"loader state mismatch on {key!r}: checkpoint {state.get(key)!r}, run {value!r}")
+        owned = set(self.layout.rank_streams())
+        self._positions = {int(s): tuple(p) for s, p in state["positions"].items() if int(s) in owned}
+        self.num_steps = int(state.get("num_steps", 0))
 
 
-class StatefulLoader:
-    """A DataLoader over a ShardDataset that records, per logical worker, the position after the last batch
-    handed out, and which worker the next batch comes from."""
-
-    def __init__(self, dataset: ShardDataset, batch_size: int, num_workers: int = 0, **dataloader_kwargs) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
-        self.dataloader_kwargs = dataloader_kwargs
-        self._positions: dict[int, tuple[int, int, int]] = {}
-        self._next_worker = 0
-        self.num_batches = 0
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        self.dataset._positions = dict(self._positions)
-        self.dataset._rotation = self._next_worker
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                            **self.dataloader_kwargs)
-        for batch in loader:
-            worker = int(batch.pop(_WORKER_KEY)[0])
-            self._positions[worker] = tuple(int(v) for v in batch.pop(_POS_KEY)[-1])
-            self._next_worker = (worker + 1) % max(self.num_workers, 1)
-            self.num_batches += 1
-            yield batch
-
-    def state_dict(self) -> dict:
-        return {"dataset": {**self.dataset._identity(),
-                            "positions": {str(w): list(p) for w, p in self._positions.items()},
-                            "rotation": self._next_worker},
-                "num_workers": self.num_workers, "batch_size": self.batch_size, "num_batches": self.num_batches}
-
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("num_workers", "batch_size"):
-            if state[key] != getattr(self, key):
-                raise RuntimeError(f"loader state mismatch: {key} was {state[key]}, now {getattr(self, key)}")
-        self.dataset.load_state_dict(state["dataset"])
-        self._positions = dict(self.dataset._positions)
-        self._next_worker = self.dataset._rotation
-        self.num_batches = int(state["num_batches"])
+def merge_states(states: list[dict]) -> dict:
+    """One world-size independent loader state from every rank's `state_dict()`."""
+    merged = dict(states[0])
+    merged["positions"] = {}
+    for state in states:
+        merged["positions"].update(state["positions"])
+    merged["positions"] = dict(sorted(merged["positions"].items(), key=lambda kv: int(kv[0])))
+    return merged
 
 
-def build_loader(data_dir: str | Path, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 num_workers: int = 0, split: str = schema.SPLIT_TRAIN,
-                 exclude_source_ids: Iterable[int] | None = None, on_bad_shard: str = "error",
-                 num_epochs: int | None = None, **dataloader_kwargs) -> StatefulLoader:
-    dataset = ShardDataset(data_dir, rank=rank, world_size=world_size, seed=seed, split=split,
-                           exclude_source_ids=exclude_source_ids, on_bad_shard=on_bad_shard, num_epochs=num_epochs)
-    return StatefulLoader(dataset, batch_size, num_workers=num_workers, **dataloader_kwargs)
+# ------------------------------------------------------------------------------------------------ builders
+def build_step_loader(data_dir: str | Path, layout: StreamLayout, seed: int = 0,
+                      exclude_source_ids: Iterable[int] | None = None, vocab_size: int | None = None,
+                      plan_builder: Callable | None = None, pin_memory: bool = False,
+                      verify: bool | None = None) -> StepLoader:
+    """The training loader of one rank. `verify=None`: check every shard's sha256 up front when the dataset
+    has at most VERIFY_UP_FRONT_MAX_SHARDS shards (shards are always verified again when read)."""
+    manifest = load_manifest(data_dir)
+    shards = split_shards(manifest, schema.SPLIT_TRAIN)
+    if verify or (verify is None and len(shards) <= VERIFY_UP_FRONT_MAX_SHARDS):
+        verify_shards(data_dir, shards)
+    streams = ShardStreams(data_dir, shards, layout.num_streams, seed, exclude_source_ids,
+                           int(manifest["context_length"]))
+    return StepLoader(streams, layout, vocab_size, plan_builder, pin_memory)
+
+
+def fixed_batches(data_dir: str | Path, split: str, micro_batch: int, num_batches: int, seed: int,
+                  exclude_source_ids: Iterable[int] | None = None, vocab_size: int | None = None,
+                  plan_builder: Callable | None = None) -> list[dict]:
+    """The first `num_batches` micro-batches of a split in one stream (seeded, never reshuffled): every
+    evaluation of a run, and of its resumption, sees the same tokens."""
+    shards = split_shards(load_manifest(data_dir), split)
+    if not shards or num_batches == 0:
+        return []
+    streams = ShardStreams(data_dir, shards, 1, seed, exclude_source_ids)
+    out, position = [], (0, 0, 0)
+    for _ in range(num_batches):
+        samples, keeps, position = streams.take(0, position, micro_batch)
+        out.append(make_micro_batch(samples, keeps, vocab_size, plan_builder))
+    return out
+
+
+__all__ = ["ShardError", "ShardStreams", "StepLoader", "StreamLayout", "build_step_loader", "default_num_streams",
+           "fixed_batches", "load_manifest", "merge_states", "split_shards", "verify_shards"]

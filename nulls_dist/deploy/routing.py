@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from nulls_dist.model import SinkMode
+from nulls_dist.sink_plan import active_rows as plan_active_rows
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +146,4 @@ class Router:
 
 def active_rows(model, mode: SinkMode, layer: int = 0) -> set[int]:
     """The sink rows a mode really activates in `layer` (what the model's own sink plan resolves to)."""
-    plan = model.sink_plan(None, mode, (1, 1), torch.device("cpu"))
-    if plan.kind == "gathered":
-        rows = plan.rows(layer)[0]
-        return {int(r) for r in rows[rows >= 0]}
-    if plan.kind == "masked":
-        return {int(r) for r in torch.nonzero(plan.mask(layer)[0]).flatten()}
-    if plan.kind == "dense":
-        return set(range(model.cfg.n_sink))
-    return set()
+    return plan_active_rows(model.make_plan(None, mode, (1, 1)), layer, model.cfg.n_sink)

@@ -93,9 +93,10 @@ class SpeedMonitor(Callback):
             metrics["mem/max_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def sink_statistics(assignment, source_ids: torch.Tensor) -> dict[str, float]:
-    """Distinct sources in a micro-batch, mean active sinks per source, pool units shared by >= 2 sources."""
-    sources = torch.unique(source_ids.to(torch.int64).cpu())  # (U,)
+def sink_statistics(assignment, sources: torch.Tensor) -> dict[str, float]:
+    """Distinct sources of a micro-batch (host tensor, from its sink plan), mean active sinks per source, pool
+    units shared by >= 2 sources."""
+    sources = torch.unique(sources.to(torch.int64).cpu())  # (U,) on the host: no device read
     rows = assignment.rows(sources, layer=0)  # (U, K), -1 padded
     active = rows >= 0
     load = torch.bincount(rows[active], minlength=assignment.cfg.pool_size)  # (P,)
@@ -108,11 +109,11 @@ def sink_statistics(assignment, source_ids: torch.Tensor) -> dict[str, float]:
 
 
 class SinkStats(Callback):
-    """Sink statistics of the step's first micro-batch (this rank's), on log steps."""
+    """Sink statistics of the last step's first micro-batch (this rank's), on log steps."""
 
     def on_step_end(self, trainer, step, metrics):
-        if trainer.is_log_step(step) and trainer.model_cfg.n_sink > 0 and trainer.last_source_ids is not None:
-            metrics.update(sink_statistics(trainer.sink_assignment, trainer.last_source_ids))
+        if trainer.is_log_step(step) and trainer.model_cfg.n_sink > 0 and trainer.last_sources is not None:
+            metrics.update(sink_statistics(trainer.sink_assignment, trainer.last_sources))
 
 
 class Evaluator(Callback):

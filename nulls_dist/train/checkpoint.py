@@ -23,6 +23,7 @@ import datetime as dt
 import logging
 import random
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,9 +38,9 @@ from nulls_dist.formats.weights import save_weights
 
 log = logging.getLogger(__name__)
 
-# Keys of nulls_meta.json that must match for a resume (the weights' meaning, the data, the world size); the
-# schedule and logging may change (docs/training.md, "Resuming").
-COMPAT_KEYS = ("model", "sinks", "data_manifest_sha256", "exclude_sources", "world_size")
+# Keys of nulls_meta.json that must match for a resume (the weights' meaning and the data); the schedule,
+# logging and the world size may change (docs/training.md, "Resuming").
+COMPAT_KEYS = ("model", "sinks", "data_manifest_sha256", "exclude_sources")
 # Model fields that do not change the weights' meaning: the execution path and the preset's label.
 MODEL_FIELDS_IGNORED = ("sink_path", "name", "extra")
 # The only classes DeepSpeed's checkpoint pickles contain besides tensors and containers (listed with
@@ -206,6 +207,27 @@ def move_aside(run_dir: str | Path) -> Path | None:
     return target
 
 
+# ------------------------------------------------------------------------------------------------ resharding
+UNIVERSAL_DIR = ".universal"  # hidden from the tag listing: a temporary conversion, never a checkpoint
+
+
+def convert_to_universal(tag_dir: Path, out_dir: Path) -> Path:
+    """DeepSpeed's ds_to_universal over one tag (in this process, through the restricted unpickler)."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(out_dir), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)  # checkpoints of older versions lack the info
+    log.info("resharding %s for another world size (DeepSpeed universal checkpoint)", tag_dir)
+    with weights_only_loads(), contextlib.redirect_stdout(sys.stderr):
+        ds_to_universal(args)
+    return out_dir
+
+
 # ------------------------------------------------------------------------------------------------ saving
 def full_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
     """The module's weights in fp32 on the CPU, gathered from the optimizer's fp32 masters where ZeRO keeps them
@@ -247,7 +269,12 @@ class Checkpointer:
                 log.warning("replacing the incomplete checkpoint %s (%s)", tag_dir, reason)
                 shutil.rmtree(tag_dir)
         self._barrier()
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state={"nulls_step": step}, save_latest=False)
+        from deepspeed.checkpoint import constants as ds_constants
+
+        # universal_checkpoint_info: what DeepSpeed's ds_to_universal needs to reshard this checkpoint later
+        client = {"nulls_step": step, ds_constants.UNIVERSAL_CHECKPOINT_INFO: {
+            ds_constants.UNIVERSAL_CHECKPOINT_VERSION_KEY: ds_constants.UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client, save_latest=False)
         weights = full_fp32_state_dict(engine)  # collective
         tag_dir.mkdir(parents=True, exist_ok=True)
         atomic.write_json(layout.rank_state_file(tag_dir, self.rank), {**rank_state, "rank": self.rank,
@@ -275,13 +302,30 @@ class Checkpointer:
     # -------------------------------------------------------------------------------------------- loading
     def load(self, engine, point: ResumePoint, current_meta: dict[str, Any]) -> tuple[dict[str, Any], dict | None]:
         """Check compatibility, restore the DeepSpeed states (restricted unpickler) and, on the same world size,
-        this rank's RNG; returns (meta, this rank's saved state or None when the world size changed)."""
+        this rank's RNG; returns (meta, this rank's saved state or None when the world size changed).
+
+        On another world size a ZeRO checkpoint (whose optimizer state is partitioned per rank) is first
+        converted by rank 0 into DeepSpeed's universal checkpoint (`ds_to_universal`: one file per parameter
+        and state), which every rank then loads into its own partition (the engine was configured with
+        `load_universal`); the conversion is temporary and removed afterwards. ZeRO 0 keeps whole states and
+        loads on any world size as is."""
         saved = layout.read_meta(point.tag_dir)
         check_compatible(saved, current_meta, point.tag_dir)
         same_world = int(saved.get("world_size", -1)) == self.world_size
+        load_dir, tag = point.load_dir, point.tag
+        universal = None
+        if not same_world and int(saved.get("zero_stage", 0)) > 0:
+            universal = self.dir / UNIVERSAL_DIR / point.tag
+            if self.rank == 0:
+                convert_to_universal(point.tag_dir, universal)
+            self._barrier()
+            load_dir = universal.parent
         with weights_only_loads():
-            load_path, _ = engine.load_checkpoint(str(point.load_dir), tag=point.tag, load_optimizer_states=True,
+            load_path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                                   load_lr_scheduler_states=False)
+        self._barrier()
+        if universal is not None and self.rank == 0:
+            shutil.rmtree(universal.parent, ignore_errors=True)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint at {point.tag_dir}")
         if not same_world:

@@ -7,6 +7,7 @@ naming the field (`deepspeed.zero_stage`, `optim.lr`, ...) and its value.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,7 @@ WANDB_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
 SINK_PATHS = ("gathered", "masked")
 RESUME_KEYWORDS = ("auto", "never")
+ATTENTION_IMPLS = ("auto", "sdpa", "flex")
 
 
 def _check(condition: bool, name: str, value: Any, expected: str) -> None:
@@ -23,6 +25,12 @@ def _check(condition: bool, name: str, value: Any, expected: str) -> None:
 
 def _positive_int(name: str, value: Any) -> None:
     _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value, "a positive integer")
+
+
+def _finite(name: str, value: Any, lo: float, hi: float, what: str) -> None:
+    """A real number in [lo, hi] (rejects inf, nan, booleans and strings)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and lo <= value <= hi
+    _check(ok, name, value, what)
 
 
 @dataclass
@@ -43,6 +51,8 @@ class DataSection:
 
     pipeline: dict[str, Any] = field(default_factory=dict)
     num_workers: int = 0
+    num_streams: int | None = None  # None: the most a later resume on another world size can use (loader.py)
+    verify_shards: bool | None = None  # sha256 of every shard at start-up; None: for datasets up to 256 shards
     prepare_if_missing: bool = True
     exclude_sources: list[Any] = field(default_factory=list)
 
@@ -51,6 +61,10 @@ class DataSection:
                "a non-empty data pipeline config")
         _check(isinstance(self.num_workers, int) and self.num_workers >= 0, "data_loader.num_workers",
                self.num_workers, "a non-negative integer")
+        if self.num_streams is not None:
+            _positive_int("data_loader.num_streams", self.num_streams)
+        _check(self.verify_shards in (None, True, False), "data_loader.verify_shards", self.verify_shards,
+               "true, false or null")
         _check(isinstance(self.exclude_sources, list), "train.exclude_sources", self.exclude_sources,
                "a list of source ids or titles")
 
@@ -67,13 +81,14 @@ class OptimConfig:
     warmup_steps: int = 100
 
     def validate(self) -> None:
-        _check(isinstance(self.lr, (int, float)) and self.lr > 0, "optim.lr", self.lr, "a positive number")
-        _check(isinstance(self.min_lr, (int, float)) and 0 <= self.min_lr <= self.lr, "optim.min_lr", self.min_lr,
-               f"in [0, optim.lr={self.lr}]")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas,
-               "two numbers in [0, 1)")
-        _check(self.eps > 0, "optim.eps", self.eps, "positive")
-        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "non-negative")
+        # AdamW moves every weight by about lr per step: an lr above 1 diverges on any model (and inf/nan never
+        # trains), so both are refused here rather than discovered as NaN losses.
+        _finite("optim.lr", self.lr, 1e-12, 1.0, "a finite number in (0, 1]")
+        _finite("optim.min_lr", self.min_lr, 0.0, self.lr, f"a finite number in [0, optim.lr={self.lr}]")
+        _check(len(self.betas) == 2 and all(isinstance(b, (int, float)) and math.isfinite(b) and 0 <= b < 1
+                                            for b in self.betas), "optim.betas", self.betas, "two numbers in [0, 1)")
+        _finite("optim.eps", self.eps, 1e-30, 1.0, "a finite number in (0, 1]")
+        _finite("optim.weight_decay", self.weight_decay, 0.0, 10.0, "a finite number in [0, 10]")
         _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "optim.warmup_steps",
                self.warmup_steps, "a non-negative integer")
 
@@ -85,6 +100,7 @@ class DeepSpeedSection:
     zero_stage: int = 1
     micro_batch: int = 8
     grad_accum: int = 1
+    global_batch: int | None = None  # samples per step over all ranks; set: grad_accum = global / (micro x ranks)
     clip: float = 1.0
     activation_checkpointing: bool = False
     offload: str = "no"
@@ -93,8 +109,9 @@ class DeepSpeedSection:
         _check(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", self.zero_stage, "one of 0, 1, 2, 3")
         _positive_int("deepspeed.micro_batch", self.micro_batch)
         _positive_int("deepspeed.grad_accum", self.grad_accum)
-        _check(isinstance(self.clip, (int, float)) and self.clip >= 0, "deepspeed.clip", self.clip,
-               "a non-negative number (0 disables clipping)")
+        if self.global_batch is not None:
+            _positive_int("deepspeed.global_batch", self.global_batch)
+        _finite("deepspeed.clip", self.clip, 0.0, 1e6, "a finite non-negative number (0 disables clipping)")
         _check(self.offload == "no", "deepspeed.offload", self.offload, "'no' (offload is not supported)")
 
 
@@ -156,6 +173,10 @@ class TrainConfig:
     device: str = "auto"
     cpu_threads: int | None = None  # torch intra-op threads on CPU (None: torch's default, one per core)
     sink_path: str = "gathered"
+    attention: str = "auto"  # auto (FlexAttention on CUDA for packed rows, SDPA otherwise) | sdpa | flex
+    compile: bool = False  # torch.compile the model (the engine's module)
+    debug_checks: bool = False  # validate every sink plan and kernel launch (host syncs)
+    nonfinite_steps_to_stop: int = 3  # consecutive steps with a non-finite loss or gradient that end the run
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -174,6 +195,10 @@ class TrainConfig:
         if self.cpu_threads is not None:
             _positive_int("train.cpu_threads", self.cpu_threads)
         _check(self.sink_path in SINK_PATHS, "train.sink_path", self.sink_path, f"one of {SINK_PATHS}")
+        _check(self.attention in ATTENTION_IMPLS, "train.attention", self.attention, f"one of {ATTENTION_IMPLS}")
+        _check(isinstance(self.compile, bool), "train.compile", self.compile, "true or false")
+        _check(isinstance(self.debug_checks, bool), "train.debug_checks", self.debug_checks, "true or false")
+        _positive_int("train.nonfinite_steps_to_stop", self.nonfinite_steps_to_stop)
         for section in (self.model, self.data, self.optim, self.deepspeed, self.logging, self.checkpoint, self.eval):
             section.validate()
         _check(self.optim.warmup_steps <= self.max_steps, "optim.warmup_steps", self.optim.warmup_steps,

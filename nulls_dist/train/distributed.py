@@ -4,7 +4,7 @@ Supported launchers: `torchrun` / the `deepspeed` launcher (RANK, WORLD_SIZE, LO
 MASTER_PORT), SLURM `srun` with one task per GPU (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the master is the
 first host of `scontrol show hostnames $SLURM_JOB_NODELIST`, the port MASTER_PORT or one derived from
 SLURM_JOB_ID), and a plain single process (world size 1 on 127.0.0.1 and a free port).
-Backend: gloo on CPU, NCCL on GPU.
+Backend: gloo on CPU; on GPU one group with gloo for CPU tensors and NCCL for CUDA tensors.
 """
 from __future__ import annotations
 
@@ -103,19 +103,30 @@ def resolve_device(requested: str):
     return torch.device("cuda")
 
 
+def process_group_backend(device) -> str:
+    """gloo for CPU tensors, plus NCCL for CUDA tensors on GPU runs: one process group serves both, so a
+    collective on a CPU tensor (an object broadcast, a barrier) never meets an NCCL-only group."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
 def setup_distributed(env: DistEnv, device) -> str:
     """Export the torch.distributed variables for `env` and start the process group; returns the backend."""
     import deepspeed
     import torch
+    import torch.distributed as dist
 
     for name, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank),
                         ("MASTER_ADDR", env.master_addr), ("MASTER_PORT", env.master_port)):
         os.environ[name] = str(value)
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = process_group_backend(device)
     if device.type == "cuda":
         torch.cuda.set_device(env.local_rank)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=env.rank,
-                               world_size=env.world_size)
+    if not dist.is_initialized():
+        # our own init: DeepSpeed's would pass a single backend name; DeepSpeed then reuses this group
+        dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
+                                device_id=torch.device("cuda", env.local_rank) if device.type == "cuda" else None)
+    deepspeed.init_distributed(dist_backend=backend.split(",")[-1].split(":")[-1], auto_mpi_discovery=False,
+                               rank=env.rank, world_size=env.world_size)
     return backend
 
 

@@ -14,11 +14,15 @@ from typing import Any
 from nulls_dist.train.config import TrainConfig
 
 
-def build_ds_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
-    """The complete DeepSpeed config dict for `world_size` data-parallel ranks."""
+def build_ds_config(cfg: TrainConfig, world_size: int, on_gpu: bool, grad_accum: int | None = None,
+                    load_universal: bool = False) -> dict[str, Any]:
+    """The complete DeepSpeed config dict for `world_size` data-parallel ranks. `grad_accum`: micro-batches per
+    rank per step (the loader's layout; default the config's); `load_universal`: the resume reads a universal
+    checkpoint (another world size)."""
     if world_size <= 0:
         raise ValueError(f"world_size must be positive, got {world_size}")
     ds = cfg.deepspeed
+    accum = grad_accum if grad_accum is not None else ds.grad_accum
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
         # overlap_comm off: on CPU/gloo it buys nothing and keeps reductions in one fixed order.
@@ -26,11 +30,13 @@ def build_ds_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict[str
     if ds.zero_stage == 3:
         zero.update({"stage3_gather_16bit_weights_on_model_save": False})
     return {
-        "train_batch_size": ds.micro_batch * ds.grad_accum * world_size,
+        "train_batch_size": ds.micro_batch * accum * world_size,
         "train_micro_batch_size_per_gpu": ds.micro_batch,
-        "gradient_accumulation_steps": ds.grad_accum,
+        "gradient_accumulation_steps": accum,
+        "checkpoint": {"load_universal": bool(load_universal)},
         "gradient_clipping": float(ds.clip),
-        "bf16": {"enabled": bool(on_gpu)},
+        # DeepSpeed's own overflow check skips a step whose gradient norm is not finite (a host read per step)
+        "bf16": {"enabled": bool(on_gpu), "check_grad_overflow": True},
         "fp16": {"enabled": False},
         "zero_optimization": zero,
         "optimizer": {

@@ -1,15 +1,16 @@
-"""Graceful stop on SIGTERM / SIGUSR1 (SLURM's pre-emption and time-limit warnings).
+"""Graceful stop on SIGTERM / SIGUSR1 (SLURM's pre-emption and time-limit warnings) and SIGINT (Ctrl-C).
 
-The handler only sets a flag; the trainer checks it at the next step boundary (agreeing across ranks),
-writes a checkpoint and exits with `REQUEUE_EXIT_CODE`, which tells a launcher "stopped on request,
-resumable: requeue me" as opposed to 0 (finished) or 1 (failed).
+The handler only sets a flag; the trainer checks it at step boundaries (agreeing across ranks on log and
+checkpoint steps), writes a checkpoint and exits with `REQUEUE_EXIT_CODE`, which tells a launcher "stopped on
+request, resumable: requeue me" as opposed to 0 (finished) or 1 (failed). A second SIGINT stops at once
+(KeyboardInterrupt), for a user who does not want to wait for the checkpoint.
 """
 from __future__ import annotations
 
 import signal
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL from sysexits.h: a temporary failure, retrying may succeed
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopFlag:
@@ -25,6 +26,8 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt("second Ctrl-C: stopping without a checkpoint")
         self.signum = signum
 
     @property

@@ -1,6 +1,16 @@
-"""The training loop: a NullTransformer inside a DeepSpeed engine, fed packed batches whose per-token source ids
-reach every sink layer; loss, checkpoints, signals and callbacks. `train(cfg, ...)` runs one job and returns
-its exit code (0 finished, `REQUEUE_EXIT_CODE` stopped on a signal after checkpointing).
+"""The training loop: a NullTransformer inside a DeepSpeed engine, fed whole optimizer steps of micro-batches
+whose sink plans the loader built; loss, checkpoints, signals and callbacks. `train(cfg, ...)` runs one job and
+returns its exit code (0 finished, `REQUEUE_EXIT_CODE` stopped on a signal after checkpointing).
+
+The step is GPU-shaped (docs/training.md, "The hot path"):
+- the loss is the SUM of cross-entropy over the step's counted targets divided by their number over all
+  micro-batches and all ranks (one all-reduce of a device scalar per step, issued before the first backward):
+  thin micro-batches weigh what their tokens weigh, as in torchtitan;
+- nothing is read back to the host between log steps: metrics accumulate as device tensors and go through ONE
+  collective per log step (loss sum, token count, stop flag, non-finite-step streaks together);
+- a step whose loss or gradient is not finite is counted (and, under ZeRO, skipped by DeepSpeed's overflow
+  check); `train.nonfinite_steps_to_stop` consecutive ones end the run with an error, and no checkpoint is ever
+  written of a state with non-finite weights or right after a bad step.
 
 Shape legend: B micro-batch rows, T context length from the data (the model sees T-1 inputs), V vocabulary.
 """
@@ -17,14 +27,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from nulls_dist.config import NullConfig
+from nulls_dist.data.loader import StreamLayout, default_num_streams, merge_states
+from nulls_dist.formats import checkpoint as layout_fmt
 from nulls_dist.model import NullTransformer, SinkMode
 from nulls_dist.train import callbacks as cb
-from nulls_dist.train.checkpoint import Checkpointer, find_resume_point, move_aside, rng_state
+from nulls_dist.train.checkpoint import Checkpointer, ResumePoint, find_resume_point, move_aside, rng_state
 from nulls_dist.train.config import TrainConfig
-from nulls_dist.train.data import DataHandle, build_train_loader, fixed_batches
+from nulls_dist.train.data import DataHandle, build_eval_batches, build_train_loader
 from nulls_dist.train.distributed import DistEnv
 from nulls_dist.train.ds_config import build_ds_config, lr_scheduler_factory, restore_schedule
 from nulls_dist.train.signals import REQUEUE_EXIT_CODE, StopFlag
@@ -32,19 +43,8 @@ from nulls_dist.train.signals import REQUEUE_EXIT_CODE, StopFlag
 log = logging.getLogger(__name__)
 
 
-def next_token_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over counted targets, and their number.
-
-    A target tokens[:, t+1] counts iff its loss_mask is set and it has the same source as input token t
-    (design.md: no prediction across an article boundary, no loss on padding).
-    """
-    tokens, source_ids = batch["tokens"], batch["source_ids"]  # (B, T)
-    targets = tokens[:, 1:]  # (B, T-1)
-    counted = batch["loss_mask"][:, 1:] & (source_ids[:, 1:] == source_ids[:, :-1])  # (B, T-1) bool
-    per_token = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")  # (B*(T-1),)
-    num = counted.sum()
-    loss = (per_token * counted.flatten()).sum() / num.clamp(min=1)
-    return loss, num
+class DivergenceError(RuntimeError):
+    """The run produced non-finite losses or gradients for too many consecutive steps."""
 
 
 def seed_everything(seed: int) -> None:
@@ -80,6 +80,47 @@ def param_groups(model: NullTransformer, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A micro-batch on the device; pinned host tensors make `non_blocking` a real asynchronous copy."""
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) or hasattr(value, "to") and not isinstance(value, (int, float)):
+            out[key] = value.to(device, non_blocking=True)
+        else:
+            out[key] = value
+    return out
+
+
+def plan_resume(cfg: TrainConfig, run_dir: Path) -> tuple[ResumePoint | None, dict[str, Any] | None]:
+    """Where this run continues from and that checkpoint's meta (read before the engine exists: the world size,
+    global batch and stream count of the checkpoint shape the new run)."""
+    point = find_resume_point(cfg.checkpoint.resume, run_dir, cfg.checkpoint.start_over)
+    return point, layout_fmt.read_meta(point.tag_dir) if point is not None else None
+
+
+def stream_layout(cfg: TrainConfig, env: DistEnv, data: DataHandle, saved: dict[str, Any] | None) -> StreamLayout:
+    """Global batch and stream count: the config's, else the checkpoint's (so a resume on another world size keeps
+    the step's samples), else derived; validated by StreamLayout (errors name the field)."""
+    ds = cfg.deepspeed
+    saved_loader = (saved or {}).get("loader", {})
+    if ds.global_batch is not None:
+        global_batch = ds.global_batch
+    elif saved is not None and saved.get("world_size") != env.world_size and saved_loader.get("global_batch"):
+        global_batch = int(saved_loader["global_batch"])
+    else:
+        global_batch = ds.micro_batch * ds.grad_accum * env.world_size
+    if global_batch % (ds.micro_batch * env.world_size):
+        raise ValueError(f"deepspeed.global_batch={global_batch} is not a multiple of deepspeed.micro_batch="
+                         f"{ds.micro_batch} x {env.world_size} ranks")
+    if saved_loader.get("num_streams"):
+        num_streams = int(saved_loader["num_streams"])
+    elif cfg.data.num_streams is not None:
+        num_streams = cfg.data.num_streams
+    else:
+        num_streams = default_num_streams(global_batch, data.num_train_shards, env.world_size)
+    return StreamLayout(num_streams, global_batch, ds.micro_batch, env.world_size, env.rank, cfg.data.num_workers)
+
+
 class Trainer:
     """Owns the engine, the loader, the checkpointer and the callbacks of one run on this rank."""
 
@@ -94,22 +135,38 @@ class Trainer:
             torch.set_num_threads(cfg.cpu_threads)
         seed_everything(cfg.seed)
         self.model_cfg = build_model_config(cfg, self.data)
+        self.resume_point, self.saved_meta = plan_resume(cfg, self.run_dir)
+        self.layout = stream_layout(cfg, env, data, self.saved_meta)
         model = NullTransformer(self.model_cfg).to(device)
+        model.attention_impl = cfg.attention
+        model.set_debug_checks(cfg.debug_checks)
         if cfg.deepspeed.activation_checkpointing:
             enable_activation_checkpointing(model)
         self.sink_assignment = model.sink_assignment
-        self.ds_config = build_ds_config(cfg, env.world_size, on_gpu=device.type == "cuda")
+        world_changed = self.saved_meta is not None and self.saved_meta.get("world_size") != env.world_size
+        self.ds_config = build_ds_config(cfg, env.world_size, on_gpu=device.type == "cuda",
+                                         grad_accum=self.layout.grad_accum,
+                                         load_universal=world_changed and cfg.deepspeed.zero_stage > 0)
         if env.is_main:
             log.info("model %s: %.2fM parameters", self.model_cfg.name, model.num_parameters() / 1e6)
+            log.info("data: %d streams, %d samples per step (%d per rank = %d micro-batches of %d)",
+                     self.layout.num_streams, self.layout.global_batch, self.layout.global_batch // env.world_size,
+                     self.layout.grad_accum, self.layout.micro_batch)
             log.info("deepspeed config: %s", self.ds_config)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=self.ds_config,
             lr_scheduler=lr_scheduler_factory(cfg), dist_init_required=False)
-        self.loader = build_train_loader(self.data, cfg, env)
+        if cfg.compile:
+            self.engine.compile(compile_kwargs={"dynamic": True})
+        self.loader = build_train_loader(self.data, cfg, self.layout, self.model_cfg, self.sink_assignment,
+                                         pin_memory=device.type == "cuda")
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep_last_k, env.rank, env.world_size)
         self.step = 0
         self.tokens_seen = 0
-        self.last_source_ids: torch.Tensor | None = None
+        self.last_sources: torch.Tensor | None = None  # host copy: distinct sources of the last first micro-batch
+        self._reset_window()
+        self._bad_streak = torch.zeros((), device=device)  # consecutive non-finite steps, as a device scalar
+        self._worst_streak = torch.zeros((), device=device)
         self.callbacks = self._callbacks()
 
     # ------------------------------------------------------------------ set-up helpers
@@ -121,18 +178,20 @@ class Trainer:
             "sinks": self.sink_assignment.describe() if self.sink_assignment is not None else None,
             "data_manifest_sha256": self.data.manifest_sha256,
             "data_manifest_path": str(self.data.manifest_path),
+            "registry_sha256": self.data.registry_sha256,
             "exclude_sources": list(self.data.exclude_source_ids),
             "world_size": self.env.world_size,
             "zero_stage": self.cfg.deepspeed.zero_stage,
             "tokens_seen": self.tokens_seen,
             "seq_len": self.seq_len,
+            "loader": {"num_streams": self.layout.num_streams, "global_batch": self.layout.global_batch},
         }
 
     def _callbacks(self) -> list[cb.Callback]:
         cfg = self.cfg
         items: list[cb.Callback] = [cb.SinkStats(), cb.SpeedMonitor(self.device)]  # speed reads sink stats
         if cfg.eval.num_batches > 0:
-            trained, heldout = fixed_batches(self.data, cfg, self.env)
+            trained, heldout = build_eval_batches(self.data, cfg, self.model_cfg, self.sink_assignment)
             items.append(cb.Evaluator(cfg.eval.every_n_steps, trained, heldout))
         if self.env.is_main:
             if cfg.logging.jsonl:
@@ -146,96 +205,150 @@ class Trainer:
     def is_log_step(self, step: int) -> bool:
         return step % self.cfg.logging.log_every == 0 or step == self.cfg.max_steps
 
-    def _all_mean(self, value: float) -> float:
-        if self.env.world_size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t)
-        return float(t.item()) / self.env.world_size
+    def _reset_window(self) -> None:
+        self._window_loss = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._window_tokens = 0  # counted targets (host: the loader counts them)
+        self._window_steps = 0
+        self._window_start = time.perf_counter()
 
-    def _any(self, flag: bool) -> bool:
-        if self.env.world_size == 1:
-            return flag
-        t = torch.tensor([int(flag)], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+    # ------------------------------------------------------------------ collectives
+    def _global_count(self, local: int) -> torch.Tensor:
+        """The step's counted targets over all ranks, as a device scalar (one all-reduce; no host read)."""
+        count = torch.tensor(float(local), device=self.device)
+        if self.env.world_size > 1:
+            dist.all_reduce(count)
+        return count
 
-    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+    def _reduce_window(self, stop_requested: bool) -> dict[str, float]:
+        """The log step's ONE collective: every rank's (loss sum, counted targets, stop flag, current and worst
+        non-finite streak) gathered on the device, combined here (sums, any, max) and read back once."""
+        local = torch.stack([self._window_loss.to(torch.float64),
+                             torch.tensor(float(self._window_tokens), device=self.device, dtype=torch.float64),
+                             torch.tensor(float(stop_requested), device=self.device, dtype=torch.float64),
+                             self._bad_streak.to(torch.float64), self._worst_streak.to(torch.float64)])
+        if self.env.world_size > 1:
+            flat = torch.empty(self.env.world_size * local.numel(), device=self.device, dtype=local.dtype)
+            dist.all_gather_into_tensor(flat, local)
+            gathered = flat.view(self.env.world_size, local.numel())
+        else:
+            gathered = local[None]
+        loss, tokens, stop, streak, worst = gathered.sum(0)[:2].tolist() + gathered.max(0).values[2:].tolist()
+        return {"loss_sum": loss, "tokens": tokens, "stop": stop > 0, "streak": int(streak), "worst": int(worst)}
+
+    def _check_divergence(self, reduced: dict[str, float]) -> None:
+        limit = self.cfg.nonfinite_steps_to_stop
+        if reduced["worst"] >= limit:
+            raise DivergenceError(
+                f"training diverged: {reduced['worst']} consecutive steps (up to step {self.step}) had a non-finite "
+                f"loss or gradient (train.nonfinite_steps_to_stop={limit}); no checkpoint of this state was written "
+                f"and none was deleted; the newest good one is {layout_fmt.read_latest(self.checkpointer.dir)}")
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def eval_loss(self, batches: list[dict[str, torch.Tensor]], mode_for) -> float:
-        """Mean loss over fixed batches under the SinkMode `mode_for(batch)`; averaged over ranks."""
+    def eval_loss(self, batches: list[dict[str, Any]], mode_for) -> float:
+        """Mean loss over fixed batches under the SinkMode `mode_for(batch)`; over all ranks (one collective)."""
         self.engine.eval()
-        total, count = 0.0, 0
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        count = 0
         for batch in batches:
-            batch = self._to_device(batch)
-            logits = self.engine(batch["tokens"][:, :-1], source_ids=batch["source_ids"][:, :-1],
-                                 mode=mode_for(batch))  # (B, T-1, V)
-            loss, num = next_token_loss(logits, batch)
-            total += float(loss) * int(num)
-            count += int(num)
+            mode = mode_for(batch)
+            plan = batch["plan"] if mode.kind == "train" else self.engine.module.make_plan(
+                None, mode, tuple(batch["input_ids"].shape))
+            batch = to_device({**batch, "plan": plan}, self.device)
+            total += self.engine(batch["input_ids"], source_ids=batch["source_ids"], mode=mode, plan=batch["plan"],
+                                 labels=batch["labels"]).to(torch.float64)
+            count += batch["num_targets"]
         self.engine.train()
-        return self._all_mean(total / max(1, count))
+        both = torch.stack([total, torch.tensor(float(count), device=self.device, dtype=torch.float64)])
+        if self.env.world_size > 1:
+            dist.all_reduce(both)
+        total, count = both.tolist()
+        return total / max(1.0, count)
 
     # ------------------------------------------------------------------ the loop
     def _resume(self) -> None:
         ckpt = self.cfg.checkpoint
-        point = find_resume_point(ckpt.resume, self.run_dir, ckpt.start_over)
         if ckpt.start_over and self.env.is_main:
             moved = move_aside(self.run_dir)
             if moved is not None:
                 log.warning("checkpoint.start_over: moved the old checkpoints to %s", moved)
         if dist.is_initialized():
             dist.barrier()
+        point = self.resume_point
         if point is None:
             return
         saved, blob = self.checkpointer.load(self.engine, point, self.meta())
-        if blob is None:
-            raise RuntimeError(f"cannot resume from {point.tag_dir}: rank {self.env.rank} has no saved state")
-        self.loader.load_state_dict(blob["loader"])
+        loader_state = layout_fmt.read_json(point.tag_dir / layout_fmt.LOADER_STATE_NAME, "loader state")
+        self.loader.load_state_dict(loader_state)
         self.step, self.tokens_seen = int(saved["step"]), int(saved["tokens_seen"])
+        if blob is None:  # another world size: no per-rank RNG to restore; reseed deterministically
+            seed_everything(self.cfg.seed + 1000003 * self.step + self.env.rank)
         changes = restore_schedule(self.engine, self.cfg, self.step, saved.get("config", {}).get("optim", {}),
                                    saved.get("config", {}).get("train", {}).get("max_steps"))
         if self.env.is_main:
-            log.info("resumed from %s at step %d", point.tag_dir, self.step)
+            log.info("resumed from %s at step %d%s", point.tag_dir, self.step,
+                     f" (world size {saved['world_size']} -> {self.env.world_size})" if blob is None else "")
             for change in changes:
                 log.warning("resume: %s (applied from this step on)", change)
 
-    def _save(self) -> None:
-        self.checkpointer.save(self.engine, self.step, self.meta(),
-                               {"loader": self.loader.state_dict(), "rng": rng_state()})
+    def _weights_finite(self) -> bool:
+        flags = torch.stack([torch.isfinite(p).all() for p in self.engine.module.parameters()])
+        ok = flags.all().to(torch.float32)
+        if self.env.world_size > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
 
-    def _train_step(self, batches) -> dict[str, Any]:
-        start = time.perf_counter()
-        lr = self.engine.get_lr()[0]
-        losses, num_tokens = [], 0
-        for micro in range(self.cfg.deepspeed.grad_accum):
-            batch = self._to_device(next(batches))
-            if micro == 0:
-                self.last_source_ids = batch["source_ids"]
-            logits = self.engine(batch["tokens"][:, :-1], source_ids=batch["source_ids"][:, :-1],
-                                 mode=SinkMode.train())  # (B, T-1, V)
-            loss, _ = next_token_loss(logits, batch)
-            self.engine.backward(loss)
-            self.engine.step()
-            losses.append(loss.detach().float())
-            num_tokens += batch["tokens"][:, :-1].numel()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        step_time = time.perf_counter() - start
-        tokens_per_step = num_tokens * self.env.world_size
-        self.tokens_seen += tokens_per_step
+    def _save(self, reduced: dict[str, float]) -> None:
+        if reduced["streak"] > 0 or not self._weights_finite():
+            raise DivergenceError(f"refusing to checkpoint step {self.step}: the last step's loss or gradient was "
+                                  "not finite, or the weights are not; no good checkpoint was touched")
+        states = [self.loader.state_dict()]
+        if self.env.world_size > 1:
+            states = [None] * self.env.world_size
+            dist.all_gather_object(states, self.loader.state_dict())
+        self.checkpointer.save(self.engine, self.step, self.meta(), {"rng": rng_state()}, merge_states(states))
+
+    def _train_step(self, micro_batches: list[dict[str, Any]]) -> None:
+        engine = self.engine
+        local = sum(mb["num_targets"] for mb in micro_batches)
+        count = self._global_count(local)
+        # DeepSpeed divides by the accumulation steps and averages over ranks: undo both, divide by the count
+        scale = (self.env.world_size * len(micro_batches)) / count.clamp(min=1.0)
+        self.last_sources = micro_batches[0]["plan"].sources if "plan" in micro_batches[0] else None
+        step_loss = torch.zeros((), device=self.device, dtype=torch.float32)
+        for micro in micro_batches:
+            batch = to_device(micro, self.device)
+            loss_sum = engine(batch["input_ids"], source_ids=batch["source_ids"], mode=SinkMode.train(),
+                              plan=batch.get("plan"), labels=batch["labels"])
+            engine.backward(loss_sum * scale)
+            engine.step()
+            step_loss = step_loss + loss_sum.detach()
+        bad = ~torch.isfinite(step_loss)
+        if getattr(engine.optimizer, "overflow", False):  # DeepSpeed skipped the step: a non-finite gradient
+            bad = torch.ones_like(bad)
+        self._bad_streak = torch.where(bad, self._bad_streak + 1, torch.zeros_like(self._bad_streak))
+        self._worst_streak = torch.maximum(self._worst_streak, self._bad_streak)
+        self._window_loss += torch.where(bad, 0.0, step_loss.to(torch.float64))
+        self._window_tokens += local
+        self._window_steps += 1
+        self.tokens_seen += self.layout.global_batch * self.seq_len
+
+    def _log_metrics(self, reduced: dict[str, float]) -> dict[str, Any]:
+        elapsed = time.perf_counter() - self._window_start  # honest on a GPU: the reduction just synchronised
+        steps = max(1, self._window_steps)
         grad_norm = self.engine.get_global_grad_norm()
-        return {
-            "train/loss": self._all_mean(float(torch.stack(losses).mean())),
-            "train/lr": float(lr),
+        metrics = {
+            "train/loss": reduced["loss_sum"] / max(1.0, reduced["tokens"]),
+            "train/lr": float(self.engine.get_lr()[0]),
             "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "train/step_time_s": step_time,
-            "train/tokens_per_step": tokens_per_step,
+            "train/step_time_s": elapsed / steps,
+            "train/tokens_per_step": self.layout.global_batch * self.seq_len,
+            "train/counted_targets_per_step": reduced["tokens"] / steps,
             "train/tokens_seen": self.tokens_seen,
+            "train/nonfinite_streak": reduced["streak"],
         }
+        self._reset_window()
+        return metrics
 
     def fit(self, stop: StopFlag | None = None) -> int:
         cfg = self.cfg
@@ -244,22 +357,27 @@ class Trainer:
         stop = stop or StopFlag().install()
         for callback in self.callbacks:
             callback.on_train_start(self)
-        batches = iter(self.loader)
+        steps = iter(self.loader)
         exit_code = 0
         try:
             last_step = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
             while self.step < last_step:
-                metrics = self._train_step(batches)
+                self._train_step(next(steps))
                 self.step += 1
+                save_now = self.step % cfg.checkpoint.every_n_steps == 0 or self.step == last_step
+                eval_now = cfg.eval.num_batches > 0 and self.step % cfg.eval.every_n_steps == 0
+                # a single process may look at its own flag every step; ranks agree on log and save steps
+                local_stop = self.env.world_size == 1 and stop.requested
+                if not (self.is_log_step(self.step) or save_now or eval_now or local_stop):
+                    continue
+                reduced = self._reduce_window(stop.requested)
+                self._check_divergence(reduced)
+                metrics = self._log_metrics(reduced)
                 for callback in self.callbacks:
                     callback.on_step_end(self, self.step, metrics)
-                saved = False
-                if self.step % cfg.checkpoint.every_n_steps == 0 or self.step == last_step:
-                    self._save()
-                    saved = True
-                if self._any(stop.requested):
-                    if not saved:
-                        self._save()
+                if save_now or reduced["stop"]:
+                    self._save(reduced)
+                if reduced["stop"]:
                     if self.env.is_main:
                         log.warning("stop signal received: checkpointed step %d, exiting with code %d",
                                     self.step, REQUEUE_EXIT_CODE)

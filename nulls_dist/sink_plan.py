@@ -1,0 +1,268 @@
+"""The sink plan: everything every layer's MLP needs for one forward -- which sink rows each token uses -- built
+ONCE per batch, on the host, from numpy: by the data loader's workers for training batches (`plan_for_batch`),
+and once per request for deployment modes (`plan_for_mode`, reused across decode steps). The model's forward
+then issues no host-device synchronisation for the sinks: the plan's tensors move to the device with the batch
+(pinned, `non_blocking`) and index there. Validation (source-id ranges) happens here, once, not in the layers.
+
+A packed batch (B, T) is flattened to N = B*T tokens. A segment is a maximal run of equal source ids inside one
+row; `offsets` (S+1,) bound them, `seg_source` (S,) indexes `sources` (U,) (ascending distinct ids), and
+`token_source` (N,) is each token's index into `sources`. The kernels' tile plan (`kernels/tiles.py`) is built
+here too, for the block size the kernels use.
+
+Also here: `SinkMode`, which deployment mode a forward runs in (docs/nulls_facts.md, "Deployment modes").
+
+Shape legend:
+    B rows   T tokens per row   N = B*T   S segments   U distinct sources   K rows per source (-1 padded)
+    L' layers with their own rows (n_layer when the assignment is layer-specific, else 1)   P pool rows
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from nulls_dist.config import NullConfig
+from nulls_dist.kernels.tiles import TilePlan, tile_plan_numpy
+
+MODE_KINDS = ("train", "sink_on", "sink_off", "backbone_only", "expected")
+PLAN_KINDS = ("none", "dense", "masked", "gathered")
+# Tokens per tile of the kernels' plan: the Triton kernels' default block_m (kernels/sink_mlp_triton.py) and the
+# torch reference's, so one plan serves both.
+PLAN_BLOCK_M = 64
+
+
+# ------------------------------------------------------------------------------------------------ modes
+@dataclass(frozen=True)
+class SinkMode:
+    """Which sink units are on. Build it with the constructors, not directly."""
+
+    kind: str
+    source_id: int | None = None
+    forget_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in MODE_KINDS:
+            raise ValueError(f"SinkMode kind must be one of {MODE_KINDS}, got {self.kind!r}")
+        ids = ([self.source_id] if self.source_id is not None else []) + list(self.forget_ids)
+        for sid in ids:
+            if int(sid) < 0:
+                raise ValueError(f"SinkMode source ids must be non-negative, got {sid}")
+
+    @classmethod
+    def train(cls) -> "SinkMode":
+        """Each token uses its own source's mask (what training sees)."""
+        return cls("train")
+
+    @classmethod
+    def sink_on(cls, source_id: int) -> "SinkMode":
+        """Every token uses `source_id`'s mask."""
+        return cls("sink_on", source_id=int(source_id))
+
+    @classmethod
+    def sink_off(cls, route_source_id: int, forget_ids) -> "SinkMode":
+        """Every token uses the routed (surviving) source's mask minus the union of the forgotten masks."""
+        return cls("sink_off", source_id=int(route_source_id), forget_ids=tuple(sorted({int(s) for s in forget_ids})))
+
+    @classmethod
+    def backbone_only(cls) -> "SinkMode":
+        """No sinks; the backbone is scaled by (p_gen + p_mem) / p_gen."""
+        return cls("backbone_only")
+
+    @classmethod
+    def expected(cls) -> "SinkMode":
+        """Every sink on, scaled by p_mem (the expectation of a random mask)."""
+        return cls("expected")
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+@dataclass(frozen=True)
+class SinkPlan:
+    """One forward's sinks. Tensors are int64 (masks bool) and live together on the host or on the device."""
+
+    kind: str  # "none" (backbone only) | "dense" (every sink, scaled) | "masked" | "gathered"
+    num_rows: int  # B
+    row_len: int  # T
+    backbone_scale: float = 1.0
+    sink_scale: float = 1.0
+    single_source_rows: bool = False  # every row is one source: attention is plain causal
+    offsets: torch.Tensor | None = None  # (S+1,)
+    seg_source: torch.Tensor | None = None  # (S,)
+    sources: torch.Tensor | None = None  # (U,) source ids
+    token_source: torch.Tensor | None = None  # (N,) index into `sources` (masked path)
+    rows: torch.Tensor | None = None  # (L', U, K) active pool rows, -1 padded (gathered path)
+    masks: torch.Tensor | None = None  # (L', U, P) bool (masked path)
+    tiles: TilePlan | None = None  # the kernels' tile plan (gathered path)
+
+    def __post_init__(self) -> None:
+        assert self.kind in PLAN_KINDS, self.kind
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_rows * self.row_len
+
+    def layer_rows(self, layer: int) -> torch.Tensor:  # (U, K)
+        return self.rows[layer if self.rows.shape[0] > 1 else 0]
+
+    def layer_mask(self, layer: int) -> torch.Tensor:  # (U, P)
+        return self.masks[layer if self.masks.shape[0] > 1 else 0]
+
+    def _map(self, fn) -> "SinkPlan":
+        changes: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                changes[f.name] = fn(value)
+            elif isinstance(value, TilePlan):
+                changes[f.name] = TilePlan(*(fn(t) for t in value.tensors()), value.block_m)
+        return replace(self, **changes)
+
+    def to(self, device, non_blocking: bool = False) -> "SinkPlan":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "SinkPlan":
+        """Page-locked host copies (the DataLoader's pin thread calls this), so `to(cuda, non_blocking=True)` is
+        a real asynchronous copy."""
+        return self._map(lambda t: t.pin_memory())
+
+    def check(self, num_pool: int) -> None:
+        """Debug-mode consistency checks of a plan against the model (reads the indices back: a host sync)."""
+        if self.kind not in ("gathered", "masked"):
+            return
+        if int(self.offsets[0]) != 0 or int(self.offsets[-1]) != self.num_tokens:
+            raise ValueError(f"sink plan offsets must span [0, {self.num_tokens}]")
+        if bool((self.offsets[1:] < self.offsets[:-1]).any()):
+            raise ValueError("sink plan offsets must be non-decreasing")
+        if bool(((self.seg_source < 0) | (self.seg_source >= self.sources.numel())).any()):
+            raise ValueError("sink plan seg_source indexes outside `sources`")
+        if self.rows is not None and bool(((self.rows < -1) | (self.rows >= num_pool)).any()):
+            raise ValueError(f"sink plan rows must lie in [-1, {num_pool})")
+
+
+# ------------------------------------------------------------------------------------------------ builders
+def check_source_ids(ids: np.ndarray, cfg: NullConfig, what: str = "source id") -> None:
+    """ValueError naming the first id outside what the model accepts (host-side, once per batch or request)."""
+    if ids.size == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0:
+        raise ValueError(f"{what} {lo} is negative")
+    if cfg.num_sources is not None:
+        end = cfg.min_source_id + cfg.num_sources
+        bad = lo if lo < cfg.min_source_id else hi if hi >= end else None
+        if bad is not None:
+            raise ValueError(f"{what} {bad} is out of range [min_source_id={cfg.min_source_id}, "
+                             f"min_source_id + num_sources={end})")
+
+
+def segments_numpy(source_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(B, T) ids -> offsets (S+1,), seg_source (S,), sources (U,), token_source (N,); a segment never crosses a
+    row boundary, even when the next row starts with the same source."""
+    num_rows, row_len = source_ids.shape
+    flat = np.ascontiguousarray(source_ids, dtype=np.int64).reshape(-1)  # (N,)
+    is_start = np.ones(flat.shape[0], dtype=bool)
+    is_start[1:] = flat[1:] != flat[:-1]
+    is_start[::max(row_len, 1)] = True
+    starts = np.flatnonzero(is_start)  # (S,)
+    offsets = np.append(starts, flat.shape[0]).astype(np.int64)  # (S+1,)
+    sources, seg_source = np.unique(flat[starts], return_inverse=True)  # (U,), (S,)
+    token_source = np.repeat(seg_source, np.diff(offsets))  # (N,)
+    return offsets, seg_source.astype(np.int64), sources.astype(np.int64), token_source.astype(np.int64)
+
+
+def _layers(cfg: NullConfig) -> range:
+    return range(cfg.n_layer) if cfg.sink_layer_specific else range(1)
+
+
+def _rows(assignment, sources: np.ndarray, cfg: NullConfig, forget: np.ndarray | None = None) -> np.ndarray:
+    """(L', U, K) -1 padded rows of `sources`, with every row of a forgotten source removed."""
+    ids = torch.from_numpy(sources)
+    per_layer = []
+    for layer in _layers(cfg):
+        rows = assignment.rows(ids, layer=layer).numpy()  # (U, K)
+        if forget is not None and forget.size:
+            gone = assignment.rows(torch.from_numpy(forget), layer=layer).numpy()
+            rows = remove_rows(rows, gone[gone >= 0])
+        per_layer.append(rows)
+    width = max((r.shape[1] for r in per_layer), default=0)
+    return np.stack([np.pad(r, ((0, 0), (0, width - r.shape[1])), constant_values=-1) for r in per_layer])
+
+
+def remove_rows(rows: np.ndarray, forget_rows: np.ndarray) -> np.ndarray:
+    """Drop every row index in `forget_rows` from `rows` (U, K); keep ascending, -1 right-padded."""
+    keep = (rows >= 0) & ~np.isin(rows, forget_rows)
+    big = np.iinfo(np.int64).max
+    compact = np.sort(np.where(keep, rows, big), axis=1)
+    return np.where(compact == big, -1, compact)
+
+
+def _masks(rows: np.ndarray, num_pool: int) -> np.ndarray:
+    """(L', U, K) rows -> (L', U, P) bool."""
+    out = np.zeros(rows.shape[:2] + (num_pool + 1,), dtype=bool)
+    np.put_along_axis(out, np.where(rows >= 0, rows, num_pool), True, axis=2)
+    return out[..., :num_pool]
+
+
+def _as_plan(kind: str, cfg: NullConfig, shape: tuple[int, int], offsets, seg_source, sources, token_source,
+             rows: np.ndarray, single_source_rows: bool, block_m: int) -> SinkPlan:
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    common = dict(num_rows=shape[0], row_len=shape[1], single_source_rows=single_source_rows, offsets=t(offsets),
+                  seg_source=t(seg_source), sources=t(sources))
+    if kind == "masked":
+        return SinkPlan("masked", token_source=t(token_source), masks=t(_masks(rows, cfg.n_sink)), **common)
+    return SinkPlan("gathered", rows=t(rows), tiles=tile_plan_numpy(offsets, seg_source, len(sources), block_m),
+                    **common)
+
+
+def plan_for_batch(source_ids: np.ndarray, cfg: NullConfig, assignment, block_m: int = PLAN_BLOCK_M) -> SinkPlan:
+    """Training mode: every token uses its own source's rows. `source_ids` (B, T) of the model's input tokens."""
+    source_ids = np.asarray(source_ids)
+    if source_ids.ndim != 2:
+        raise ValueError(f"source_ids must be (B, T), got shape {source_ids.shape}")
+    check_source_ids(source_ids, cfg)
+    if cfg.n_sink == 0:
+        return SinkPlan("none", *source_ids.shape, single_source_rows=_single(source_ids))
+    offsets, seg_source, sources, token_source = segments_numpy(source_ids)
+    rows = _rows(assignment, sources, cfg)
+    return _as_plan(cfg.sink_path, cfg, source_ids.shape, offsets, seg_source, sources, token_source, rows,
+                    _single(source_ids), block_m)
+
+
+def _single(source_ids: np.ndarray) -> bool:
+    return bool(source_ids.size == 0 or (source_ids == source_ids[:, :1]).all())
+
+
+def plan_for_mode(mode: SinkMode, shape: tuple[int, int], cfg: NullConfig, assignment,
+                  block_m: int = PLAN_BLOCK_M) -> SinkPlan:
+    """A deployment mode (every token uses one source's rows, or none, or all) for a (B, T) batch."""
+    if mode.kind == "train":
+        raise ValueError("mode 'train' needs per-token source ids: use plan_for_batch")
+    num_rows, row_len = shape
+    if mode.kind == "backbone_only":
+        return SinkPlan("none", num_rows, row_len, backbone_scale=cfg.backbone_only_scale, single_source_rows=True)
+    if cfg.n_sink == 0:
+        return SinkPlan("none", num_rows, row_len, single_source_rows=True)
+    if mode.kind == "expected":
+        return SinkPlan("dense", num_rows, row_len, sink_scale=cfg.p_mem, single_source_rows=True)
+    ids = np.array([mode.source_id, *mode.forget_ids], dtype=np.int64)
+    check_source_ids(ids, cfg)
+    forget = np.asarray(mode.forget_ids, dtype=np.int64)
+    sources = np.array([mode.source_id], dtype=np.int64)
+    offsets = np.arange(num_rows + 1, dtype=np.int64) * row_len
+    seg_source = np.zeros(num_rows, dtype=np.int64)
+    token_source = np.zeros(num_rows * row_len, dtype=np.int64)
+    rows = _rows(assignment, sources, cfg, forget)
+    return _as_plan(cfg.sink_path, cfg, shape, offsets, seg_source, sources, token_source, rows, True, block_m)
+
+
+def active_rows(plan: SinkPlan, layer: int = 0, num_pool: int | None = None) -> set[int]:
+    """The sink rows a plan really activates in `layer` for its first source (for routing checks and tests)."""
+    if plan.kind == "gathered":
+        rows = plan.layer_rows(layer)[0]
+        return {int(r) for r in rows[rows >= 0]}
+    if plan.kind == "masked":
+        return {int(r) for r in torch.nonzero(plan.layer_mask(layer)[0]).flatten()}
+    if plan.kind == "dense":
+        return set(range(num_pool or 0))
+    return set()
