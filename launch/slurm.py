@@ -20,8 +20,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nulls_dist.launch.task import PORT_BASE, PORT_SPAN
-
 TIME_RE = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
 MEM_RE = re.compile(r"^\d+[KMGT]?$")
 
@@ -119,11 +117,11 @@ def render_sbatch(spec: SlurmSpec, job_name: str, run_dir: Path, train_args: lis
         "",
         "set -uo pipefail",
         f"RUN_DIR={shlex.quote(str(run_dir))}",
-        '# Rendezvous from the node list; the port is a function of the job id, so a requeued job reuses it.',
-        'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
-        f"export MASTER_PORT=$(( {PORT_BASE} + SLURM_JOB_ID % {PORT_SPAN} ))",
-        'echo "[nulls-launch] job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} nodes $SLURM_JOB_NODELIST '
-        'rendezvous $MASTER_ADDR:$MASTER_PORT $(date -u +%FT%TZ)"',
+        "# Each task derives its rank and rendezvous from SLURM (launch/rendezvous.py) when it starts. A",
+        "# MASTER_ADDR/MASTER_PORT exported below (setup, env) wins; one inherited from the submitting shell does not.",
+        "unset MASTER_ADDR MASTER_PORT",
+        'echo "[nulls-launch] job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} nodes $SLURM_JOB_NUM_NODES '
+        '($SLURM_JOB_NODELIST) $(date -u +%FT%TZ)"',
     ]
     lines += list(spec.setup)
     lines += [f"export {key}={shlex.quote(str(value))}" for key, value in spec.env.items()]

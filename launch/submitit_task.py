@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from nulls_dist.launch.slurm import SlurmSpec
-from nulls_dist.launch.task import rendezvous_env
+from nulls_dist.launch.rendezvous import slurm_rendezvous
 
 PREEMPT_SIGNAL_ENV = "SUBMITIT_PREEMPT_SIGNAL"
 PREEMPT_SIGNAL = "USR1"  # what nulls-train checkpoints on
@@ -47,7 +47,8 @@ def slurm_minutes(time_spec: str) -> int:
 
 def run_rank(spec: SlurmSpec, train_args: list[str]) -> int:
     """Run this task's nulls-train rank; on the requeue code, rank 0 requeues the job and both wait for it."""
-    env = {**os.environ, **{k: str(v) for k, v in spec.env.items()}, **rendezvous_env(os.environ)}
+    env = {**os.environ, **{k: str(v) for k, v in spec.env.items()}}
+    env.update(slurm_rendezvous(env).torch_env())  # after launcher.env, so a MASTER_PORT set there wins
     signal.signal(getattr(signal, f"SIG{PREEMPT_SIGNAL}"), signal.SIG_IGN)
     command = [*shlex.split(spec.train_command), *train_args]
     print(f"[nulls-launch] rank {env['RANK']}/{env['WORLD_SIZE']} restart {os.environ.get('SLURM_RESTART_COUNT', '0')}"

@@ -20,7 +20,7 @@ from nulls_dist.cli.launch import flatten_overrides, spec_from_config, split_for
 from nulls_dist.launch.local_cluster import LocalSlurmCluster, missing_requirements
 from nulls_dist.launch.slurm import SlurmSpec, render_sbatch
 from nulls_dist.launch.submitit_task import slurm_minutes
-from nulls_dist.launch.task import master_port, rendezvous_env, tasks_on_node
+from nulls_dist.launch.rendezvous import hostnames, master_port, slurm_rendezvous, tasks_per_node
 
 pytestmark = pytest.mark.slurm
 
@@ -58,8 +58,10 @@ def test_dry_run_renders_multi_node_script(tmp_path):
     assert "--ntasks-per-node=8" in srun and f"--output={run_dir}/logs/rank%t-%j.out" in srun
     assert srun.endswith(f"-m nulls_dist.launch.task {BIN / 'nulls-train'} experiment=demo optim.lr=0.0003 "
                          f"train.max_steps=7 train.run_dir={run_dir}")
-    assert 'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"' in out
-    assert "export MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 10000 ))" in out
+    # The rendezvous is the tasks' (launch/rendezvous.py), not a second copy in shell; a stale MASTER_* from the
+    # submitting shell is dropped before the setup/env lines that may set their own.
+    assert "unset MASTER_ADDR MASTER_PORT" in out
+    assert "scontrol show hostnames" not in out and "MASTER_PORT=" not in out
     assert 'if [ "$rc" -eq 75 ]; then' in out and 'scontrol requeue "$SLURM_JOB_ID"' in out
     assert not run_dir.exists()  # a dry run creates nothing
 
@@ -101,16 +103,75 @@ def test_spec_errors_name_the_field():
     assert SlurmSpec(gpus_per_node=8).tasks_per_node == 8 and SlurmSpec().tasks_per_node == 1
 
 
-def test_rendezvous_env_maps_slurm_variables():
-    slurm = {"SLURM_PROCID": "13", "SLURM_NTASKS": "32", "SLURM_LOCALID": "5", "SLURM_NODEID": "1",
-             "SLURM_TASKS_PER_NODE": "8(x4)", "SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu[01-04]",
-             "MASTER_ADDR": "gpu01"}
-    assert rendezvous_env(slurm) == {"RANK": "13", "WORLD_SIZE": "32", "LOCAL_RANK": "5", "NODE_RANK": "1",
-                                     "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "gpu01", "MASTER_PORT": "23456"}
-    assert master_port(123456) == 23456
-    assert [tasks_on_node("8(x2),4", n) for n in range(3)] == [8, 8, 4]
+def _task(procid: int, localid: int, nodeid: int, **extra: str) -> dict[str, str]:
+    """The SLURM variables srun gives one task of a 3-node job with 8, 8 and 4 tasks (an uneven last node)."""
+    env = {"SLURM_PROCID": str(procid), "SLURM_NTASKS": "20", "SLURM_LOCALID": str(localid),
+           "SLURM_NODEID": str(nodeid), "SLURM_JOB_NUM_NODES": "3", "SLURM_TASKS_PER_NODE": "8(x2),4",
+           "SLURM_STEP_TASKS_PER_NODE": "8(x2),4", "SLURM_JOB_ID": "123456",
+           "SLURM_JOB_NODELIST": "gpu[07-08],cpu3", "SLURM_STEP_NODELIST": "gpu[07-08],cpu3"}
+    return {**env, **extra}
+
+
+def test_slurm_rendezvous_maps_every_task_of_an_uneven_job():
+    ranks = {}
+    for nodeid, (first, count) in enumerate([(0, 8), (8, 8), (16, 4)]):
+        for localid in range(count):
+            rdv = slurm_rendezvous(_task(first + localid, localid, nodeid))
+            assert (rdv.rank, rdv.local_rank, rdv.node_rank) == (first + localid, localid, nodeid)
+            assert (rdv.world_size, rdv.local_world_size, rdv.num_nodes) == (20, count, 3)
+            ranks[rdv.rank] = (rdv.master_addr, rdv.master_port)
+    assert sorted(ranks) == list(range(20)) and set(ranks.values()) == {("gpu07", 23456)}  # one rendezvous
+    assert slurm_rendezvous(_task(17, 1, 2)).torch_env() == {
+        "RANK": "17", "WORLD_SIZE": "20", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "NODE_RANK": "2",
+        "MASTER_ADDR": "gpu07", "MASTER_PORT": "23456"}
+    assert tasks_per_node("8(x2),4") == [8, 8, 4] and hostnames("gpu[07-08],cpu3") == ["gpu07", "gpu08", "cpu3"]
+    assert hostnames("rack[1-2]-n[01-02]") == ["rack1-n01", "rack1-n02", "rack2-n01", "rack2-n02"]
+
+
+def test_slurm_rendezvous_after_a_requeue_on_another_node_count():
+    """A requeue keeps the job id: the same port, whatever nodes the job comes back on; the world size is the
+    new allocation's, read when the task starts."""
+    first = slurm_rendezvous(_task(9, 1, 1))
+    again = slurm_rendezvous({"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
+                              "SLURM_TASKS_PER_NODE": "8(x2)", "SLURM_JOB_ID": "123456", "SLURM_RESTART_COUNT": "1",
+                              "SLURM_JOB_NODELIST": "gpu[11-12]"})
+    assert first.master_port == again.master_port == master_port(123456) == 23456
+    assert (first.world_size, again.world_size, again.num_nodes, again.master_addr) == (20, 16, 2, "gpu11")
+    assert master_port(123457) != master_port(123456)  # another job, another port
+
+
+def test_slurm_rendezvous_exported_master_wins_and_errors_name_the_variable():
+    rdv = slurm_rendezvous(_task(3, 3, 0, MASTER_ADDR="gpu07-ib", MASTER_PORT="29400"))
+    assert (rdv.master_addr, rdv.master_port) == ("gpu07-ib", 29400)
+    # without the step's own list: the job's, and without any per-node counts: the even split
+    bare = {k: v for k, v in _task(3, 3, 0).items() if not k.startswith(("SLURM_STEP_", "SLURM_TASKS_PER_NODE"))}
+    assert slurm_rendezvous({**bare, "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS": "16"}).local_world_size == 8
     with pytest.raises(ValueError, match="SLURM_PROCID"):
-        rendezvous_env({})
+        slurm_rendezvous({})
+    with pytest.raises(ValueError, match="SLURM_NTASKS.*'two'"):
+        slurm_rendezvous(_task(0, 0, 0, SLURM_NTASKS="two"))
+    with pytest.raises(ValueError, match="SLURM_NODEID=3"):
+        slurm_rendezvous(_task(0, 0, 3))
+    with pytest.raises(ValueError, match="SLURM_JOB_ID"):
+        slurm_rendezvous({k: v for k, v in _task(0, 0, 0).items() if k != "SLURM_JOB_ID"})
+
+
+def test_submitit_torch_environment_agrees_except_where_we_say(monkeypatch):
+    """What launch/rendezvous.py's docstring claims about submitit's TorchDistributedEnvironment, checked:
+    the same ranks and master host, LOCAL_WORLD_SIZE = ntasks // nodes (wrong on an uneven last node), and its
+    own port (stable per job id, but drawn from 20000-60000)."""
+    from submitit.helpers import TorchDistributedEnvironment
+
+    task = _task(17, 1, 2, SUBMITIT_EXECUTOR="slurm")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in task.items():
+        monkeypatch.setenv(name, value)
+    theirs, ours = TorchDistributedEnvironment(), slurm_rendezvous(task)
+    assert (theirs.rank, theirs.world_size, theirs.local_rank, theirs.master_addr) == (
+        ours.rank, ours.world_size, ours.local_rank, ours.master_addr)
+    assert (theirs.local_world_size, ours.local_world_size) == (20 // 3, 4)
+    assert theirs.master_port == TorchDistributedEnvironment().master_port != ours.master_port
 
 
 # ---- a real local cluster ----------------------------------------------------------------------------------
@@ -204,11 +265,11 @@ def test_two_rank_job_checkpoints_on_signal_requeues_resumes_and_completes(slurm
 
     batch_log = (run_dir / "logs" / f"slurm-{job_id}.out").read_text()
     assert "checkpointed on signal; requeueing" in batch_log
-    assert f"job {job_id} restart 1 " in batch_log  # SLURM_RESTART_COUNT in the requeued run
+    assert f"job {job_id} restart 1 nodes 1 " in batch_log  # SLURM_RESTART_COUNT in the requeued run
     for rank in (0, 1):  # both ranks ran in both attempts, under the rendezvous the batch script derived
         log = (run_dir / "logs" / f"rank{rank}-{job_id}.out").read_text()
         for restart in (0, 1):
-            assert (f"[launch.task] rank {rank}/2 local {rank} node 0 host {socket.gethostname()} "
+            assert (f"[launch.task] rank {rank}/2 local {rank}/2 node 0/1 host {socket.gethostname()} "
                     f"master localhost:{master_port(job_id)} restart {restart}") in log
     rank0 = (run_dir / "logs" / f"rank0-{job_id}.out").read_text()
     assert f"checkpointed step {stopped_at}, exiting with code 75" in rank0
