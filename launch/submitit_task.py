@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from nulls_dist.launch.sbatch_values import sbatch_path, sbatch_value
 from nulls_dist.launch.slurm import SlurmSpec
 from nulls_dist.launch.rendezvous import slurm_rendezvous
 
@@ -43,6 +44,28 @@ def slurm_minutes(time_spec: str) -> int:
     else:
         hours, mins, secs = 0, parts[0], 0
     return int(days) * 24 * 60 + hours * 60 + mins + (1 if secs else 0)
+
+
+def submitit_parameters(spec: SlurmSpec, name: str, runs_root: str) -> dict[str, object]:
+    """The hydra-submitit-launcher parameters that come from the launcher group (nulls_submitit.yaml reads them
+    through `${nulls_submitit:KEY}`); `spec` is already checked, and the job name and folder are checked here."""
+    if not isinstance(spec.nodes, int):
+        raise ValueError(f"launcher.nodes={spec.nodes!r}: a node range needs an sbatch submission (no "
+                         "hydra/launcher=nulls_submitit); submitit asks for a fixed number of nodes")
+    return {
+        "name": sbatch_value("name", name),
+        "submitit_folder": f"{sbatch_path('runs_root', runs_root)}/.submitit/%j",
+        "nodes": spec.nodes,
+        "tasks_per_node": spec.tasks_per_node,
+        "gpus_per_node": spec.gpus_per_node,
+        "cpus_per_task": spec.cpus_per_task,
+        "timeout_min": slurm_minutes(spec.time),
+        "partition": spec.partition,
+        "account": spec.account,
+        "qos": spec.qos,
+        "constraint": spec.constraint,
+        "signal_delay_s": spec.signal_warning_s,
+    }
 
 
 def run_rank(spec: SlurmSpec, train_args: list[str]) -> int:

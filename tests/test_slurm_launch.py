@@ -101,6 +101,111 @@ def test_spec_errors_name_the_field():
     with pytest.raises(ValueError, match=r"launcher\.gpus"):
         spec_from_config({"gpus": 8})
     assert SlurmSpec(gpus_per_node=8).tasks_per_node == 8 and SlurmSpec().tasks_per_node == 1
+    for field, value in (("time", "01:00:00\n"), ("mem", "480G\n"), ("cpus_per_task", "2"), ("exclusive", "no"),
+                         ("sbatch_args", "--exclusive"), ("train_command", "nulls-train 'x")):
+        with pytest.raises(ValueError, match=f"launcher.{field}"):
+            SlurmSpec(**{field: value})
+
+
+# ---- what user values may do to the script (security) -------------------------------------------------------
+
+# Every field whose value lands in an `#SBATCH` line, and how to put `value` there.
+SBATCH_FIELDS = {
+    "launcher.partition": lambda v, d: render_sbatch(SlurmSpec(partition=v), "x", d, []),
+    "launcher.account": lambda v, d: render_sbatch(SlurmSpec(account=v), "x", d, []),
+    "launcher.qos": lambda v, d: render_sbatch(SlurmSpec(qos=v), "x", d, []),
+    "launcher.constraint": lambda v, d: render_sbatch(SlurmSpec(constraint=v), "x", d, []),
+    "launcher.sbatch_args[1]": lambda v, d: render_sbatch(SlurmSpec(sbatch_args=["--mail-type=END", f"--x={v}"]),
+                                                          "x", d, []),
+    "name": lambda v, d: render_sbatch(SlurmSpec(), v, d, []),
+    "run_dir": lambda v, d: render_sbatch(SlurmSpec(), "x", d / v, []),
+    "the working directory": lambda v, d: render_sbatch(SlurmSpec(), "x", d, [], workdir=d / v),
+}
+
+
+@pytest.mark.parametrize("char", ["\n", "\r", "\x0b", "\x00", "\x1b", "\u2028", " ", "\t", "#", "'", '"', "\\"],
+                         ids=repr)
+@pytest.mark.parametrize("field", sorted(SBATCH_FIELDS))
+def test_sbatch_lines_refuse_what_sbatch_or_bash_would_misread(field, char, tmp_path):
+    value = f"gpu{char}touch {tmp_path / 'pwned'}"
+    with pytest.raises(ValueError) as err:
+        SBATCH_FIELDS[field](value, tmp_path)
+    message = str(err.value)
+    assert message.startswith(field) and repr(value).strip("'\"") in message and "\n" not in message, message
+    assert SBATCH_FIELDS[field]("gpu-h100_1", tmp_path).startswith("#!/bin/bash")  # a plain value passes
+
+
+def test_sbatch_lines_refuse_hetjob_percent_and_bad_env_names(tmp_path):
+    with pytest.raises(ValueError, match="launcher.partition.*heterogeneous"):
+        SlurmSpec(partition="my-HetJob")
+    with pytest.raises(ValueError, match="run_dir.*%"):
+        render_sbatch(SlurmSpec(), "x", tmp_path / "r%j", [])
+    with pytest.raises(ValueError, match="launcher.env.*'A;touch x'"):
+        SlurmSpec(env={"A;touch x": "1"})
+    with pytest.raises(ValueError, match="launcher.sbatch_args.0. must be an sbatch option"):
+        SlurmSpec(sbatch_args=["hostname"])
+
+
+def _fake_slurm_bin(tmp_path: Path) -> Path:
+    """`srun` that records its argv and the exported NOTE (and runs nothing), `scontrol` that fails loudly."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                                  "json.dump({'argv': sys.argv[1:], 'NOTE': os.environ.get('NOTE')}, "
+                                  "open(os.environ['SRUN_RECORD'], 'w'))\n")
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho scontrol must not run >&2; exit 3\n")
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    return bin_dir
+
+
+def test_hostile_paths_arguments_and_env_values_stay_data(tmp_path):
+    """Spaces, quotes, `$(...)`, backticks and `;` in the run directory, a forwarded argument, an env value and
+    an srun option: `bash -n` accepts the script, and running it (with a recording `srun`) creates none of the
+    files the embedded commands would touch and hands every value over byte for byte."""
+    mark = tmp_path / "pwned"
+    run_dir = tmp_path / f"run;$(touch${{IFS}}{mark}_run_dir)`touch${{IFS}}{mark}_tick`"
+    forwarded = f"""train.note=a b 'c' "d" $(touch {mark}_arg); touch {mark}_arg2 `touch {mark}_arg3` \\"""
+    note = f"it's $(touch {mark}_env); \"x\""
+    spec = SlurmSpec(env={"NOTE": note}, srun_args=[f"--comment=$(touch {mark}_srun) x"])
+    script_path = tmp_path / "sbatch.sh"
+    script_path.write_text(render_sbatch(spec, "x", run_dir, [forwarded, f"train.run_dir={run_dir}"],
+                                         workdir=tmp_path))
+    assert subprocess.run(["bash", "-n", str(script_path)], capture_output=True).returncode == 0
+
+    record = tmp_path / "srun.json"
+    env = {"PATH": f"{_fake_slurm_bin(tmp_path)}:/usr/bin:/bin", "SRUN_RECORD": str(record), "SLURM_JOB_ID": "7",
+           "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "1", "MASTER_PORT": "1"}
+    result = subprocess.run(["bash", str(script_path)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "sbatch.sh", "srun.json"]  # nothing touched
+    seen = json.loads(record.read_text())
+    assert seen["NOTE"] == note and f"--comment=$(touch {mark}_srun) x" in seen["argv"]
+    assert f"--output={run_dir}/logs/rank%t-%j.out" in seen["argv"]
+    assert seen["argv"][-2:] == [forwarded, f"train.run_dir={run_dir}"]
+
+
+def _one_line_error(result: subprocess.CompletedProcess, field: str) -> str:
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"nulls-launch: error: {field}="), result.stderr
+    assert "Traceback" not in result.stderr and "HYDRA_FULL_ERROR" not in result.stderr
+    return lines[0]
+
+
+def test_nulls_launch_reports_a_bad_sbatch_value_in_one_line(tmp_path):
+    mark = tmp_path / "pwned"
+    partition = f"launcher.partition='gpu\ntouch {mark}'"  # a quoted Hydra override may hold a newline
+    dry = _launch("dry_run=true", f"run_dir={tmp_path / 'run'}", partition, "--", "experiment=demo", check=False)
+    assert "contains a newline" in _one_line_error(dry, "launcher.partition") and dry.stdout == ""
+    sweep = _launch("--multirun", "dry_run=true", f"runs_root={tmp_path}", "launcher.qos='a b'",
+                    "+train.optim.lr=0.1,0.2", check=False)
+    _one_line_error(sweep, "launcher.qos")
+    # submitit's own sbatch script: stopped while Hydra builds the launcher, before anything is submitted
+    submitit = _launch("--multirun", "hydra/launcher=nulls_submitit", f"runs_root={tmp_path}", partition,
+                       "+train.optim.lr=0.1,0.2", check=False)
+    _one_line_error(submitit, "launcher.partition")
+    assert not mark.exists() and not list(tmp_path.glob("**/.submitit"))
 
 
 def _task(procid: int, localid: int, nodeid: int, **extra: str) -> dict[str, str]:
