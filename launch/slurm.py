@@ -6,7 +6,8 @@ steps -- every `nulls-train` rank -- `<s>` seconds before the time limit, and no
 default USR1 action would kill it). Each rank checkpoints collectively and exits with
 `requeue_exit_code`; srun returns it, and the batch shell then runs `scontrol requeue $SLURM_JOB_ID`. The
 requeued job keeps its id, so it reuses the run directory, the rendezvous port and the logs (appended), and
-`nulls-train` resumes from `<run_dir>/checkpoints/latest` in the same wandb run. Preemption with
+`nulls-train` resumes from `<run_dir>/checkpoints/latest` in the same wandb run. It may come back on another
+number of nodes (`nodes="min-max"`): the script reads the node count from SLURM at every start. Preemption with
 PreemptMode=REQUEUE sends SIGTERM instead; the trainer checkpoints on it too and SLURM requeues the job.
 This module sets no hyperparameters: trainer arguments are forwarded verbatim.
 """
@@ -36,11 +37,22 @@ def _check_int(name: str, value: object, low: int, high: int | None = None) -> N
         raise ValueError(f"launcher.{name} must be {bounds}, got {value}")
 
 
+def _nodes(value: object) -> int | str:
+    """`launcher.nodes`: 4, "4" -> 4; "2-4" stays a range (min <= max, both >= 1)."""
+    text = str(value)
+    single, pair = re.fullmatch(r"\d+", text), re.fullmatch(r"(\d+)-(\d+)", text)
+    if isinstance(value, (int, str)) and not isinstance(value, bool) and single and int(text) >= 1:
+        return int(text)
+    if isinstance(value, str) and pair and 1 <= int(pair.group(1)) <= int(pair.group(2)):
+        return text
+    raise ValueError(f"launcher.nodes must be a node count >= 1 (4) or a range min-max (2-4), got {value!r}")
+
+
 @dataclass
 class SlurmSpec:
     """Resources and behaviour of one SLURM job; one task per GPU (or `tasks_per_node` on CPU nodes)."""
 
-    nodes: int = 1
+    nodes: int | str = 1  # a count, or a range "min-max" from which SLURM picks at every start (requeues too)
     gpus_per_node: int = 0
     tasks_per_node: int | None = None  # None: one per GPU (1 when gpus_per_node is 0)
     cpus_per_task: int = 1
@@ -62,7 +74,7 @@ class SlurmSpec:
     srun_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _check_int("nodes", self.nodes, 1)
+        self.nodes = _nodes(self.nodes)
         _check_int("cpus_per_task", self.cpus_per_task, 1)
         _check_int("gpus_per_node", self.gpus_per_node, 0)
         _check_int("signal_warning_s", self.signal_warning_s, 0, 65535)
@@ -167,11 +179,14 @@ def render_sbatch(spec: SlurmSpec, job_name: str, run_dir: Path, train_args: lis
     ]
     lines += list(spec.setup)
     lines += [f"export {key}={shlex.quote(str(value))}" for key, value in spec.env.items()]
-    srun = ["srun", f"--ntasks-per-node={spec.tasks_per_node}", f"--cpus-per-task={spec.cpus_per_task}",
+    # The step spans the nodes this start was given, read from SLURM now: with `--nodes=min-max` a requeued
+    # job may come back on another count, and a world size written into the script would be stale.
+    allocation = f'--nodes="$SLURM_JOB_NUM_NODES" --ntasks="$(( SLURM_JOB_NUM_NODES * {spec.tasks_per_node} ))"'
+    srun = [f"--ntasks-per-node={spec.tasks_per_node}", f"--cpus-per-task={spec.cpus_per_task}",
             "--open-mode=append", f"--output={log_dir}/rank%t-%j.out", *spec.srun_args]
     task = [spec.python, "-m", "nulls_dist.launch.task", *shlex.split(spec.train_command), *train_args]
     lines += [
-        " ".join(shlex.quote(part) for part in srun + task),
+        f"srun {allocation} " + " ".join(shlex.quote(part) for part in srun + task),
         "rc=$?",
         f"if [ \"$rc\" -eq {spec.requeue_exit_code} ]; then",
         '  echo "[nulls-launch] nulls-train checkpointed on signal; requeueing job $SLURM_JOB_ID"',

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from nulls_dist.cli.launch import flatten_overrides, spec_from_config, split_forwarded
 from nulls_dist.launch.local_cluster import LocalSlurmCluster, missing_requirements
 from nulls_dist.launch.slurm import SlurmSpec, render_sbatch
-from nulls_dist.launch.submitit_task import slurm_minutes
+from nulls_dist.launch.submitit_task import slurm_minutes, submitit_parameters
 from nulls_dist.launch.rendezvous import hostnames, master_port, slurm_rendezvous, tasks_per_node
 
 pytestmark = pytest.mark.slurm
@@ -146,17 +146,23 @@ def test_sbatch_lines_refuse_hetjob_percent_and_bad_env_names(tmp_path):
         SlurmSpec(sbatch_args=["hostname"])
 
 
-def _fake_slurm_bin(tmp_path: Path) -> Path:
-    """`srun` that records its argv and the exported NOTE (and runs nothing), `scontrol` that fails loudly."""
+def _run_with_recording_srun(script_path: Path, tmp_path: Path, **slurm: str) -> dict:
+    """Run a rendered script as its batch job would, but with an `srun` that records its argv and the
+    exported NOTE (and runs nothing) and an `scontrol` that fails loudly; returns what srun saw."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(exist_ok=True)
     (bin_dir / "srun").write_text(f"#!{sys.executable}\nimport json, os, sys\n"
                                   "json.dump({'argv': sys.argv[1:], 'NOTE': os.environ.get('NOTE')}, "
                                   "open(os.environ['SRUN_RECORD'], 'w'))\n")
     (bin_dir / "scontrol").write_text("#!/bin/sh\necho scontrol must not run >&2; exit 3\n")
     for stub in bin_dir.iterdir():
         stub.chmod(0o755)
-    return bin_dir
+    record = tmp_path / "srun.json"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SRUN_RECORD": str(record), "SLURM_JOB_ID": "7",
+           "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "1", "MASTER_PORT": "1", **slurm}
+    result = subprocess.run(["bash", str(script_path)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return json.loads(record.read_text())
 
 
 def test_hostile_paths_arguments_and_env_values_stay_data(tmp_path):
@@ -173,16 +179,34 @@ def test_hostile_paths_arguments_and_env_values_stay_data(tmp_path):
                                          workdir=tmp_path))
     assert subprocess.run(["bash", "-n", str(script_path)], capture_output=True).returncode == 0
 
-    record = tmp_path / "srun.json"
-    env = {"PATH": f"{_fake_slurm_bin(tmp_path)}:/usr/bin:/bin", "SRUN_RECORD": str(record), "SLURM_JOB_ID": "7",
-           "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "1", "MASTER_PORT": "1"}
-    result = subprocess.run(["bash", str(script_path)], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    seen = _run_with_recording_srun(script_path, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "sbatch.sh", "srun.json"]  # nothing touched
-    seen = json.loads(record.read_text())
     assert seen["NOTE"] == note and f"--comment=$(touch {mark}_srun) x" in seen["argv"]
     assert f"--output={run_dir}/logs/rank%t-%j.out" in seen["argv"]
     assert seen["argv"][-2:] == [forwarded, f"train.run_dir={run_dir}"]
+
+
+def test_node_range_and_a_requeue_onto_another_node_count(tmp_path):
+    """`launcher.nodes=min-max` reaches `#SBATCH --nodes`; the step's size is read from SLURM when the script
+    runs, so a requeue that comes back on 2 nodes instead of 3 starts 16 ranks, not 24."""
+    out = _launch("launcher=slurm_8gpu", "launcher.nodes=2-4", f"run_dir={tmp_path / 'run'}", "dry_run=true").stdout
+    assert "#SBATCH --nodes=2-4" in out.splitlines()
+    assert "WORLD_SIZE" not in out and not re.search(r"--ntasks=\d", out)  # no rank count frozen into the script
+    script_path = tmp_path / "sbatch.sh"
+    script_path.write_text(out)
+    for nodes, ntasks in (("3", "24"), ("2", "16")):
+        argv = _run_with_recording_srun(script_path, tmp_path, SLURM_JOB_NUM_NODES=nodes)["argv"]
+        assert argv[:3] == [f"--nodes={nodes}", f"--ntasks={ntasks}", "--ntasks-per-node=8"], argv
+    assert SlurmSpec(nodes="4").nodes == 4 and SlurmSpec(nodes="1-1").nodes == "1-1"
+    for bad in ("4-2", "0-2", "0", "2-", "two", 2.5, True):
+        with pytest.raises(ValueError, match="launcher.nodes must be a node count"):
+            SlurmSpec(nodes=bad)
+    with pytest.raises(ValueError, match="launcher.nodes='2-4': a node range needs an sbatch submission"):
+        submitit_parameters(SlurmSpec(nodes="2-4"), "x", str(tmp_path))
+    assert submitit_parameters(SlurmSpec(nodes=2, time="1-12"), "x", "runs") == {
+        "name": "x", "submitit_folder": "runs/.submitit/%j", "nodes": 2, "tasks_per_node": 1, "gpus_per_node": 0,
+        "cpus_per_task": 1, "timeout_min": 2160, "partition": None, "account": None, "qos": None,
+        "constraint": None, "signal_delay_s": 300}
 
 
 def _one_line_error(result: subprocess.CompletedProcess, field: str) -> str:
@@ -332,8 +356,8 @@ def _wait_job_end(env: dict, job_id: int, run_dir: Path, timeout_s: float) -> No
     assert (state, exit_code) == ("COMPLETED", "0:0"), f"job {job_id}: {state} {exit_code}\n{_logs(run_dir)}"
 
 
-def _submit(cluster, run_dir: Path, data_dir: Path, *train_args: str) -> int:
-    out = _launch(f"run_dir={run_dir}", "--", *TRAIN_ARGS, f"data.output_dir={data_dir}", *train_args,
+def _submit(cluster, run_dir: Path, data_dir: Path, *train_args: str, launch_args: tuple[str, ...] = ()) -> int:
+    out = _launch(f"run_dir={run_dir}", *launch_args, "--", *TRAIN_ARGS, f"data.output_dir={data_dir}", *train_args,
                   env=cluster.env).stdout
     assert f"run directory {run_dir}" in out
     return int((run_dir / "job_id").read_text())
@@ -354,12 +378,14 @@ def _steps(run_dir: Path) -> list[int]:
 def test_two_rank_job_checkpoints_on_signal_requeues_resumes_and_completes(slurm_cluster, synthwiki_dir, tmp_path):
     """One 2-rank CPU job through nulls-launch: SIGUSR1 (what `--signal=USR1@<s>` sends at the time limit)
     -> checkpoint -> exit 75 -> `scontrol requeue` -> restart 1 resumes from `latest` -> both ranks finish.
-    (A single job covers "completes with both ranks" and the requeue: each trainer start costs ~1 min here.)"""
+    (A single job covers "completes with both ranks", the requeue and a node range: each trainer start costs
+    ~1 min here.)"""
     run_dir = tmp_path / "run"
     max_steps = 40
     env = slurm_cluster.env
+    # `--nodes=1-2`: the one-node cluster gives 1; the ranks come from what SLURM gave, at each start
     job_id = _submit(slurm_cluster, run_dir, synthwiki_dir, f"train.max_steps={max_steps}",
-                     "checkpoint.every_n_steps=1000")
+                     "checkpoint.every_n_steps=1000", launch_args=("launcher.nodes=1-2",))
     _wait(lambda: len(_steps(run_dir)) >= 2, "training steps", 240, run_dir)
     subprocess.run(["scancel", "--signal=USR1", str(job_id)], env=env, check=True)  # the job's steps' tasks
     _wait(lambda: int(_job_field(env, job_id, "Restarts") or 0) >= 1, "the requeue", 120, run_dir)
