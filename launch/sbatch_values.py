@@ -22,20 +22,31 @@ def _describe(char: str) -> str:
     return names.get(char, f"the character {char!r}")
 
 
+def _problem(text: str) -> str | None:
+    """Why `text` cannot be one `#SBATCH` argument, or None."""
+    for char in text:
+        if not char.isprintable() or char in _REFUSED:
+            return (f"it contains {_describe(char)} (control characters, whitespace, quotes, backslashes and '#' "
+                    "are refused)")
+    for word in _HETJOB_WORDS:
+        if word in text.lower():
+            return f"it contains {word!r}, which SLURM reads as the separator of a heterogeneous job"
+    return None
+
+
+def sbatch_safe(text: str) -> bool:
+    return bool(text) and _problem(text) is None
+
+
 def sbatch_value(field: str, value: object) -> str:
     """`value` as text for an `#SBATCH --opt=<value>` line; ValueError naming `field` if sbatch or bash would
     read it otherwise."""
     text = str(value)
     if not text:
         raise ValueError(f"{field} is empty; leave it unset (null) instead")
-    for char in text:
-        if not char.isprintable() or char in _REFUSED:
-            raise ValueError(f"{field}={text!r} cannot go into an #SBATCH line: it contains {_describe(char)} "
-                             "(control characters, whitespace, quotes, backslashes and '#' are refused)")
-    for word in _HETJOB_WORDS:
-        if word in text.lower():
-            raise ValueError(f"{field}={text!r} cannot go into an #SBATCH line: it contains {word!r}, which "
-                             "SLURM reads as the separator of a heterogeneous job")
+    problem = _problem(text)
+    if problem is not None:
+        raise ValueError(f"{field}={text!r} cannot go into an #SBATCH line: {problem}")
     return text
 
 

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nulls_dist.launch.sbatch_values import sbatch_path, sbatch_value, shell_name
+from nulls_dist.launch.sbatch_values import sbatch_path, sbatch_safe, sbatch_value, shell_name
 
 # fullmatch, not match with `$`: `$` also matches before a trailing newline.
 TIME_RE = re.compile(r"(\d+-)?\d{1,2}(:\d{2}){0,2}|\d+")
@@ -149,7 +149,7 @@ class SlurmSpec:
         opts += ["--open-mode=append", f"--output={log_dir}/slurm-%j.out", f"--chdir={workdir}"]
         opts += self.sbatch_args
         # Every field above was checked (here and in __post_init__); this keeps a new option honest.
-        assert all(sbatch_value("#SBATCH", opt) for opt in opts), opts
+        assert all(sbatch_safe(opt) for opt in opts), opts
         return opts
 
 

@@ -19,9 +19,9 @@ import sys
 import time
 from pathlib import Path
 
+from nulls_dist.launch.rendezvous import slurm_rendezvous
 from nulls_dist.launch.sbatch_values import sbatch_path, sbatch_value
 from nulls_dist.launch.slurm import SlurmSpec
-from nulls_dist.launch.rendezvous import slurm_rendezvous
 
 PREEMPT_SIGNAL_ENV = "SUBMITIT_PREEMPT_SIGNAL"
 PREEMPT_SIGNAL = "USR1"  # what nulls-train checkpoints on
