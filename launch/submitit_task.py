@@ -19,8 +19,9 @@ import sys
 import time
 from pathlib import Path
 
+from nulls_dist.launch.rendezvous import slurm_rendezvous
+from nulls_dist.launch.sbatch_values import sbatch_path, sbatch_value
 from nulls_dist.launch.slurm import SlurmSpec
-from nulls_dist.launch.task import rendezvous_env
 
 PREEMPT_SIGNAL_ENV = "SUBMITIT_PREEMPT_SIGNAL"
 PREEMPT_SIGNAL = "USR1"  # what nulls-train checkpoints on
@@ -45,9 +46,32 @@ def slurm_minutes(time_spec: str) -> int:
     return int(days) * 24 * 60 + hours * 60 + mins + (1 if secs else 0)
 
 
+def submitit_parameters(spec: SlurmSpec, name: str, runs_root: str) -> dict[str, object]:
+    """The hydra-submitit-launcher parameters that come from the launcher group (nulls_submitit.yaml reads them
+    through `${nulls_submitit:KEY}`); `spec` is already checked, and the job name and folder are checked here."""
+    if not isinstance(spec.nodes, int):
+        raise ValueError(f"launcher.nodes={spec.nodes!r}: a node range needs an sbatch submission (no "
+                         "hydra/launcher=nulls_submitit); submitit asks for a fixed number of nodes")
+    return {
+        "name": sbatch_value("name", name),
+        "submitit_folder": f"{sbatch_path('runs_root', runs_root)}/.submitit/%j",
+        "nodes": spec.nodes,
+        "tasks_per_node": spec.tasks_per_node,
+        "gpus_per_node": spec.gpus_per_node,
+        "cpus_per_task": spec.cpus_per_task,
+        "timeout_min": slurm_minutes(spec.time),
+        "partition": spec.partition,
+        "account": spec.account,
+        "qos": spec.qos,
+        "constraint": spec.constraint,
+        "signal_delay_s": spec.signal_warning_s,
+    }
+
+
 def run_rank(spec: SlurmSpec, train_args: list[str]) -> int:
     """Run this task's nulls-train rank; on the requeue code, rank 0 requeues the job and both wait for it."""
-    env = {**os.environ, **{k: str(v) for k, v in spec.env.items()}, **rendezvous_env(os.environ)}
+    env = {**os.environ, **{k: str(v) for k, v in spec.env.items()}}
+    env.update(slurm_rendezvous(env).torch_env())  # after launcher.env, so a MASTER_PORT set there wins
     signal.signal(getattr(signal, f"SIG{PREEMPT_SIGNAL}"), signal.SIG_IGN)
     command = [*shlex.split(spec.train_command), *train_args]
     print(f"[nulls-launch] rank {env['RANK']}/{env['WORLD_SIZE']} restart {os.environ.get('SLURM_RESTART_COUNT', '0')}"

@@ -3,7 +3,6 @@ DeepSpeed config, the lr schedule, launcher environment parsing, checkpoint comp
 sink statistics and the device peak table."""
 import json
 import math
-import stat
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from nulls_dist.formats import checkpoint as layout
 from nulls_dist.formats.atomic import write_bytes as write_atomic
 from nulls_dist.train.checkpoint import check_compatible, find_resume_point
 from nulls_dist.train.config import train_config_from_dict
+from nulls_dist.launch.rendezvous import slurm_rendezvous
 from nulls_dist.train.distributed import dist_env_from_environ
 from nulls_dist.train.ds_config import WarmupCosine, build_ds_config
 from nulls_dist.train.trainer import param_groups
@@ -103,18 +103,22 @@ def test_dist_env_torchrun_and_single():
         dist_env_from_environ({"RANK": "0", "WORLD_SIZE": "two"})
 
 
-def test_dist_env_slurm_uses_scontrol_for_the_master(tmp_path):
-    # A stand-in for SLURM's scontrol (not under test): prints the expanded host list, as the real one does.
-    scontrol = tmp_path / "scontrol"
-    scontrol.write_text("#!/bin/sh\n[ \"$1 $2 $3\" = 'show hostnames gpu[07-08]' ] && printf 'gpu07\\ngpu08\\n'\n")
-    scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
-    env = dist_env_from_environ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
-                                 "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123456"}, scontrol=str(scontrol))
-    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.launcher) == (5, 8, 1, "gpu07", "slurm")
-    assert env.master_port == 20000 + 123456 % 20000
-    with pytest.raises(RuntimeError, match="show hostnames x"):
-        dist_env_from_environ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_NODELIST": "x"},
-                              scontrol=str(tmp_path / "missing"))
+def test_dist_env_slurm_is_the_launch_rendezvous():
+    """`srun nulls-train` (no launch.task): the SLURM mapping is nulls_dist.launch.rendezvous's, the one the
+    launcher uses; checked on an uneven job (8, 8, 4 tasks) and on its requeue onto 2 nodes (same job id)."""
+    uneven = {"SLURM_PROCID": "17", "SLURM_NTASKS": "20", "SLURM_LOCALID": "1", "SLURM_NODEID": "2",
+              "SLURM_TASKS_PER_NODE": "8(x2),4", "SLURM_JOB_NODELIST": "gpu[07-08],cpu3", "SLURM_JOB_ID": "123456"}
+    requeued = {**uneven, "SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_NODEID": "1",
+                "SLURM_TASKS_PER_NODE": "8(x2)", "SLURM_JOB_NODELIST": "gpu[11-12]", "SLURM_RESTART_COUNT": "1"}
+    for environ in (uneven, requeued):
+        env, rdv = dist_env_from_environ(environ), slurm_rendezvous(environ)
+        assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port, env.launcher) == (
+            rdv.rank, rdv.world_size, rdv.local_rank, rdv.master_addr, rdv.master_port, "slurm")
+    assert [(e.rank, e.world_size, e.master_addr, e.master_port) for e in map(dist_env_from_environ,
+            (uneven, requeued))] == [(17, 20, "gpu07", 23456), (9, 16, "gpu11", 23456)]
+    assert dist_env_from_environ({**uneven, "MASTER_PORT": "29400"}).master_port == 29400  # the batch script's
+    with pytest.raises(ValueError, match="SLURM_LOCALID"):
+        dist_env_from_environ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_NODELIST": "x"})
 
 
 def test_check_compatible_lists_every_difference():

@@ -21,14 +21,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from nulls_dist.launch.slurm import SlurmSpec, render_sbatch, submit, write_run_dir
+from nulls_dist.launch.sbatch_values import sbatch_path, sbatch_value
+from nulls_dist.launch.slurm import SlurmSpec, SubmitError, render_sbatch, submit, write_run_dir
 from nulls_dist.launch.submitit_task import (PREEMPT_SIGNAL, PREEMPT_SIGNAL_ENV, in_submitit_slurm_job, run_dir_for_job,
-                                  run_rank, slurm_minutes)
+                                             run_rank, submitit_parameters)
 
 log = logging.getLogger("nulls-launch")
 SPEC_FIELDS = {f.name for f in dataclasses.fields(SlurmSpec)}
@@ -117,10 +118,12 @@ def run_submitit_task(cfg: DictConfig) -> int:
 
 def launch(cfg: DictConfig) -> int | None:
     """Render (and unless `dry_run`, submit) one job; returns the job id."""
-    if in_submitit_slurm_job():
-        return run_submitit_task(cfg)
     spec = spec_from_config(OmegaConf.to_container(cfg.launcher, resolve=True))
+    sbatch_value("name", cfg.name)
+    source = "run_dir" if cfg.run_dir else "runs_root"  # errors name the field the run directory comes from
+    sbatch_path(source, cfg[source])
     run_dir = _run_dir(cfg, _job_num()).resolve()
+    sbatch_path(source, run_dir)
     train_args = _train_args(cfg, run_dir)
     script = render_sbatch(spec, str(cfg.name), run_dir, train_args)
     if cfg.dry_run:
@@ -134,9 +137,34 @@ def launch(cfg: DictConfig) -> int | None:
     return job_id
 
 
+def _exit_with_error(exc: Exception, code: int) -> NoReturn:
+    """One line on stderr, no traceback. SystemExit, unlike an Exception, passes through Hydra's handlers,
+    which would print a traceback and exit 1."""
+    print(f"nulls-launch: error: {exc}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def submitit_parameter(key: str, *, _root_: DictConfig) -> Any:
+    """`${nulls_submitit:KEY}` in conf/hydra/launcher/nulls_submitit.yaml: submitit's parameter KEY, taken
+    from the launcher group after SlurmSpec has checked it, so submitit's #SBATCH lines hold only checked
+    values. Hydra resolves it while it builds its launcher, before anything is submitted."""
+    try:
+        spec = spec_from_config(OmegaConf.to_container(_root_.launcher, resolve=True))
+        return submitit_parameters(spec, str(_root_.name), str(_root_.runs_root))[key]
+    except ValueError as exc:
+        _exit_with_error(exc, 2)
+
+
 @hydra.main(config_path="pkg://nulls_dist.conf", config_name="nulls_launch", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> int | None:
-    return launch(cfg)
+    if in_submitit_slurm_job():
+        return run_submitit_task(cfg)  # inside the job an error goes to submitit, which reports it
+    try:
+        return launch(cfg)
+    except ValueError as exc:  # bad config or forwarded arguments
+        _exit_with_error(exc, 2)
+    except SubmitError as exc:  # sbatch refused the job (unknown partition, over a limit, ...)
+        _exit_with_error(exc, 1)
 
 
 def _quote(arg: str) -> str:
@@ -154,8 +182,8 @@ def split_forwarded(argv: list[str]) -> tuple[list[str], list[str]]:
 def main() -> None:
     # Submitit reads these when it builds the sbatch script (and in the job): warn with the trainer's signal.
     os.environ.setdefault(PREEMPT_SIGNAL_ENV, PREEMPT_SIGNAL)
-    if not OmegaConf.has_resolver("slurm_minutes"):
-        OmegaConf.register_new_resolver("slurm_minutes", slurm_minutes)
+    if not OmegaConf.has_resolver("nulls_submitit"):
+        OmegaConf.register_new_resolver("nulls_submitit", submitit_parameter)
     own, forwarded = split_forwarded(sys.argv[1:])
     if forwarded:
         own.append("train_args=[" + ",".join(_quote(arg) for arg in forwarded) + "]")

@@ -1,20 +1,19 @@
-"""Process-group set-up and tear-down: the only module that reads launcher environment variables.
+"""Process-group set-up and tear-down: the only module of the trainer that reads launcher environment variables.
 
 Supported launchers: `torchrun` / the `deepspeed` launcher (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-MASTER_PORT), SLURM `srun` with one task per GPU (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the master is the
-first host of `scontrol show hostnames $SLURM_JOB_NODELIST`, the port MASTER_PORT or one derived from
-SLURM_JOB_ID), and a plain single process (world size 1 on 127.0.0.1 and a free port).
+MASTER_PORT), SLURM `srun` with one task per GPU (the SLURM -> torch.distributed mapping is
+`nulls_dist.launch.rendezvous`, shared with the launcher), and a plain single process (world size 1 on
+127.0.0.1 and a free port).
 Backend: gloo on CPU; on GPU one group with gloo for CPU tensors and NCCL for CUDA tensors.
 """
 from __future__ import annotations
 
 import os
 import socket
-import subprocess
 from dataclasses import dataclass
 from typing import Mapping
 
-SLURM_PORT_BASE = 20000  # ports 20000-29999 (as launch/slurm.py): above the registered range, below Linux ephemeral ports (32768+)
+from nulls_dist.launch.rendezvous import in_slurm_task, slurm_rendezvous
 
 
 @dataclass(frozen=True)
@@ -45,20 +44,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def slurm_master_addr(nodelist: str, scontrol: str = "scontrol") -> str:
-    """First hostname of a SLURM nodelist expression such as `node[01-04]`."""
-    try:
-        out = subprocess.run([scontrol, "show", "hostnames", nodelist], check=True, capture_output=True, text=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        raise RuntimeError(f"`{scontrol} show hostnames {nodelist}` failed: {exc}") from exc
-    hosts = out.stdout.split()
-    if not hosts:
-        raise RuntimeError(f"`{scontrol} show hostnames {nodelist}` printed no hostnames")
-    return hosts[0]
-
-
-def dist_env_from_environ(environ: Mapping[str, str] | None = None, scontrol: str = "scontrol") -> DistEnv:
-    """Read the launcher's variables. torchrun's win over SLURM's (torchrun inside an sbatch allocation)."""
+def dist_env_from_environ(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """Read the launcher's variables. torchrun's win over SLURM's (torchrun inside an sbatch allocation, or
+    `launch.task`, which exports them from SLURM's)."""
     environ = os.environ if environ is None else environ
     if "RANK" in environ and "WORLD_SIZE" in environ:
         return DistEnv(
@@ -69,25 +57,10 @@ def dist_env_from_environ(environ: Mapping[str, str] | None = None, scontrol: st
             master_port=_int_env(environ, "MASTER_PORT") if "MASTER_PORT" in environ else 29500,
             launcher="torchrun",
         )
-    if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
-        if "MASTER_ADDR" in environ:
-            master = environ["MASTER_ADDR"]
-        elif "SLURM_JOB_NODELIST" in environ:
-            master = slurm_master_addr(environ["SLURM_JOB_NODELIST"], scontrol)
-        else:
-            raise RuntimeError("SLURM launch without SLURM_JOB_NODELIST or MASTER_ADDR: cannot find the master")
-        if "MASTER_PORT" in environ:
-            port = _int_env(environ, "MASTER_PORT")
-        else:
-            port = SLURM_PORT_BASE + _int_env(environ, "SLURM_JOB_ID") % 10000 if "SLURM_JOB_ID" in environ else 29500
-        return DistEnv(
-            rank=_int_env(environ, "SLURM_PROCID"),
-            world_size=_int_env(environ, "SLURM_NTASKS"),
-            local_rank=_int_env(environ, "SLURM_LOCALID") if "SLURM_LOCALID" in environ else 0,
-            master_addr=master,
-            master_port=port,
-            launcher="slurm",
-        )
+    if in_slurm_task(environ):
+        rdv = slurm_rendezvous(environ)
+        return DistEnv(rank=rdv.rank, world_size=rdv.world_size, local_rank=rdv.local_rank,
+                       master_addr=rdv.master_addr, master_port=rdv.master_port, launcher="slurm")
     return DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=free_port(),
                    launcher="single")
 
