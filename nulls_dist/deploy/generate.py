@@ -81,12 +81,23 @@ def generate(model, prompt: torch.Tensor, mode: SinkMode, cfg: SamplingConfig, u
     tokens, steps = prompt, []
     finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=device)
     cache = model.init_kv_cache(prompt.shape[0], prompt.shape[1] + cfg.max_new_tokens) if use_cache else None
+    # the sink plan is built (and the mode's ids validated) once per shape and reused for every decoded token
+    plans: dict[tuple[int, int], object] = {}
+
+    def plan_for(shape: tuple[int, int]):
+        if shape not in plans:
+            plans[shape] = model.make_plan(None, mode, shape, device)
+        return plans[shape]
+
+    if prompt.numel() and (int(prompt.min()) < 0 or int(prompt.max()) >= model.cfg.padded_vocab_size):
+        raise ValueError(f"prompt token ids must lie in [0, {model.cfg.padded_vocab_size})")
     step_input = prompt
     for _ in range(cfg.max_new_tokens):
         if use_cache:
-            logits = model(step_input, None, mode=mode, kv_cache=cache)[:, -1]  # (B, V)
+            shape = tuple(step_input.shape)
+            logits = model(step_input, None, mode=mode, kv_cache=cache, plan=plan_for(shape))[:, -1]  # (B, V)
         else:
-            logits = model(tokens, None, mode=mode)[:, -1]  # (B, V): recompute the whole prefix
+            logits = model(tokens, None, mode=mode, plan=plan_for(tuple(tokens.shape)))[:, -1]  # whole prefix
         steps.append(logits)
         token = next_token(logits, cfg, generator)  # (B,)
         if cfg.eos_id is not None:
