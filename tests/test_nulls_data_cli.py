@@ -37,9 +37,14 @@ def test_nulls_data_runs_all_stages_on_a_tiny_corpus(tmp_path):
     assert pq.read_table(out / schema.REGISTRY_NAME).num_rows == 24
     assert not list(tmp_path.glob("outputs"))  # Hydra leaves no run directory behind
 
+    # a rerun checks what it reuses: a shard damaged since is written again, and the run says so
+    damaged = out / manifest["shards"][0]["name"]
+    damaged.write_bytes(damaged.read_bytes()[:-1] + b"x")
     again = _run(tmp_path, "stage=shard", "data.output_dir=out", "data.ingest.inputs=[corpus.jsonl]", *TINY)
     assert again.returncode == 0, again.stderr
     assert json.loads((out / schema.MANIFEST_NAME).read_text()) == manifest
+    repaired = json.loads(again.stdout.strip().splitlines()[-1])["repaired"]
+    assert len(repaired) == 1 and damaged.name in repaired[0] and damaged.name in again.stderr + again.stdout
 
 
 def test_bad_config_value_is_a_one_line_error_naming_the_field(tmp_path):

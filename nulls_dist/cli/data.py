@@ -36,6 +36,7 @@ def _app(cfg: DictConfig) -> None:
     if manifest:
         summary.update({k: manifest[k] for k in ("num_shards", "num_samples", "num_tokens", "context_length")})
         summary["num_holdout_shards"] = len(manifest["holdout"]["shards"])
+        summary["repaired"] = results["repaired"]
     print(json.dumps(summary))
 
 
