@@ -11,6 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -97,6 +100,27 @@ class DataConfig:
         return self.tokenizer.vocab_size
 
 
+def _fits(value, hint) -> bool:
+    """Does a config value have the field's type? (int for float is fine; bool is not an int here.)"""
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_fits(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is list or origin is list:
+        args = typing.get_args(hint)
+        return isinstance(value, list) and (not args or all(_fits(v, args[0]) for v in value))
+    return True  # a type this check does not know: the dataclass validates it
+
+
 def _build(cls, values: dict, where: str):
     if not isinstance(values, dict):
         raise ValueError(f"{where}: expected a mapping, got {type(values).__name__}")
@@ -104,11 +128,18 @@ def _build(cls, values: dict, where: str):
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in values.items():
         sub = _NESTED.get((cls, name))
+        if sub is None and not _fits(value, hints[name]):
+            raise ValueError(f"{where}.{name}: expected {_type_name(hints[name])}, got {value!r}")
         kwargs[name] = _build(sub, value, f"{where}.{name}") if sub else value
     return cls(**kwargs)
+
+
+def _type_name(hint) -> str:
+    return str(hint) if typing.get_origin(hint) is not None else getattr(hint, "__name__", str(hint))
 
 
 _NESTED = {(DataConfig, "ingest"): IngestSettings, (DataConfig, "tokenizer"): TokenizerConfig,
@@ -237,9 +268,15 @@ def run_shard_stage(cfg: DataConfig, on_phase: Callable[[str], None] | None = No
 
 
 def _make_output_dir(path: Path) -> None:
+    """Create `output_dir`, or say (naming the field) why it cannot hold the dataset, before any stage starts."""
     if path.exists() and not path.is_dir():
         raise ValueError(f"output_dir {path}: exists and is not a directory")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"output_dir {path}: cannot create it ({exc.strerror or exc})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"output_dir {path}: not writable")
 
 
 def run_stages(cfg: DataConfig, stages: list[str]) -> dict:
