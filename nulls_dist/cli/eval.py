@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from nulls_dist.cli.errors import keep_stdout_for_output, report_errors
 from nulls_dist.deploy.checkpoint_io import build_model, load_checkpoint
 from nulls_dist.evaluation.evaluate import (
     EvalConfig, EvalData, baseline_deployments, gold_deployment, routed_deployment, run_evaluation,
@@ -131,19 +131,16 @@ def run(args) -> dict:
     return result
 
 
+@report_errors("nulls-eval")
 def main(argv: list[str] | None = None) -> None:
+    keep_stdout_for_output()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:
-            print(f"nulls-eval: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
-            sys.exit(2)
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    try:
-        result = run(args)
-    except ValueError as exc:
-        print(f"nulls-eval: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    result = run(args)
     print(json.dumps({"files": result["files"], "embedder": result["embedder"]}, indent=2))
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from nulls_dist.cli.errors import report_errors
 from nulls_dist.launch.slurm import SlurmSpec, render_sbatch, submit, write_run_dir
 from nulls_dist.launch.submitit_task import (PREEMPT_SIGNAL, PREEMPT_SIGNAL_ENV, in_submitit_slurm_job, run_dir_for_job,
                                   run_rank, slurm_minutes)
@@ -135,6 +136,7 @@ def launch(cfg: DictConfig) -> int | None:
 
 
 @hydra.main(config_path="pkg://nulls_dist.conf", config_name="nulls_launch", version_base="1.3")
+@report_errors("nulls-launch", hydra=True)
 def _hydra_main(cfg: DictConfig) -> int | None:
     return launch(cfg)
 
@@ -151,6 +153,7 @@ def split_forwarded(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv[:cut], argv[cut + 1:]
 
 
+@report_errors("nulls-launch", hydra=True)
 def main() -> None:
     # Submitit reads these when it builds the sbatch script (and in the job): warn with the trainer's signal.
     os.environ.setdefault(PREEMPT_SIGNAL_ENV, PREEMPT_SIGNAL)
