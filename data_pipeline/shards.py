@@ -10,10 +10,10 @@ A rerun skips a task only when its marker matches the plan and every file it nam
 still has the recorded size and sha256 (streamed, in threads: `verify.verify_files`); any other task runs
 again, with a warning naming the file, and rewrites its shards atomically: a rerun repairs a damaged or
 truncated shard. A changed plan (tokenizer, packing, shard size, holdouts, corpus content) clears the old
-shards first. Memory per worker is bounded by one slice of A articles (the
-holdout task streams in windows of A), never by the corpus: contexts stream into the tar as they are packed,
-and the per-source counters of a task are numpy arrays of its own slice; freed memory is returned to the OS
-after every task, so a worker's peak RSS is one task's, whatever the number of tasks.
+shards first. Memory per worker is bounded by one slice of A articles (the holdout task streams in windows of
+A), never by the corpus: contexts stream into the tar as they are packed, and the per-source counters of a
+task are numpy arrays of its own slice; freed memory is returned to the OS after every task, so a worker's peak
+RSS is one task's, whatever the number of tasks.
 """
 from __future__ import annotations
 
@@ -412,7 +412,7 @@ def _marker_files(out_dir: Path, task: dict, marker: dict) -> list[Recorded]:
             Recorded(task["name"], stats, marker["stats_sha256"], None, record)]
 
 
-def done_markers(out_dir: Path, tasks: list[dict], num_threads: int = 1) -> tuple[dict[str, dict | None], list[str]]:
+def _done_markers(out_dir: Path, tasks: list[dict], num_threads: int = 1) -> tuple[dict[str, dict | None], list[str]]:
     """{task name: its done marker, or None when the task has to run}, and the warnings about tasks whose
     files no longer match their marker (those run again). Every file a marker names is checked against its
     recorded size and sha256 before the task is skipped."""
@@ -470,7 +470,7 @@ def write_shards(ingest_dir: str | Path, out_dir: str | Path, tokenizer_path: st
     _write_json(plan_path, plan)
 
     tasks = _tasks(index, plan, out_dir, tokenizer_path, cfg, holdout_ids)
-    markers, repairs = done_markers(out_dir, tasks, cfg.num_workers)
+    markers, repairs = _done_markers(out_dir, tasks, cfg.num_workers)
     pending = [t for t in tasks if markers[t["name"]] is None]
     log.info("%d shard tasks, %d already done, %d to run on %d workers",
              len(tasks), len(tasks) - len(pending), len(pending), cfg.num_workers)
