@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from nulls_dist.data_pipeline.ingest import article_parts, iter_row_group
+from nulls_dist.data_pipeline.ingest import article_parts, iter_row_group, read_report
 
 # Rows per read batch: ~4 MB of Wikipedia text (arrow memory per open slice, not per row group). Row groups are
 # read with `ingest.iter_row_group` (calling thread, pool memory returned after each group: why, there).
@@ -25,14 +25,16 @@ READ_BATCH_ROWS = 1024
 class CorpusIndex:
     files: tuple[str, ...]
     file_rows: tuple[tuple[int, ...], ...]  # rows per row group, per file
+    digests: tuple[str, ...] = ()  # each part's sha256 as the ingest report records it (checked on reuse)
 
     @property
     def num_rows(self) -> int:
         return sum(sum(groups) for groups in self.file_rows)
 
     def fingerprint(self) -> str:
-        """Changes when any part file's name, size or row layout changes."""
-        parts = [(Path(f).name, Path(f).stat().st_size, rows) for f, rows in zip(self.files, self.file_rows)]
+        """Changes when any part file's name, size, row layout or content (its recorded sha256) changes."""
+        parts = [(Path(f).name, Path(f).stat().st_size, rows, digest)
+                 for f, rows, digest in zip(self.files, self.file_rows, self.digests or [""] * len(self.files))]
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
@@ -44,7 +46,8 @@ def index_corpus(ingest_dir: str | Path) -> CorpusIndex:
     for f in files:
         meta = pq.ParquetFile(f).metadata
         file_rows.append(tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups)))
-    return CorpusIndex(tuple(str(f) for f in files), tuple(file_rows))
+    digests = tuple(p.get("sha256", "") for p in read_report(ingest_dir)["parts"])
+    return CorpusIndex(tuple(str(f) for f in files), tuple(file_rows), digests)
 
 
 def read_rows(index: CorpusIndex, start: int, stop: int, columns: list[str],

@@ -11,6 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,6 +25,7 @@ from nulls_dist.data_pipeline.ingest import (
     iter_articles,
     read_report,
     run_ingest,
+    verify_ingest,
 )
 from nulls_dist.data_pipeline.manifest import (
     build_manifest,
@@ -96,6 +100,27 @@ class DataConfig:
         return self.tokenizer.vocab_size
 
 
+def _fits(value, hint) -> bool:
+    """Does a config value have the field's type? (int for float is fine; bool is not an int here.)"""
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_fits(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is list or origin is list:
+        args = typing.get_args(hint)
+        return isinstance(value, list) and (not args or all(_fits(v, args[0]) for v in value))
+    return True  # a type this check does not know: the dataclass validates it
+
+
 def _build(cls, values: dict, where: str):
     if not isinstance(values, dict):
         raise ValueError(f"{where}: expected a mapping, got {type(values).__name__}")
@@ -103,11 +128,18 @@ def _build(cls, values: dict, where: str):
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in values.items():
         sub = _NESTED.get((cls, name))
+        if sub is None and not _fits(value, hints[name]):
+            raise ValueError(f"{where}.{name}: expected {_type_name(hints[name])}, got {value!r}")
         kwargs[name] = _build(sub, value, f"{where}.{name}") if sub else value
     return cls(**kwargs)
+
+
+def _type_name(hint) -> str:
+    return str(hint) if typing.get_origin(hint) is not None else getattr(hint, "__name__", str(hint))
 
 
 _NESTED = {(DataConfig, "ingest"): IngestSettings, (DataConfig, "tokenizer"): TokenizerConfig,
@@ -158,16 +190,32 @@ def run_tokenizer_stage(cfg: DataConfig) -> Path:
         raise ValueError(f"output_dir {cfg.output_dir}: no ingest output (run the ingest stage first)")
     info = {"config": asdict(cfg.tokenizer), "ingest_fingerprint": report["fingerprint"]}
     path, info_path = tokenizer_path(cfg), Path(cfg.output_dir) / TOKENIZER_INFO
-    if path.exists() and info_path.exists():
-        old = json.loads(info_path.read_text())
-        if {k: old.get(k) for k in info} == info and old.get("sha256") == file_sha256(path):
-            log.info("tokenizer: %s is up to date, keeping it", path)
-            return path
+    if path.exists() and info_path.exists() and _tokenizer_is_current(path, info_path, info):
+        log.info("tokenizer: %s is up to date, keeping it", path)
+        return path
     texts = tqdm((t for batch in iter_articles(cfg.ingest_dir, columns=["text"]) for t in batch.column(0).to_pylist()),
                  total=report["num_written"], desc="tokenizer sample", unit="article")
     path = train_tokenizer(texts, cfg.tokenizer, cfg.output_dir, num_texts=report["num_written"])
     atomic.write_text(info_path, json.dumps({**info, "sha256": file_sha256(path)}, indent=1, sort_keys=True))
     return path
+
+
+def _tokenizer_is_current(path: Path, info_path: Path, info: dict) -> bool:
+    """The model was trained with these settings on this ingest output and is byte for byte the one its record
+    describes (a damaged model is trained again, with a warning)."""
+    try:
+        old = json.loads(info_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        log.warning("tokenizer: %s is not valid JSON (%s); training the tokenizer again", info_path, exc)
+        return False
+    if not isinstance(old, dict) or {k: old.get(k) for k in info} != info:
+        return False
+    digest = file_sha256(path)
+    if old.get("sha256") != digest:
+        log.warning("tokenizer: %s has sha256 %s, %s records %s; training it again", path, digest, info_path,
+                    old.get("sha256"))
+        return False
+    return True
 
 
 def _holdout_ids(cfg: DataConfig) -> list[int]:
@@ -191,10 +239,11 @@ def _manifest_tokenizer(cfg: DataConfig, path: Path) -> dict:
     return info
 
 
-def run_shard_stage(cfg: DataConfig, on_phase: Callable[[str], None] | None = None) -> dict:
-    """Shards, registry and manifest. `on_phase(name)`, if given, is called as each phase ends: "setup"
-    (tokenizer check, holdout selection), "shards" (plan and every shard task), "registry", "manifest" (the
-    benchmark records per-phase peak RSS with it)."""
+def run_shard_stage(cfg: DataConfig, on_phase: Callable[[str], None] | None = None) -> tuple[dict, list[str]]:
+    """Shards, registry and manifest; returns the manifest and the repairs (a line per shard task run again
+    because a file no longer matched its record). `on_phase(name)`, if given, is called as each phase ends:
+    "setup" (tokenizer check, holdout selection), "shards" (plan and every shard task), "registry", "manifest"
+    (the benchmark records per-phase peak RSS with it)."""
     phase_done = on_phase or (lambda name: None)
     tok_path = tokenizer_path(cfg)
     if not tok_path.exists():
@@ -202,8 +251,8 @@ def run_shard_stage(cfg: DataConfig, on_phase: Callable[[str], None] | None = No
     tokenizer = _manifest_tokenizer(cfg, tok_path)
     holdout_ids = _holdout_ids(cfg)
     phase_done("setup")
-    plan, markers = write_shards(cfg.ingest_dir, cfg.output_dir, tok_path, cfg.packing, cfg.shard, holdout_ids,
-                                 tokenizer["vocab_size"])
+    plan, markers, repairs = write_shards(cfg.ingest_dir, cfg.output_dir, tok_path, cfg.packing, cfg.shard,
+                                          holdout_ids, tokenizer["vocab_size"])
     phase_done("shards")
     registry = write_dataset_registry(cfg.ingest_dir, cfg.output_dir, plan, markers)
     phase_done("registry")
@@ -213,21 +262,39 @@ def run_shard_stage(cfg: DataConfig, on_phase: Callable[[str], None] | None = No
     phase_done("manifest")
     log.info("shard: %d train shards (%d samples, %d tokens), %d holdout shards -> %s", manifest["num_shards"],
              manifest["num_samples"], manifest["num_tokens"], len(manifest["holdout"]["shards"]), cfg.output_dir)
-    return manifest
+    if repairs:
+        log.warning("shard: repaired %d shard task(s) whose files did not match their records", len(repairs))
+    return manifest, repairs
+
+
+def _make_output_dir(path: Path) -> None:
+    """Create `output_dir`, or say (naming the field) why it cannot hold the dataset, before any stage starts."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output_dir {path}: exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"output_dir {path}: cannot create it ({exc.strerror or exc})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"output_dir {path}: not writable")
 
 
 def run_stages(cfg: DataConfig, stages: list[str]) -> dict:
-    """Run the named stages in pipeline order ("all" = every stage). Returns {stage: result}."""
+    """Run the named stages in pipeline order ("all" = every stage). Returns {stage: result}, and under
+    "repaired" what the shard stage rewrote because it no longer matched its record. Stages that read an
+    ingest output without running the ingest stage check it against its report first."""
     wanted = set(STAGES) if "all" in stages else set(stages)
     unknown = sorted(wanted - set(STAGES))
     if unknown:
         raise ValueError(f"stage: unknown {unknown}; choose from {[*STAGES, 'all']}")
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    _make_output_dir(Path(cfg.output_dir))
     results: dict = {}
     if "ingest" in wanted:
         results["ingest"] = run_ingest_stage(cfg)
+    elif wanted:
+        verify_ingest(cfg.ingest_dir, cfg.shard.num_workers)
     if "tokenizer" in wanted:
         results["tokenizer"] = str(run_tokenizer_stage(cfg))
     if "shard" in wanted:
-        results["shard"] = run_shard_stage(cfg)
+        results["shard"], results["repaired"] = run_shard_stage(cfg)
     return results

@@ -4,13 +4,16 @@ processes, each shard written atomically, resumable and idempotent.
 Work is split into deterministic tasks. Train task i owns corpus rows [i*A, (i+1)*A) (A = articles per shard,
 fixed in the plan) minus the holdout sources and writes exactly one shard, `shard-{i:06d}.tar`; the one holdout
 task reads every row, keeps only the holdout sources and writes `holdout/shard-{j:06d}.tar`. A task that
-finished leaves a done marker (`.work/<shard>.done.json`: samples, tokens, bytes, sha256, plan hash) and a
-stats file (tokens and shards per source, in corpus order). A rerun skips every task whose marker matches the
-plan and whose tar is still there with the recorded size; a changed plan (tokenizer, packing, shard size,
-holdouts, corpus) clears the old shards first. Memory per worker is bounded by one slice of A articles (the
-holdout task streams in windows of A), never by the corpus: contexts stream into the tar as they are packed,
-and the per-source counters of a task are numpy arrays of its own slice; freed memory is returned to the OS
-after every task, so a worker's peak RSS is one task's, whatever the number of tasks.
+finished leaves a stats file (tokens and shards per source, in corpus order) and a done marker
+(`.work/<shard>.done.json`: per shard samples, tokens, bytes, sha256; the stats file's sha256; the plan hash).
+A rerun skips a task only when its marker matches the plan and every file it names -- shard tars and stats --
+still has the recorded size and sha256 (streamed, in threads: `verify.verify_files`); any other task runs
+again, with a warning naming the file, and rewrites its shards atomically: a rerun repairs a damaged or
+truncated shard. A changed plan (tokenizer, packing, shard size, holdouts, corpus content) clears the old
+shards first. Memory per worker is bounded by one slice of A articles (the holdout task streams in windows of
+A), never by the corpus: contexts stream into the tar as they are packed, and the per-source counters of a
+task are numpy arrays of its own slice; freed memory is returned to the OS after every task, so a worker's peak
+RSS is one task's, whatever the number of tasks.
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ from nulls_dist.data_pipeline.packing import (
     shuffled,
 )
 from nulls_dist.data_pipeline.tokenizer import BOS_ID, EOS_ID, PAD_ID, load_tokenizer
+from nulls_dist.data_pipeline.verify import Recorded, verify_files
 from nulls_dist.formats import atomic
 from nulls_dist.formats import dataset as schema
 from nulls_dist.formats.digests import file_sha256
@@ -275,7 +279,8 @@ def _run_task(task: dict) -> dict:
     stats_path = work / f"{task['name']}.stats.parquet"
     with atomic.atomic_path(stats_path) as tmp:
         pq.write_table(stats, tmp)
-    marker = {"task": task["name"], "plan": task["plan_hash"], "shards": shards}
+        stats_sha256 = file_sha256(tmp)
+    marker = {"task": task["name"], "plan": task["plan_hash"], "shards": shards, "stats_sha256": stats_sha256}
     _write_json(work / f"{task['name']}.done.json", marker)
     _release_memory()
     return marker
@@ -374,18 +379,52 @@ def _tasks(index, plan, out_dir, tokenizer_path, cfg, holdout_ids) -> list[dict]
     return tasks
 
 
-def _is_done(out_dir: Path, task: dict) -> dict | None:
-    marker_path = out_dir / WORK_DIR / f"{task['name']}.done.json"
-    if not marker_path.exists() or not (out_dir / WORK_DIR / f"{task['name']}.stats.parquet").exists():
+def _read_marker(out_dir: Path, task: dict) -> dict | None:
+    """The task's done marker when it is one of this plan's (None: the task runs)."""
+    path = out_dir / WORK_DIR / f"{task['name']}.done.json"
+    if not path.exists():
         return None
-    marker = json.loads(marker_path.read_text())
-    if marker.get("plan") != task["plan_hash"]:
+    try:
+        marker = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        log.warning("shard task %s: done marker %s is not valid JSON (%s); running the task again",
+                    task["name"], path, exc)
         return None
-    for shard in marker["shards"]:
-        path = out_dir / shard["name"]
-        if not path.exists() or path.stat().st_size != shard["bytes"]:
-            return None
+    if not isinstance(marker, dict) or marker.get("plan") != task["plan_hash"]:
+        return None
+    shards = marker.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(e, dict) and {"name", "sha256", "bytes"} <= set(e)
+                                               for e in shards):
+        log.warning("shard task %s: done marker %s lists no well-formed shards; running the task again",
+                    task["name"], path)
+        return None
+    if "stats_sha256" not in marker:
+        log.warning("shard task %s: done marker %s records no stats sha256 (an older version); running the task "
+                    "again", task["name"], path)
+        return None
     return marker
+
+
+def _marker_files(out_dir: Path, task: dict, marker: dict) -> list[Recorded]:
+    record = str(out_dir / WORK_DIR / f"{task['name']}.done.json")
+    stats = out_dir / WORK_DIR / f"{task['name']}.stats.parquet"
+    return [*(Recorded(task["name"], out_dir / s["name"], s["sha256"], s["bytes"], record) for s in marker["shards"]),
+            Recorded(task["name"], stats, marker["stats_sha256"], None, record)]
+
+
+def _done_markers(out_dir: Path, tasks: list[dict], num_threads: int = 1) -> tuple[dict[str, dict | None], list[str]]:
+    """{task name: its done marker, or None when the task has to run}, and the warnings about tasks whose
+    files no longer match their marker (those run again). Every file a marker names is checked against its
+    recorded size and sha256 before the task is skipped."""
+    markers = {t["name"]: _read_marker(out_dir, t) for t in tasks}
+    files = [f for t in tasks if markers[t["name"]] is not None for f in _marker_files(out_dir, t, markers[t["name"]])]
+    problems = verify_files(files, num_threads, desc="verify shards")
+    repairs = []
+    for name, problem in problems.items():
+        repairs.append(f"shard task {name}: {problem}; writing its shards again")
+        log.warning("%s", repairs[-1])
+        markers[name] = None
+    return markers, repairs
 
 
 def _reset_outputs(out_dir: Path) -> None:
@@ -398,28 +437,40 @@ def _reset_outputs(out_dir: Path) -> None:
 
 
 def _remove_temp_files(out_dir: Path) -> None:
-    for pattern in ("*.tmp.*", f"{HOLDOUT_DIR}/*.tmp.*", f"{WORK_DIR}/*.tmp.*"):
-        for path in out_dir.glob(pattern):
+    """What a killed run left half written (atomic writes' temporaries): nothing else writes here meanwhile."""
+    for directory in (out_dir, out_dir / HOLDOUT_DIR, out_dir / WORK_DIR):
+        for path in directory.glob(atomic.temp_glob()):
             path.unlink()
 
 
+def _plan_changed(plan_path: Path, plan: dict) -> bool:
+    if not plan_path.exists():
+        return False
+    try:
+        return json.loads(plan_path.read_text()).get("hash") != plan["hash"]
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        log.warning("%s is not a shard plan; treating the previous shards as another plan's", plan_path)
+        return True
+
+
 def write_shards(ingest_dir: str | Path, out_dir: str | Path, tokenizer_path: str | Path, packing: PackingConfig,
-                 cfg: ShardConfig, holdout_ids: Iterable[int], vocab_size: int) -> tuple[dict, list[dict]]:
-    """Run (or resume) every shard task. Returns the plan and the done markers in task order."""
+                 cfg: ShardConfig, holdout_ids: Iterable[int], vocab_size: int) -> tuple[dict, list[dict], list[str]]:
+    """Run (or resume) every shard task. Returns the plan, the done markers in task order, and what was repaired
+    (one line per task rerun because a file no longer matched its marker)."""
     out_dir = Path(out_dir)
     (out_dir / WORK_DIR).mkdir(parents=True, exist_ok=True)
     holdout_ids = sorted({int(i) for i in holdout_ids})
     index = index_corpus(ingest_dir)
     plan = _plan(index, str(tokenizer_path), packing, cfg, holdout_ids, schema.token_dtype(vocab_size))
     plan_path = out_dir / WORK_DIR / PLAN_FILE
-    if plan_path.exists() and json.loads(plan_path.read_text()).get("hash") != plan["hash"]:
+    if _plan_changed(plan_path, plan):
         _reset_outputs(out_dir)
         (out_dir / WORK_DIR).mkdir(parents=True)
     _remove_temp_files(out_dir)
     _write_json(plan_path, plan)
 
     tasks = _tasks(index, plan, out_dir, tokenizer_path, cfg, holdout_ids)
-    markers = {t["name"]: _is_done(out_dir, t) for t in tasks}
+    markers, repairs = _done_markers(out_dir, tasks, cfg.num_workers)
     pending = [t for t in tasks if markers[t["name"]] is None]
     log.info("%d shard tasks, %d already done, %d to run on %d workers",
              len(tasks), len(tasks) - len(pending), len(pending), cfg.num_workers)
@@ -437,4 +488,4 @@ def write_shards(ingest_dir: str | Path, out_dir: str | Path, tokenizer_path: st
                 markers[marker["task"]] = marker
                 progress.update()
     progress.close()
-    return plan, [markers[t["name"]] for t in tasks]
+    return plan, [markers[t["name"]] for t in tasks], repairs

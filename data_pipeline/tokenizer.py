@@ -120,6 +120,15 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_dir: str | o
     log.info("training %s tokenizer, vocab %d, on %d sampled articles", cfg.model_type, cfg.vocab_size, len(sample))
     spm.set_random_generator_seed(cfg.seed)
     model = io.BytesIO()  # in memory: no file path ends up in the model's trainer spec, so bytes are reproducible
+    try:
+        _train(sample, cfg, model)
+    except RuntimeError as exc:  # sentencepiece's status errors: settings this sample cannot satisfy
+        raise ValueError(f"tokenizer: sentencepiece cannot train with these settings on {len(sample)} sampled "
+                         f"articles (tokenizer.vocab_size={cfg.vocab_size}): {exc}") from None
+    return atomic.write_bytes(out_dir / MODEL_FILE, model.getvalue())
+
+
+def _train(sample: list[str], cfg: TokenizerConfig, model: io.BytesIO) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=_sentences(sample, cfg.max_sentence_length),
         model_writer=model,
@@ -136,7 +145,6 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, out_dir: str | o
         shuffle_input_sentence=False,  # the sample is already a seeded random sample
         minloglevel=2,
     )
-    return atomic.write_bytes(out_dir / MODEL_FILE, model.getvalue())
 
 
 def load_tokenizer(path: str | os.PathLike, num_threads: int = 1) -> spm.SentencePieceProcessor:

@@ -28,7 +28,7 @@ def test_nulls_data_runs_all_stages_on_a_tiny_corpus(tmp_path):
     write_corpus(tmp_path / "corpus.jsonl", 24)
     proc = _run(tmp_path, "data.output_dir=out", "data.ingest.inputs=[corpus.jsonl]", *TINY)
     assert proc.returncode == 0, proc.stderr
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary = json.loads(proc.stdout)  # stdout is the summary alone: logs go to stderr
     out = tmp_path / "out"  # relative to where nulls-data was started
     assert summary["output_dir"] == str(out) and summary["context_length"] == 32
     manifest = json.loads((out / schema.MANIFEST_NAME).read_text())
@@ -37,13 +37,19 @@ def test_nulls_data_runs_all_stages_on_a_tiny_corpus(tmp_path):
     assert pq.read_table(out / schema.REGISTRY_NAME).num_rows == 24
     assert not list(tmp_path.glob("outputs"))  # Hydra leaves no run directory behind
 
+    # a rerun checks what it reuses: a shard damaged since is written again, and the run says so
+    damaged = out / manifest["shards"][0]["name"]
+    damaged.write_bytes(damaged.read_bytes()[:-1] + b"x")
     again = _run(tmp_path, "stage=shard", "data.output_dir=out", "data.ingest.inputs=[corpus.jsonl]", *TINY)
     assert again.returncode == 0, again.stderr
     assert json.loads((out / schema.MANIFEST_NAME).read_text()) == manifest
+    repaired = json.loads(again.stdout)["repaired"]
+    assert len(repaired) == 1 and damaged.name in repaired[0] and damaged.name in again.stderr
 
 
 def test_bad_config_value_is_a_one_line_error_naming_the_field(tmp_path):
     write_corpus(tmp_path / "corpus.jsonl", 5)
     proc = _run(tmp_path, "data.output_dir=out", "data.ingest.inputs=[corpus.jsonl]", "data.packing.mode=greedy")
-    assert proc.returncode == 2
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("nulls-data: error: ") and len(proc.stderr.strip().splitlines()) == 1
     assert "packing.mode" in proc.stderr and "greedy" in proc.stderr and "Traceback" not in proc.stderr

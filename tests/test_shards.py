@@ -23,6 +23,7 @@ from nulls_dist.data_pipeline.packing import (
 from nulls_dist.data_pipeline.pipeline import data_config_from_dict, run_stages
 from nulls_dist.data_pipeline.shards import WORK_DIR, write_shard, write_shard_blocks
 
+from nulls_dist.formats import atomic
 from nulls_dist.formats import dataset as schema
 from nulls_dist.formats.digests import file_sha256
 
@@ -115,12 +116,12 @@ def test_rerun_is_idempotent_and_resumes_after_interruption(tmp_path):
     for name in names[: len(names) // 2]:
         (out / name).unlink()
         (out / WORK_DIR / name.replace(".tar", ".done.json")).unlink()
-    (out / f"{names[0]}.tmp.12345").write_bytes(b"partial tar")
+    atomic.temp_sibling(out / names[0]).write_bytes(b"partial tar")
     (out / names[-1]).unlink()
     (out / schema.MANIFEST_NAME).unlink()
     run_stages(cfg, ["shard"])
     assert (out / schema.MANIFEST_NAME).read_bytes() == manifest_bytes
-    assert not list(out.glob("*.tmp.*"))
+    assert not list(out.glob(atomic.temp_glob()))
     kept = names[len(names) // 2 : -1]
     assert all((out / n).stat().st_mtime_ns == shard_times[n] for n in kept)
 
@@ -212,7 +213,7 @@ def test_a_killed_shard_run_resumes_to_the_same_manifest(tmp_path):
 
     run_stages(data_config_from_dict(raw), ["shard"])
     assert (out / schema.MANIFEST_NAME).read_bytes() == reference
-    assert not list(out.glob("*.tmp.*"))
+    assert not list(out.glob(atomic.temp_glob()))
 
 
 def test_shard_writing_process_stays_torch_free(tmp_path):

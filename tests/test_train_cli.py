@@ -34,7 +34,9 @@ def test_cfg_job_prints_the_resolved_config():
                                             ("+train.bogus=1", "train.bogus")])
 def test_bad_config_fails_naming_the_field(override, field):
     out = subprocess.run(nulls_train(override), capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert out.returncode != 0 and field in out.stderr + out.stdout
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("nulls-train: error: "), out.stderr
+    assert field in lines[0] and "Traceback" not in out.stderr + out.stdout
 
 
 def _wait_for_steps(path: Path, count: int, proc: subprocess.Popen, timeout: float) -> None:

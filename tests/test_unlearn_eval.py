@@ -18,6 +18,8 @@ from nulls_dist.evaluation.posthoc import FinetuneConfig, finetune
 from nulls_dist.evaluation.report import write_report
 from nulls_dist.deploy.routing import ModelEmbedder, SourceIndex
 from nulls_dist.evaluation.source_text import read_source_tokens
+from nulls_dist.formats.shards import ShardError
+from unlearn_helpers import write_dataset_manifest
 
 BASE = 4096
 
@@ -115,11 +117,33 @@ def test_read_source_tokens(tmp_path):
     (tmp_path / "holdout").mkdir()
     _write_shard(tmp_path / "holdout" / "shard-000000.tar",
                  [(np.arange(3, dtype=np.uint16) + 50, np.full(3, 11, np.uint32), np.ones(3, np.uint8))])
+    write_dataset_manifest(tmp_path, ["shard-000000.tar"], ["holdout/shard-000000.tar"])
     out = read_source_tokens(tmp_path, [8, 9, 11])
     assert out[8].tolist() == [3, 4, 5, 10, 11] and out[9].tolist() == [12, 13] and out[11].tolist() == [50, 51, 52]
     assert 7 not in out
-    with pytest.raises(ValueError, match="no shard"):
+    with pytest.raises(ValueError, match="no dataset manifest"):
         read_source_tokens(tmp_path / "holdout" / "none", [1])
+
+
+def test_read_source_tokens_refuses_a_shard_that_does_not_match_the_manifest(tmp_path):
+    _write_shard(tmp_path / "shard-000000.tar", [(np.arange(4, dtype=np.uint16), np.full(4, 8, np.uint32),
+                                                  np.ones(4, np.uint8))])
+    (tmp_path / "holdout").mkdir()
+    _write_shard(tmp_path / "holdout" / "shard-000000.tar", [(np.arange(3, dtype=np.uint16), np.full(3, 9, np.uint32),
+                                                              np.ones(3, np.uint8))])
+    write_dataset_manifest(tmp_path, ["shard-000000.tar"], ["holdout/shard-000000.tar"])
+    held = tmp_path / "holdout" / "shard-000000.tar"
+    data = bytearray(held.read_bytes())
+    data[600] ^= 0x01  # a byte of the first member's payload: same size, other sha256
+    held.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"holdout/shard-000000\.tar: sha256 .* does not match the manifest"):
+        read_source_tokens(tmp_path, [8])
+    held.write_bytes(bytes(data[:1024]))  # truncated
+    with pytest.raises(ValueError, match=r"holdout/shard-000000\.tar: 1024 bytes, the manifest records"):
+        read_source_tokens(tmp_path, [8])
+    (tmp_path / "manifest.json").write_text('{"schema_version": 1, "shards": [')
+    with pytest.raises(ValueError, match=r"manifest\.json: not valid JSON"):
+        read_source_tokens(tmp_path, [8])
 
 
 def test_end_to_end_evaluation_report(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -15,7 +16,9 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from unlearn_helpers import ID_OFFSET, NUM_HOLDOUT, NUM_TRAIN, make_checkpoint_with_manifest  # noqa: E402
+from unlearn_helpers import (  # noqa: E402
+    ID_OFFSET, NUM_HOLDOUT, NUM_TRAIN, make_checkpoint_with_manifest, write_dataset_manifest,
+)
 
 from nulls_dist.formats.dataset import LOSS_MASK_KEY, SOURCE_IDS_KEY, TOKENS_KEY  # noqa: E402
 from nulls_dist.audit.unlearn import unlearn  # noqa: E402
@@ -71,7 +74,8 @@ def setup(tmp_path_factory):
     train = list(range(ID_OFFSET, ID_OFFSET + NUM_TRAIN))
     _write_shard(data / "shard-000000.tar", sp, train)
     _write_shard(data / "holdout" / "shard-000000.tar", sp, [ID_OFFSET + NUM_TRAIN + i for i in range(NUM_HOLDOUT)])
-    (data / "manifest.json").write_text(json.dumps({"tokenizer": {"path": "sp.model"}, "special_ids": {"bos": 2}}))
+    write_dataset_manifest(data, ["shard-000000.tar"], ["holdout/shard-000000.tar"],
+                           tokenizer={"path": "sp.model"}, special_ids={"bos": 2})
     (root / "probes.jsonl").write_text("\n".join(json.dumps(p) for p in _probes()) + "\n")
     unlearn(ckpt, root / "manifest", [f"Article {FORGET}"], "mask", root / "forget.json", root / "cert.json")
     return root
@@ -114,3 +118,34 @@ def test_nulls_eval_console_script_writes_report(setup, tmp_path):
     for png in ("probes.png", "loss.png", "relearning.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
         assert f"({png})" in md
+
+
+def _nulls_eval(root: Path, out: Path, data: Path, checkpoint: Path) -> subprocess.CompletedProcess:
+    cmd = [str(Path(sys.executable).parent / "nulls-eval"), "--checkpoint", str(checkpoint), "--manifest",
+           str(root / "manifest"), "--forget-set", str(root / "forget.json"), "--data", str(data), "--probes",
+           str(root / "probes.jsonl"), "--out", str(out), "--embedder", "model", "--baselines", ""]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _one_error_line(proc: subprocess.CompletedProcess, *names: str) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("nulls-eval: error: ") and all(n in lines[0] for n in names), lines[0]
+    assert "Traceback" not in proc.stdout + proc.stderr and proc.stdout == ""
+    return lines[0]
+
+
+def test_nulls_eval_refuses_a_shard_that_does_not_match_the_manifest(setup, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(setup / "data", data)
+    shard = data / "holdout" / "shard-000000.tar"
+    raw = bytearray(shard.read_bytes())
+    raw[600] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    line = _one_error_line(_nulls_eval(setup, tmp_path / "eval", data, setup / "run"), str(shard))
+    assert "sha256" in line and not (tmp_path / "eval").exists()
+
+
+def test_nulls_eval_names_a_missing_checkpoint(setup, tmp_path):
+    _one_error_line(_nulls_eval(setup, tmp_path / "eval", setup / "data", tmp_path / "no-such-run"),
+                    str(tmp_path / "no-such-run"))

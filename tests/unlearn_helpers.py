@@ -1,6 +1,6 @@
 """Test fixtures for the unlearning tools: a real DeepSpeed checkpoint of a debug NullTransformer (one gloo
 process, a few AdamW steps, `save_checkpoint`, run in a subprocess so the process group never leaks into
-pytest), a small registry.parquet, and a built manifest."""
+pytest), a small registry.parquet, a built manifest, and the dataset manifest of hand-written shards."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +101,22 @@ def make_checkpoint_with_manifest(root: Path, zero_stage: int, shard_rows: int):
                    registry_path=root / "registry.parquet", checkpoint_sha256=state_dict_digest(ckpt.state_dict),
                    opts=ManifestOptions(shard_rows=shard_rows))
     return ckpt
+
+
+def write_dataset_manifest(data_dir: Path, train: list[str], holdout: list[str], **fields) -> Path:
+    """`data_dir/manifest.json` listing hand-written shards (paths relative to `data_dir`) with their samples
+    (distinct member keys), bytes and sha256, as the pipeline records them; `fields` are added at the top."""
+    import hashlib
+
+    def entry(name: str) -> dict:
+        path = data_dir / name
+        with tarfile.open(path) as tar:
+            samples = len({m.name.split(".", 1)[0] for m in tar if m.isfile()})
+        data = path.read_bytes()
+        return {"name": name, "samples": samples, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    manifest = {"schema_version": 1, "shards": [entry(n) for n in train],
+                "holdout": {"shards": [entry(n) for n in holdout]}, **fields}
+    path = data_dir / "manifest.json"
+    path.write_text(json.dumps(manifest))
+    return path

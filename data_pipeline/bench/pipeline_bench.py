@@ -119,7 +119,7 @@ def _shard_stage(cfg_dict: dict) -> dict:
 
     encode_cpu = _count_encode_cpu() if cfg_dict["shard"]["num_workers"] == 1 else None
     start, cpu = time.perf_counter(), _cpu_seconds()
-    manifest = run_shard_stage(data_config_from_dict(cfg_dict), phase_done)
+    manifest, _ = run_shard_stage(data_config_from_dict(cfg_dict), phase_done)
     return {"seconds": time.perf_counter() - start, "cpu_seconds": _cpu_seconds() - cpu, "manifest": manifest,
             "peak_rss_mb": max(phases.values()), "phase_peak_rss_mb": phases, "phase_s": phase_s,
             "import_s": import_s, "encode_cpu_seconds": encode_cpu[0] if encode_cpu else None}

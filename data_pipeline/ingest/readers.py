@@ -17,6 +17,7 @@ import gzip
 import json
 import os
 import xml.etree.ElementTree as ET
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,17 +92,34 @@ def _matches(path: Path, fmt: str) -> bool:
     return name.endswith(tuple(suffixes))
 
 
+# What a truncated or malformed input raises while it is decoded: bz2/gzip streams cut short (EOFError) or
+# corrupt (OSError, zlib.error), XML that is not well formed (ParseError), a parquet file arrow cannot read.
+_DECODE_ERRORS = (EOFError, OSError, zlib.error, ET.ParseError, pa.ArrowException)
+
+
 def read_articles(path: Path, fmt: str, batch_rows: int, stats: Counter,
                   num_workers: int = 1) -> Iterator[pa.RecordBatch]:
     """Raw batches of one input file; format-specific counts go to `stats`. `num_workers` processes convert
-    XML wikitext (the other formats need no conversion)."""
+    XML wikitext (the other formats need no conversion). A truncated or malformed file raises ValueError naming
+    it (and the line or position where the decoder gave up, when it says)."""
     if fmt == "parquet":
-        return read_parquet(path, batch_rows)
-    if fmt == "xml":
-        return read_xml(path, batch_rows, stats, num_workers)
-    if fmt == "jsonl":
-        return read_jsonl(path, batch_rows, stats)
-    raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+        batches = read_parquet(path, batch_rows)
+    elif fmt == "xml":
+        batches = read_xml(path, batch_rows, stats, num_workers)
+    elif fmt == "jsonl":
+        batches = read_jsonl(path, batch_rows, stats)
+    else:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    return _naming_the_input(path, fmt, batches)
+
+
+def _naming_the_input(path: Path, fmt: str, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    try:
+        yield from batches
+    except _DECODE_ERRORS as exc:
+        if isinstance(exc, OSError) and exc.filename is not None:
+            raise  # opening the file failed (missing, not permitted): the OS error names it
+        raise ValueError(f"input {path}: truncated or not valid {fmt} ({type(exc).__name__}: {exc})") from None
 
 
 def _raw_batch(titles, page_ids, urls, texts) -> pa.RecordBatch:

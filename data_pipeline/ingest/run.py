@@ -3,7 +3,8 @@
 
 Streaming: one batch of `batch_rows` articles is in memory at a time; the only state that grows is the set
 of seen title hashes (8 bytes per title). Idempotent: a finished output whose report carries the same
-input fingerprint is reused; otherwise stale parts are removed and the stage runs again. Every part and
+input fingerprint, and whose parts all still match the size and sha256 the report records for them, is reused;
+otherwise (with a warning naming the part) stale parts are removed and the stage runs again. Every part and
 the report are written under a temporary name and renamed.
 """
 from __future__ import annotations
@@ -28,7 +29,9 @@ from nulls_dist.data_pipeline.ingest.readers import (
     input_fingerprint,
     read_articles,
 )
+from nulls_dist.data_pipeline.verify import Recorded, verify_files
 from nulls_dist.formats import atomic
+from nulls_dist.formats.digests import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +97,10 @@ class _PartWriter:
     def _close_part(self) -> None:
         self._writer.close()
         name = PART_PATTERN.format(index=len(self.parts))
+        entry = {"name": name, "rows": self._rows, "first_source_id": self._first_id,
+                 "bytes": self._tmp.stat().st_size, "sha256": file_sha256(self._tmp)}
         atomic.commit(self._tmp, self.directory / name)
-        self.parts.append({"name": name, "rows": self._rows, "first_source_id": self._first_id})
+        self.parts.append(entry)
         self._writer = None
 
 
@@ -120,18 +125,57 @@ def _fingerprint(cfg: IngestConfig, files: list[tuple[Path, str]]) -> str:
 
 
 def read_report(output_dir: str | Path) -> dict | None:
+    """The ingest report, None when there is none; ValueError naming it when it is not a JSON object."""
     path = Path(output_dir) / REPORT_NAME
     if not path.exists():
         return None
-    return json.loads(path.read_text())
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"ingest report {path}: not valid JSON ({exc}); rerun the ingest stage") from None
+    if not isinstance(report, dict) or not isinstance(report.get("parts"), list):
+        raise ValueError(f"ingest report {path}: not an ingest report (no parts list); rerun the ingest stage")
+    return report
 
 
-def _is_complete(output_dir: Path, fingerprint: str) -> dict | None:
+def part_problem(output_dir: str | Path, report: dict, num_threads: int = 1) -> str | None:
+    """None when every part the report lists is there with its recorded size and sha256, else the first
+    difference (naming the part)."""
+    output_dir = Path(output_dir)
+    where = str(output_dir / REPORT_NAME)
+    unrecorded = [p["name"] for p in report["parts"] if "sha256" not in p or "bytes" not in p]
+    if unrecorded:
+        return f"{where} records no sha256 for part {unrecorded[0]} (written by an older version)"
+    files = [Recorded(p["name"], output_dir / ARTICLES_DIR / p["name"], p["sha256"], p["bytes"], where)
+             for p in report["parts"]]
+    problems = verify_files(files, num_threads, desc="verify ingest parts")
+    return next(iter(problems.values()), None)
+
+
+def verify_ingest(output_dir: str | Path, num_threads: int = 1) -> None:
+    """For stages that read a finished ingest output without running the ingest stage: ValueError naming the
+    first part that does not match the report (the ingest stage rewrites it)."""
     report = read_report(output_dir)
+    if report is None:
+        return  # the stage that reads it says "run the ingest stage first"
+    problem = part_problem(output_dir, report, num_threads)
+    if problem is not None:
+        raise ValueError(f"ingest output {output_dir}: {problem}; rerun the ingest stage (stage=ingest) to rewrite it")
+
+
+def _is_complete(output_dir: Path, fingerprint: str, num_threads: int) -> dict | None:
+    try:
+        report = read_report(output_dir)
+    except ValueError as exc:
+        log.warning("ingest: %s", exc)
+        return None
     if not report or report.get("fingerprint") != fingerprint:
         return None
-    parts = [output_dir / ARTICLES_DIR / p["name"] for p in report["parts"]]
-    return report if all(p.exists() for p in parts) else None
+    problem = part_problem(output_dir, report, num_threads)
+    if problem is not None:
+        log.warning("ingest: %s; ingesting again", problem)
+        return None
+    return report
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
@@ -144,7 +188,7 @@ def run_ingest(cfg: IngestConfig) -> dict:
     files = expand_inputs(cfg.inputs, cfg.format)
     out = Path(cfg.output_dir)
     fingerprint = _fingerprint(cfg, files)
-    done = _is_complete(out, fingerprint)
+    done = _is_complete(out, fingerprint, cfg.num_workers)
     if done is not None:
         log.info("ingest: %s is complete for these inputs, skipping", out)
         return done
@@ -152,7 +196,7 @@ def run_ingest(cfg: IngestConfig) -> dict:
     articles = out / ARTICLES_DIR
     articles.mkdir(parents=True, exist_ok=True)
     (out / REPORT_NAME).unlink(missing_ok=True)
-    for stale in list(articles.glob("part-*.parquet")) + list(articles.glob(".part-*.tmp")):
+    for stale in list(articles.glob("part-*.parquet")) + list(articles.glob(atomic.temp_glob("part-*"))):
         stale.unlink()
 
     start = time.time()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from nulls_dist.sinks import SinkAssignment
 from nulls_dist.deploy.checkpoint_io import sink_table_keys
 from nulls_dist.formats import atomic
 from nulls_dist.formats.digests import file_sha256
+from nulls_dist.formats.documents import read_json_object
 from nulls_dist.audit.overlap import OverlapIndex, pair_work
 
 log = logging.getLogger(__name__)
@@ -305,10 +305,7 @@ def manifest_digest(manifest_dir: str | Path) -> str:
 
 
 def read_index(manifest_dir: str | Path) -> dict[str, Any]:
-    path = Path(manifest_dir) / INDEX_NAME
-    if not path.is_file():
-        raise ValueError(f"manifest index not found: {path}")
-    return json.loads(path.read_text())
+    return read_json_object(Path(manifest_dir) / INDEX_NAME, "manifest index")
 
 
 def iter_manifest(manifest_dir: str | Path, columns: list[str] | None = None,

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -30,6 +29,7 @@ from nulls_dist.formats.weights import state_dict_digest
 from nulls_dist.audit.collateral import forget_sinks, sidecar_path, write_collateral
 from nulls_dist.formats import atomic
 from nulls_dist.formats.digests import json_sha256
+from nulls_dist.formats.documents import read_json_object
 from nulls_dist.audit.manifest import iter_manifest, manifest_digest, read_index, read_records
 
 FORGET_SET_FORMAT = "nulls-forget-set"
@@ -111,9 +111,7 @@ def forget_set_hash(source_ids: Iterable[int], checkpoint_sha256: str, manifest_
 def load_json_document(path: str | Path, expected_format: str, what: str) -> dict[str, Any]:
     """Read a JSON document of ours (forget set, certificate), checking its `format` field."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{what} not found: {path}")
-    doc = json.loads(path.read_text())
+    doc = read_json_object(path, what)
     if doc.get("format") != expected_format:
         raise ValueError(f"{path}: not {what} (format {doc.get('format')!r})")
     return doc

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from nulls_dist.cli.errors import keep_stdout_for_output, report_errors
 from nulls_dist.deploy.checkpoint_io import build_model, load_checkpoint
 from nulls_dist.evaluation.evaluate import (
     EvalConfig, EvalData, baseline_deployments, gold_deployment, routed_deployment, run_evaluation,
@@ -25,6 +25,8 @@ from nulls_dist.evaluation.posthoc import FinetuneConfig
 from nulls_dist.evaluation.report import write_report
 from nulls_dist.deploy.routing import SourceIndex, make_embedder
 from nulls_dist.evaluation.source_text import read_source_tokens
+from nulls_dist.formats.dataset import MANIFEST_NAME, read_manifest
+from nulls_dist.formats.documents import read_jsonl
 from nulls_dist.audit.unlearn import load_forget_set
 
 log = logging.getLogger("nulls_dist.evaluation")
@@ -67,7 +69,9 @@ def _manifest_table(manifest_dir) -> dict[int, tuple[str, bool, str]]:
 def _tokenizer(data_dir: Path, override: str | None):
     import sentencepiece as spm
 
-    doc = json.loads((data_dir / "manifest.json").read_text())
+    doc = read_manifest(data_dir)
+    if not override and not isinstance((doc.get("tokenizer") or {}).get("path"), str):
+        raise ValueError(f"{data_dir / MANIFEST_NAME}: no `tokenizer.path`; pass --tokenizer")
     path = Path(override or doc["tokenizer"]["path"])
     path = path if path.is_absolute() or override else data_dir / path  # the manifest's path is relative to it
     if not path.is_file():
@@ -89,7 +93,7 @@ def run(args) -> dict:
     forget = [int(s) for s in load_forget_set(args.forget_set)["source_ids"]]
     trained = {s for s, (_, t, _) in table.items() if t}
     holdout = sorted(s for s, (_, _, split) in table.items() if split == "holdout")[: args.max_holdout]
-    probes = [json.loads(line) for line in Path(args.probes).read_text().splitlines() if line] if args.probes else []
+    probes = read_jsonl(args.probes, "probes file") if args.probes else []
     related = _related(probes, set(forget), trained)
     retained = sorted(trained - set(forget))
     encode, bos = _tokenizer(data_dir, args.tokenizer)
@@ -127,19 +131,16 @@ def run(args) -> dict:
     return result
 
 
+@report_errors("nulls-eval")
 def main(argv: list[str] | None = None) -> None:
+    keep_stdout_for_output()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:
-            print(f"nulls-eval: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
-            sys.exit(2)
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    try:
-        result = run(args)
-    except ValueError as exc:
-        print(f"nulls-eval: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    result = run(args)
     print(json.dumps({"files": result["files"], "embedder": result["embedder"]}, indent=2))
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 import torch
 
+from nulls_dist.cli.errors import keep_stdout_for_output, report_errors
+from nulls_dist.formats.dataset import read_manifest
 from nulls_dist.model import SinkMode
 from nulls_dist.deploy.checkpoint_io import build_model, load_checkpoint
 from nulls_dist.deploy.generate import SamplingConfig, generate
@@ -55,7 +56,9 @@ def load_tokenizer(meta: dict, override: str | None):
         manifest = meta.get("data_manifest_path")
         if not manifest or not Path(manifest).is_file():
             raise ValueError("tokenizer: pass --tokenizer (the checkpoint meta names no readable data manifest)")
-        doc = json.loads(Path(manifest).read_text())
+        doc = read_manifest(manifest)
+        if not isinstance((doc.get("tokenizer") or {}).get("path"), str):
+            raise ValueError(f"{manifest}: no `tokenizer.path`; pass --tokenizer")
         path = Path(doc["tokenizer"]["path"])
         path = path if path.is_absolute() else Path(manifest).parent / path
         bos = doc.get("special_ids", {}).get("bos")
@@ -93,21 +96,19 @@ def _mode(args, model, sp) -> tuple[SinkMode, dict]:
     return mode, info
 
 
+@report_errors("nulls-generate")
 def main(argv: list[str] | None = None) -> None:
+    keep_stdout_for_output()
     logging.basicConfig(level=logging.WARNING)
     args = _parser().parse_args(argv)
-    try:
-        ckpt = load_checkpoint(args.checkpoint)
-        model = build_model(ckpt)
-        sp, bos = load_tokenizer(ckpt.meta, args.tokenizer)
-        mode, info = _mode(args, model, sp)
-        prompt = ([bos] if bos is not None else []) + sp.encode(args.prompt)
-        cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                             seed=args.seed)
-        out = generate(model, torch.tensor(prompt), mode, cfg, use_cache=not args.no_cache)
-    except ValueError as exc:
-        print(f"nulls-generate: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    ckpt = load_checkpoint(args.checkpoint)
+    model = build_model(ckpt)
+    sp, bos = load_tokenizer(ckpt.meta, args.tokenizer)
+    mode, info = _mode(args, model, sp)
+    prompt = ([bos] if bos is not None else []) + sp.encode(args.prompt)
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                         seed=args.seed)
+    out = generate(model, torch.tensor(prompt), mode, cfg, use_cache=not args.no_cache)
     new = out.tokens[0, len(prompt):].tolist()
     text = sp.decode([t for t in new if t < sp.get_piece_size()])  # padded-vocabulary ids have no piece
     print(json.dumps({"mode": mode.kind, "mode_source": mode.source_id, **info, "prompt": args.prompt,

@@ -26,6 +26,7 @@ from typing import Any, NoReturn
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from nulls_dist.cli.errors import report_errors
 from nulls_dist.launch.sbatch_values import sbatch_path, sbatch_value
 from nulls_dist.launch.slurm import SlurmSpec, SubmitError, render_sbatch, submit, write_run_dir
 from nulls_dist.launch.submitit_task import (PREEMPT_SIGNAL, PREEMPT_SIGNAL_ENV, in_submitit_slurm_job, run_dir_for_job,
@@ -156,6 +157,7 @@ def submitit_parameter(key: str, *, _root_: DictConfig) -> Any:
 
 
 @hydra.main(config_path="pkg://nulls_dist.conf", config_name="nulls_launch", version_base="1.3")
+@report_errors("nulls-launch", hydra=True)
 def _hydra_main(cfg: DictConfig) -> int | None:
     if in_submitit_slurm_job():
         return run_submitit_task(cfg)  # inside the job an error goes to submitit, which reports it
@@ -179,6 +181,7 @@ def split_forwarded(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv[:cut], argv[cut + 1:]
 
 
+@report_errors("nulls-launch", hydra=True)
 def main() -> None:
     # Submitit reads these when it builds the sbatch script (and in the job): warn with the trainer's signal.
     os.environ.setdefault(PREEMPT_SIGNAL_ENV, PREEMPT_SIGNAL)

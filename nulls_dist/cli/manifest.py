@@ -1,11 +1,10 @@
 """`nulls-manifest`: the Hydra entry point (conf/unlearn/manifest.yaml) that post-processes a training
 checkpoint into its per-source sink manifest. Hydra stops here: the config becomes plain arguments of
-`build_manifest`."""
+`build_manifest`. Stdout is the JSON summary (logs go to stderr); bad input is one line on stderr, exit code 2."""
 from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,8 @@ import pyarrow.compute as pc
 import pyarrow as pa
 from omegaconf import DictConfig, OmegaConf
 
-from nulls_dist.formats.dataset import REGISTRY_NAME
+from nulls_dist.cli.errors import keep_stdout_for_output, report_errors
+from nulls_dist.formats.dataset import REGISTRY_NAME, read_manifest
 from nulls_dist.deploy.checkpoint_io import load_checkpoint
 from nulls_dist.formats.weights import state_dict_digest
 from nulls_dist.formats.digests import file_sha256
@@ -49,8 +49,8 @@ def run(raw: dict[str, Any]) -> dict[str, Any]:
     if registry is None:
         if not data_manifest:
             raise ValueError("registry: not given and the checkpoint meta names no data_manifest_path")
-        doc = json.loads(Path(data_manifest).read_text())
-        registry = Path(data_manifest).parent / doc.get("registry", {}).get("path", REGISTRY_NAME)
+        doc = read_manifest(data_manifest)
+        registry = Path(data_manifest).parent / (doc.get("registry") or {}).get("path", REGISTRY_NAME)
     registry = Path(registry)
     data_sha = file_sha256(data_manifest) if data_manifest and Path(data_manifest).is_file() else meta.get(
         "data_manifest_sha256")
@@ -68,21 +68,17 @@ def run(raw: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+@hydra.main(config_path="pkg://nulls_dist.conf", config_name="unlearn/manifest", version_base="1.3")
+@report_errors("nulls-manifest", hydra=True)
+def _hydra_main(cfg: DictConfig) -> None:
+    logging.getLogger().setLevel(logging.INFO)
+    print(json.dumps(run(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)), indent=2))
+
+
+@report_errors("nulls-manifest", hydra=True)
 def main() -> None:
-    result: dict[str, int] = {}
-
-    @hydra.main(config_path="pkg://nulls_dist.conf", config_name="unlearn/manifest", version_base="1.3")
-    def _hydra_main(cfg: DictConfig) -> None:
-        logging.getLogger().setLevel(logging.INFO)
-        try:
-            print(json.dumps(run(OmegaConf.to_container(cfg, resolve=True)), indent=2))
-            result["code"] = 0
-        except ValueError as exc:
-            print(f"nulls-manifest: error: {exc}", file=sys.stderr)
-            result["code"] = 2
-
+    keep_stdout_for_output()
     _hydra_main()
-    sys.exit(result.get("code", 0))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import torch
 
+from nulls_dist.cli.errors import report_errors
 from nulls_dist.sinks import STRATEGIES, SinkAssignment, SinkAssignmentConfig
 
 PAPER_FIRST_ID = 49152  # data_pipeline.schema.PAPER_ID_OFFSET: source id = title index + vocabulary size
@@ -192,13 +193,10 @@ def _print_text(out: dict) -> None:
         print(f"histogram: {out['histogram']}")
 
 
+@report_errors("nulls-sinks")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        out = run(args)
-    except ValueError as err:
-        print(f"nulls-sinks: error: {err}", file=sys.stderr)
-        return 2
+    out = run(args)
     if args.json:
         print(json.dumps(out))
     else:

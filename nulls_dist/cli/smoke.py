@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from nulls_dist.cli.errors import report_errors
 from nulls_dist.config import PRESETS, NullConfig
 from nulls_dist.model import MODE_KINDS, NullTransformer, SinkMode, flops_per_token, num_parameters_of
 
@@ -75,6 +76,7 @@ def _modes(source_ids: torch.Tensor) -> list[SinkMode]:
             SinkMode.backbone_only(), SinkMode.expected()]
 
 
+@report_errors("nulls-smoke")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

@@ -2,7 +2,8 @@
 typed `TrainConfig`, rank 0's copy is shared with every rank (so `${now:}` in run_dir agrees), and the trainer
 gets plain values. Launch with one process (world size 1), `torchrun`, the `deepspeed` launcher or SLURM `srun`.
 
-Exit codes: 0 finished; 75 (`REQUEUE_EXIT_CODE`) checkpointed after SIGTERM/SIGUSR1, resumable; 1 failed.
+Exit codes: 0 finished; 75 (`REQUEUE_EXIT_CODE`) checkpointed after SIGTERM/SIGUSR1, resumable; 2 bad input (a
+config field, a data file, a checkpoint that does not match the run: one line on stderr, `cli.errors`); 1 failed.
 `nulls-train --cfg job` prints the resolved config (Hydra's built-in) without training.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from nulls_dist.cli.errors import report_errors
 from nulls_dist.formats import dataset as schema
 from nulls_dist.data_pipeline.pipeline import data_config_from_dict, run_stages
 from nulls_dist.train.config import DataSection, train_config_from_dict
@@ -96,11 +98,18 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
+# A RuntimeError that nulls_dist raises itself is a resume mismatch (a checkpoint that does not fit this run):
+# the user's to fix. torch's own RuntimeErrors keep their traceback (cli.errors).
+_report_errors = report_errors("nulls-train", hydra=True, deliberate=(RuntimeError,))
+
+
+@_report_errors
 def main() -> None:
-    result: dict[str, int] = {}
+    result: dict[str, int] = {}  # Hydra's main returns nothing: the exit code comes back through here
     sys.argv = [sys.argv[0], *strip_launcher_args(sys.argv[1:])]
 
     @hydra.main(config_path="pkg://nulls_dist.conf", config_name="nulls_train", version_base="1.3")
+    @_report_errors
     def _hydra_main(cfg: DictConfig) -> None:
         result["code"] = run(OmegaConf.to_container(cfg, resolve=True))
 

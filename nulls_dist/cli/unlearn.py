@@ -13,11 +13,13 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
-from nulls_dist.deploy.checkpoint_io import load_checkpoint
 from nulls_dist.audit.collateral import sidecar_path
-from nulls_dist.audit.unlearn import METHODS, parse_requests, unlearn
-from nulls_dist.audit.verify import verify_paths
+from nulls_dist.audit.unlearn import METHODS, load_forget_set, parse_requests, unlearn
+from nulls_dist.audit.verify import load_certificate, verify
+from nulls_dist.cli.errors import keep_stdout_for_output, report_errors
+from nulls_dist.deploy.checkpoint_io import load_checkpoint
 
 
 def _forget_parser() -> argparse.ArgumentParser:
@@ -44,23 +46,25 @@ def _verify_parser() -> argparse.ArgumentParser:
     return p
 
 
+@report_errors("nulls-unlearn")
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    keep_stdout_for_output()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if argv and argv[0] == "verify":
-            args = _verify_parser().parse_args(argv[1:])
-            report = verify_paths(args.certificate, load_checkpoint(args.checkpoint, args.tag), args.forget_set,
-                                  args.manifest)
-            print(json.dumps(report, indent=2))
-            sys.exit(0 if report["ok"] else 1)
-        args = _forget_parser().parse_args(argv)
-        requests = parse_requests(args.sources, args.file)
-        cert = unlearn(load_checkpoint(args.checkpoint, args.tag), args.manifest, requests, args.method,
-                       args.forget_set, args.certificate, args.output)
-    except ValueError as exc:
-        print(f"nulls-unlearn: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    # the user's small files are read first: a bad one is reported before a checkpoint is loaded
+    if argv and argv[0] == "verify":
+        args = _verify_parser().parse_args(argv[1:])
+        certificate, forget_set = load_certificate(args.certificate), load_forget_set(args.forget_set)
+        report = verify(certificate, load_checkpoint(args.checkpoint, args.tag), forget_set, args.manifest,
+                        Path(args.certificate).parent)
+        print(json.dumps(report, indent=2))
+        sys.exit(0 if report["ok"] else 1)
+    args = _forget_parser().parse_args(argv)
+    requests = parse_requests(args.sources, args.file)
+    if Path(args.forget_set).exists():
+        load_forget_set(args.forget_set)
+    cert = unlearn(load_checkpoint(args.checkpoint, args.tag), args.manifest, requests, args.method,
+                   args.forget_set, args.certificate, args.output)
     print(json.dumps({"method": cert["method"], "certificate": args.certificate,
                       "sources": [s["source_id"] for s in cert["sources"]],
                       "forget_set_size": len(cert["forget_set"]["source_ids"]),

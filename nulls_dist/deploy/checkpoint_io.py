@@ -61,11 +61,11 @@ def training_tag_dir(path: str | Path, tag: str | None = None) -> Path:
             raise ValueError(f"checkpoint path does not exist: {path}")
         if tag is None:
             found = layout.resolve_latest(path)
-            for problem in found.problems:
-                log.warning("%s", problem)
-            if found.tag is None:
+            if found.tag is None:  # the error lists every problem: no warnings before it
                 raise ValueError(f"no complete checkpoint in {path}" +
                                  (f" ({'; '.join(found.problems)})" if found.problems else ""))
+            for problem in found.problems:
+                log.warning("%s", problem)
             if found.problems:
                 log.warning("using %s, the newest complete checkpoint in %s", found.tag, path)
             tag = found.tag

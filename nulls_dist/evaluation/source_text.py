@@ -1,46 +1,39 @@
-"""Each source's trained token stream, read back from the dataset's WebDataset shards (train shards and the
-`holdout/` shards) with the standard library's tarfile and the data schema's sample keys: the tokens that
-carry the source's id and loss_mask 1, in shard and sample order (the order the packer wrote them)."""
+"""Each source's trained token stream, read back from the dataset's WebDataset shards (the train shards and the
+`holdout/` shards its `manifest.json` lists) through the verified shard reader (`formats.shards.read_shard`: size,
+sha256 and sample count against the manifest before a sample is used): the tokens that carry the source's id and
+loss_mask 1, in shard and sample order (the order the packer wrote them)."""
 from __future__ import annotations
 
-import io
-import tarfile
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
-from nulls_dist.formats.dataset import LOSS_MASK_KEY, SOURCE_IDS_KEY, TOKENS_KEY
-
-
-def _samples(path: Path):
-    """(tokens, source_ids, loss_mask) per sample of one tar shard."""
-    current: dict[str, dict[str, np.ndarray]] = {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, suffix = member.name.partition(".")
-            data = np.load(io.BytesIO(tar.extractfile(member).read()), allow_pickle=False)
-            sample = current.setdefault(key, {})
-            sample[suffix] = data
-            if all(k in sample for k in (TOKENS_KEY, SOURCE_IDS_KEY, LOSS_MASK_KEY)):
-                yield sample[TOKENS_KEY], sample[SOURCE_IDS_KEY], sample[LOSS_MASK_KEY]
-                del current[key]
+from nulls_dist.formats.dataset import (
+    LOSS_MASK_KEY,
+    MANIFEST_NAME,
+    SOURCE_IDS_KEY,
+    TOKENS_KEY,
+    manifest_shards,
+    read_manifest,
+)
+from nulls_dist.formats.shards import read_shard
 
 
 def read_source_tokens(dataset_dir: str | Path, source_ids: Iterable[int],
                        max_tokens: int | None = None) -> dict[int, np.ndarray]:
-    """source id -> (n,) int64 tokens, from `shard-*.tar` and `holdout/shard-*.tar` under `dataset_dir`."""
+    """source id -> (n,) int64 tokens, from every shard the dataset manifest lists. A shard that is missing or does
+    not match its manifest entry raises `ShardError` (a ValueError) naming it."""
     dataset_dir = Path(dataset_dir)
+    manifest = read_manifest(dataset_dir)
+    entries = manifest_shards(manifest, dataset_dir / MANIFEST_NAME)
+    if not entries:
+        raise ValueError(f"{dataset_dir / MANIFEST_NAME} lists no shards")
     wanted = np.asarray(sorted({int(s) for s in source_ids}), dtype=np.int64)
-    shards = sorted(dataset_dir.glob("shard-*.tar")) + sorted((dataset_dir / "holdout").glob("shard-*.tar"))
-    if not shards:
-        raise ValueError(f"no shard-*.tar files under {dataset_dir}")
     parts: dict[int, list[np.ndarray]] = {}
-    for shard in shards:
-        for tokens, sources, mask in _samples(shard):
-            sources = sources.astype(np.int64)
+    for entry in entries:
+        for sample in read_shard(dataset_dir / entry["name"], entry["sha256"], entry["samples"], entry.get("bytes")):
+            tokens, sources, mask = sample[TOKENS_KEY], sample[SOURCE_IDS_KEY].astype(np.int64), sample[LOSS_MASK_KEY]
             keep = np.isin(sources, wanted) & (mask > 0)
             for sid in np.unique(sources[keep]):
                 parts.setdefault(int(sid), []).append(tokens[keep & (sources == sid)].astype(np.int64))

@@ -21,6 +21,12 @@ def temp_sibling(path: str | os.PathLike) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
 
 
+def temp_glob(pattern: str = "*") -> str:
+    """A glob matching the temporaries `temp_sibling` makes for names matching `pattern` (stale ones are what a
+    killed writer leaves)."""
+    return f".{pattern}.tmp-*"
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)

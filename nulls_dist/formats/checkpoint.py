@@ -22,14 +22,13 @@ when `latest` is missing, blank, foreign or names an incomplete tag, and says wh
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nulls_dist.formats import atomic
+from nulls_dist.formats import atomic, documents
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_NAME = "latest"
@@ -73,20 +72,11 @@ def has_checkpoints(run_dir: str | os.PathLike) -> bool:
 # ------------------------------------------------------------------------------------------------ meta
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     """Parse a JSON file; CheckpointError naming the file when it is missing or not JSON."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{what} not found: {path}")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    return documents.read_json(path, what, CheckpointError)
 
 
 def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
-    meta = read_json(Path(directory) / META_NAME, "checkpoint meta")
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{Path(directory) / META_NAME}: expected a JSON object")
-    return meta
+    return documents.read_json_object(Path(directory) / META_NAME, "checkpoint meta", CheckpointError)
 
 
 def file_sizes(directory: str | os.PathLike, exclude: tuple[str, ...] = (META_NAME,)) -> dict[str, int]:

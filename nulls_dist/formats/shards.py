@@ -1,7 +1,8 @@
 """The shard codec: WebDataset tar shards of .npy members (sample keys and dtypes: `formats.dataset`), read back
 verified. The pipeline writes shards with webdataset's `TarWriter`; every reader -- the training loader, the
-evaluation's source texts, `nulls-data`'s repair pass -- goes through `read_shard`, which checks the file's sha256
-against the dataset manifest before it parses a byte, and parses with webdataset's own tar iterators.
+evaluation's source texts -- goes through `read_shard`, which checks the file's sha256 against the dataset manifest
+before it parses a byte, and parses with webdataset's own tar iterators. (`nulls-data`'s rerun only needs the
+digest, not the samples: it streams each shard through `digests.file_mismatch`, the same comparison.)
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from nulls_dist.formats import dataset as schema
+from nulls_dist.formats.digests import mismatch
 
 
 class ShardError(ValueError):
@@ -50,11 +52,10 @@ def verify_shard(path: str | os.PathLike, expected_sha256: str, expected_bytes: 
         raise ShardError(f"shard {path} is missing") from None
     except OSError as exc:
         raise ShardError(f"shard {path} is unreadable: {exc}") from None
-    if expected_bytes is not None and len(data) != expected_bytes:
-        raise ShardError(f"shard {path}: {len(data)} bytes, the manifest records {expected_bytes}")
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != expected_sha256:
-        raise ShardError(f"shard {path}: sha256 {digest} does not match the manifest's {expected_sha256}")
+    problem = mismatch(path, len(data), hashlib.sha256(data).hexdigest(), expected_sha256, expected_bytes,
+                       "the manifest")
+    if problem is not None:
+        raise ShardError(f"shard {problem}")
     return data
 
 
