@@ -352,8 +352,11 @@ def test_cli_text_output(capsys):
     ],
 )
 def test_cli_bad_input_exits_with_message(capsys, argv, message):
-    assert cli_main(argv) == 2
-    assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("strategy", ["uniform", "code", "reference"])

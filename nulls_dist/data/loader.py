@@ -31,7 +31,6 @@ not count: padding, or a different source than the input token), `num_targets` (
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from nulls_dist.formats import dataset as schema
+from nulls_dist.formats.dataset import manifest_shards, read_manifest
 from nulls_dist.formats.shards import ShardError, read_shard, verify_shard
 
 log = logging.getLogger(__name__)
@@ -56,22 +56,13 @@ VERIFY_UP_FRONT_MAX_SHARDS = 256
 
 
 def load_manifest(data_dir: str | Path) -> dict:
-    path = Path(data_dir) / schema.MANIFEST_NAME
-    if not path.is_file():
-        raise ValueError(f"data_dir {data_dir}: no {schema.MANIFEST_NAME} (run `nulls-data` first)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    if manifest.get("schema_version") != schema.SCHEMA_VERSION:
-        raise ValueError(f"{path}: schema_version {manifest.get('schema_version')}, expected {schema.SCHEMA_VERSION}")
-    return manifest
+    return read_manifest(data_dir)
 
 
 def split_shards(manifest: dict, split: str) -> list[dict]:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return manifest["shards"] if split == schema.SPLIT_TRAIN else manifest.get("holdout", {}).get("shards", [])
+    return manifest_shards(manifest, schema.MANIFEST_NAME, (split,))
 
 
 def verify_shards(data_dir: str | Path, shards: list[dict]) -> None:
