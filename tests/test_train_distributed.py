@@ -71,3 +71,37 @@ def test_zero_checkpoint_consolidates_to_model_keys(worker_results):
     assert result["safetensors_equal"]  # model.safetensors == DeepSpeed's own fp32 consolidation
     assert result["missing"] == [] and result["unexpected"] == []
     assert result["num_tensors"] > 0 and result["finite"] and result["step"] == 6
+
+
+@pytest.mark.distributed
+def test_collectives_of_a_step_are_on_the_device_and_counted(worker_results):
+    """One count all-reduce per step from our code, one metrics collective per LOG step (steps 2 and 4) and none
+    on the others; every collective's tensors on the training device (CPU here; CUDA on a GPU run, where a CPU
+    tensor in an NCCL-only group would crash)."""
+    result = worker_results[0]["collectives"]
+    assert result["code"] == 0
+    records = result["records"]
+    assert records and all(r["devices"] in ([], ["cpu"]) for r in records), records
+    for step in (1, 2, 3, 4):
+        ours = [r for r in records if r["by"] == "ours" and r["phase"] == "step" and r["step"] == step]
+        assert [r["op"] for r in ours] == ["all_reduce"], (step, ours)  # the step's global target count
+        deepspeed = [r for r in records if r["by"] == "deepspeed" and r["phase"] == "step" and r["step"] == step]
+        assert deepspeed  # gradient reduction, ZeRO-1 partition gathers
+        logged = [r for r in records if r["phase"] == "log" and r["step"] == step]
+        assert [r["op"] for r in logged] == (["all_gather_into_tensor"] if step in (2, 4) else []), (step, logged)
+
+
+@pytest.mark.distributed
+def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoint(worker_results):
+    result = worker_results[0]["diverged"]
+    assert result["error"] is not None and "diverged" in result["error"], result
+    assert "2 consecutive steps" in result["error"] and "step_00000002" in result["error"]
+    assert result["tags"] == ["step_00000002"] and result["latest"] == "step_00000002"  # nothing of steps 3+
+    assert result["steps"] == [1, 2, 3]  # stopped at step 4's check, before anything was logged or saved
+
+
+@pytest.mark.distributed
+def test_one_bad_step_is_skipped_and_the_run_goes_on(worker_results):
+    result = worker_results[0]["transient"]
+    assert result["error"] is None, result
+    assert result["tags"] == ["step_00000006"] and result["steps"] == [1, 2, 3, 4, 5, 6]

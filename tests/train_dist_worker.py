@@ -69,6 +69,104 @@ def mismatch(raw: dict, env, device) -> str:
     return "no error"
 
 
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
+               "broadcast", "all_to_all_single", "all_gather_object", "broadcast_object_list", "barrier", "reduce",
+               "gather", "scatter")
+
+
+def collectives(base: dict, out: Path, env, device) -> dict:
+    """Record every torch.distributed collective of a 4-step run (logging every 2nd step): which code issued
+    it (ours or DeepSpeed's), during which phase (step k's forward/backward/optimizer, the log reduction, a
+    checkpoint), and on which device its tensors live."""
+    import traceback as tb
+
+    from nulls_dist.train import trainer as trainer_mod
+
+    records: list[dict] = []
+    phase = {"name": "setup", "step": 0}
+    originals = {name: getattr(dist, name) for name in COLLECTIVES}
+
+    def issuer() -> str:
+        for frame in reversed(tb.extract_stack()[:-2]):
+            path = frame.filename
+            if "/deepspeed/comm/" in path or "/torch/distributed/" in path:
+                continue
+            if "nulls_dist" in path or "/deepspeed/" in path:
+                return "ours" if "nulls_dist" in path else "deepspeed"
+        return "other"
+
+    def wrap(name, fn):
+        def recorded(*args, **kwargs):
+            tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+            tensors += [t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
+            records.append({"op": name, "by": issuer(), "phase": phase["name"], "step": phase["step"],
+                            "devices": sorted({str(t.device) for t in tensors})})
+            return fn(*args, **kwargs)
+        return recorded
+
+    original_step, original_reduce = trainer_mod.Trainer._train_step, trainer_mod.Trainer._reduce_window
+    original_save = trainer_mod.Trainer._save
+
+    def train_step(self, batches):
+        phase.update(name="step", step=self.step + 1)
+        return original_step(self, batches)
+
+    def reduce_window(self, stop):
+        phase.update(name="log", step=self.step)
+        return original_reduce(self, stop)
+
+    def save(self, reduced):
+        phase.update(name="save", step=self.step)
+        return original_save(self, reduced)
+
+    for name, fn in originals.items():
+        setattr(dist, name, wrap(name, fn))
+    trainer_mod.Trainer._train_step, trainer_mod.Trainer._reduce_window = train_step, reduce_window
+    trainer_mod.Trainer._save = save
+    try:
+        code = run(config(base, out / "collectives", train__max_steps=4, logging__log_every=2,
+                          checkpoint__every_n_steps=4, eval__num_batches=0), env, device)
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+        trainer_mod.Trainer._train_step, trainer_mod.Trainer._reduce_window = original_step, original_reduce
+        trainer_mod.Trainer._save = original_save
+    return {"code": code, "records": records}
+
+
+def divergence(base: dict, out: Path, env, device, bad_calls) -> dict:
+    """Train with the loss of some micro-batches replaced by NaN (`bad_calls(i)` for the i-th loss computed on
+    this rank): what ran, what was saved, what the error said."""
+    import nulls_dist.model as model_mod
+
+    original = model_mod.chunked_cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        value = original(*args, **kwargs)
+        calls["n"] += 1
+        return value * float("nan") if bad_calls(calls["n"] - 1) else value
+
+    model_mod.chunked_cross_entropy = poisoned
+    run_dir = out / f"diverge{len(list(out.glob('diverge*')))}"
+    if env.is_main:
+        run_dir.mkdir(parents=True)
+    dist.barrier()
+    error = None
+    try:
+        run(config(base, run_dir, train__max_steps=6, train__nonfinite_steps_to_stop=2, checkpoint__every_n_steps=2,
+                   checkpoint__keep_last_k=1, eval__num_batches=0), env, device)
+    except RuntimeError as exc:
+        error = str(exc)
+    finally:
+        model_mod.chunked_cross_entropy = original
+    dist.barrier()
+    ckpt = run_dir / "checkpoints"
+    return {"error": error, "tags": sorted(p.name for p in ckpt.glob("step_*")),
+            "latest": (ckpt / "latest").read_text().strip() if (ckpt / "latest").exists() else None,
+            "steps": [m["step"] for m in read_metrics(run_dir)] if (run_dir / "metrics.jsonl").exists() else []}
+
+
 def main() -> None:
     base = json.loads(Path(sys.argv[1]).read_text())
     out = Path(sys.argv[2])
@@ -119,6 +217,10 @@ def main() -> None:
                                        "finite": all(torch.isfinite(v).all().item() for v in state.values()),
                                        "safetensors_equal": sorted(ours) == sorted(state) and all(
                                            torch.equal(ours[k], state[k].float()) for k in state)}
+        results["collectives"] = collectives(base, out, env, device)
+        accum = 2  # TINY: micro_batch 2, grad_accum 2 -> 2 micro-batches per rank per step
+        results["diverged"] = divergence(base, out, env, device, lambda i: i >= 2 * accum)  # steps 3.. are NaN
+        results["transient"] = divergence(base, out, env, device, lambda i: 2 * accum <= i < 3 * accum)  # step 3
         results["ok"] = True
     except Exception:  # noqa: BLE001 - the marker must carry the failure to the test
         results["ok"] = False
