@@ -1,5 +1,5 @@
 """The training hot path on the CPU: given a precomputed sink plan, one forward + backward of the model issues no
-host-device synchronisation (counted with a TorchDispatchMode: tests/sync_ops.py), FlexAttention's forward equals
+host-device synchronisation (counted with a TorchDispatchMode: nulls_dist/bench/syncs.py), FlexAttention's forward equals
 the dense same-source causal mask (packed rows with non-adjacent runs of one source, one-token segments,
 KV-cache decoding), and a planless forward -- which must read the ids back -- is seen by the counter (so the
 count can fail)."""
@@ -15,7 +15,7 @@ from nulls_dist.attention import AttentionMask, attend, build_mask, flex_block_m
 from nulls_dist.config import NullConfig
 from nulls_dist.model import IGNORE_INDEX, NullTransformer, SinkMode
 from nulls_dist.sink_plan import plan_for_batch
-from sync_ops import SyncCounter
+from nulls_dist.bench.syncs import SyncCounter
 
 CONFIGS = {
     "debug": dict(preset="debug"),

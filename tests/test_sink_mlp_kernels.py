@@ -107,7 +107,7 @@ def test_reference_matches_the_literal_formula(case):
 
 
 def test_numpy_and_torch_tile_plans_agree_and_the_reference_needs_no_host_sync():
-    from sync_ops import SyncCounter
+    from nulls_dist.bench.syncs import SyncCounter
 
     from nulls_dist.kernels.tiles import tile_plan_numpy, tile_plan_torch
 

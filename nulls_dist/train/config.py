@@ -177,6 +177,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (the engine's module)
     debug_checks: bool = False  # validate every sink plan and kernel launch (host syncs)
     nonfinite_steps_to_stop: int = 3  # consecutive steps with a non-finite loss or gradient that end the run
+    skip_nonfinite_steps: bool = True  # DeepSpeed skips a step with a non-finite gradient (one host read per step)
+    sync_debug: bool = False  # CUDA: torch.cuda.set_sync_debug_mode("error") over every step between log steps
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -199,6 +201,9 @@ class TrainConfig:
         _check(isinstance(self.compile, bool), "train.compile", self.compile, "true or false")
         _check(isinstance(self.debug_checks, bool), "train.debug_checks", self.debug_checks, "true or false")
         _positive_int("train.nonfinite_steps_to_stop", self.nonfinite_steps_to_stop)
+        _check(isinstance(self.skip_nonfinite_steps, bool), "train.skip_nonfinite_steps", self.skip_nonfinite_steps,
+               "true or false")
+        _check(isinstance(self.sync_debug, bool), "train.sync_debug", self.sync_debug, "true or false")
         for section in (self.model, self.data, self.optim, self.deepspeed, self.logging, self.checkpoint, self.eval):
             section.validate()
         _check(self.optim.warmup_steps <= self.max_steps, "optim.warmup_steps", self.optim.warmup_steps,

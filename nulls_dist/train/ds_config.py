@@ -35,8 +35,9 @@ def build_ds_config(cfg: TrainConfig, world_size: int, on_gpu: bool, grad_accum:
         "gradient_accumulation_steps": accum,
         "checkpoint": {"load_universal": bool(load_universal)},
         "gradient_clipping": float(ds.clip),
-        # DeepSpeed's own overflow check skips a step whose gradient norm is not finite (a host read per step)
-        "bf16": {"enabled": bool(on_gpu), "check_grad_overflow": True},
+        # DeepSpeed's own overflow check skips a step whose gradient norm is not finite, at the cost of one host
+        # read per step (train.skip_nonfinite_steps=false: no read; a bad step is then applied, and the run stops)
+        "bf16": {"enabled": bool(on_gpu), "check_grad_overflow": bool(cfg.skip_nonfinite_steps)},
         "fp16": {"enabled": False},
         "zero_optimization": zero,
         "optimizer": {

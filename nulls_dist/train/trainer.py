@@ -333,6 +333,24 @@ class Trainer:
         self._window_steps += 1
         self.tokens_seen += self.layout.global_batch * self.seq_len
 
+    def _sync_check(self):
+        """train.sync_debug on CUDA: a host-device synchronisation inside the step raises, except on steps that
+        end with a log reduction (which reads the metrics back by design)."""
+        import contextlib
+
+        if not (self.cfg.sync_debug and self.device.type == "cuda"):
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def checked():
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                yield
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        return checked()
+
     def _log_metrics(self, reduced: dict[str, float]) -> dict[str, Any]:
         elapsed = time.perf_counter() - self._window_start  # honest on a GPU: the reduction just synchronised
         steps = max(1, self._window_steps)
@@ -362,7 +380,9 @@ class Trainer:
         try:
             last_step = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
             while self.step < last_step:
-                self._train_step(next(steps))
+                batches = next(steps)  # the loader's host work stays outside the checked region
+                with self._sync_check():
+                    self._train_step(batches)
                 self.step += 1
                 save_now = self.step % cfg.checkpoint.every_n_steps == 0 or self.step == last_step
                 eval_now = cfg.eval.num_batches > 0 and self.step % cfg.eval.every_n_steps == 0

@@ -1,4 +1,6 @@
-"""Counting host-device synchronisation points on the CPU: a TorchDispatchMode that records every ATen op
+"""Counting host-device synchronisation points (the tests of the hot path and the training benchmark use it).
+
+On the CPU: a TorchDispatchMode that records every ATen op
 whose result on a CUDA device would force the host to wait for the device (a value read back, or an output
 whose size depends on the data). On the CPU nothing waits, but the same ops run, so a count of zero here means
 the code issues none of them; on a GPU, `torch.cuda.set_sync_debug_mode("error")` checks the same thing."""
@@ -42,3 +44,19 @@ class SyncCounter(TorchDispatchMode):
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+
+def count_cuda_syncs(fn) -> tuple[object, int]:
+    """Run `fn()` with torch's CUDA sync debug mode at "warn" and count the synchronisations it reports."""
+    import warnings
+
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = fn()
+            torch.cuda.synchronize()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    return result, sum("synchroniz" in str(w.message) for w in caught)
