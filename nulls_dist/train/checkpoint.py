@@ -21,6 +21,7 @@ import base64
 import contextlib
 import datetime as dt
 import logging
+import pickle
 import random
 import shutil
 import sys
@@ -320,9 +321,14 @@ class Checkpointer:
                 convert_to_universal(point.tag_dir, universal)
             self._barrier()
             load_dir = universal.parent
-        with weights_only_loads():
-            load_path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=False)
+        try:
+            with weights_only_loads():
+                load_path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                                      load_lr_scheduler_states=False)
+        except pickle.UnpicklingError as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RuntimeError(f"cannot resume from {point.tag_dir}: a checkpoint file holds an object that "
+                               f"DeepSpeed's checkpoints never hold; refused without running it ({reason})") from None
         self._barrier()
         if universal is not None and self.rank == 0:
             shutil.rmtree(universal.parent, ignore_errors=True)

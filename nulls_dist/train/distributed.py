@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -82,10 +83,27 @@ def process_group_backend(device) -> str:
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
+def skip_op_builds() -> None:
+    """Tell DeepSpeed that none of its compiled ops is available, before it probes for them.
+
+    The trainer uses none (torch's AdamW, torch.distributed collectives), but DeepSpeed's first look at its op
+    table compiles test programs with gcc (the async-I/O probe) and its comm backend then JIT-compiles a CPU
+    shared-memory all-reduce for CPU inference, at every start-up."""
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.all_ops import ALL_OPS
+
+    ops = sys.modules["deepspeed.ops"]
+    if "__compatible_ops__" not in vars(ops):  # not probed yet: the probe is lazy (module __getattr__)
+        ops.__compatible_ops__ = dict.fromkeys(ALL_OPS, False)
+
+
 def setup_distributed(env: DistEnv, device) -> str:
     """Export the torch.distributed variables for `env` and start the process group; returns the backend."""
-    import deepspeed
     import torch
+
+    # DeepSpeed picks its accelerator at import: say which, instead of a warning that it guessed
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+    import deepspeed
     import torch.distributed as dist
 
     for name, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank),
@@ -98,6 +116,7 @@ def setup_distributed(env: DistEnv, device) -> str:
         # our own init: DeepSpeed's would pass a single backend name; DeepSpeed then reuses this group
         dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
                                 device_id=torch.device("cuda", env.local_rank) if device.type == "cuda" else None)
+    skip_op_builds()
     deepspeed.init_distributed(dist_backend=backend.split(",")[-1].split(":")[-1], auto_mpi_discovery=False,
                                rank=env.rank, world_size=env.world_size)
     return backend
