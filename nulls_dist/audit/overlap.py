@@ -103,7 +103,7 @@ class OverlapIndex:
         self.dense = num_keys < _DENSE_ADVANTAGE * k_mean and num_keys * len(self.ref_ids) <= _DENSE_MAX_ENTRIES
         self.dense_ref = None
         if self.dense:  # (Q, R) float16 0/1
-            self.dense_ref = torch.from_numpy(self.matrix.T.toarray().astype(np.float16))
+            self.dense_ref = torch.from_numpy(np.ascontiguousarray(self.matrix.T.toarray(), dtype=np.float16))
 
     def query(self, query_ids: np.ndarray, query_keys: np.ndarray) -> OverlapStats:
         """Statistics for a chunk of sources: query_ids (c,), query_keys (c, K) padded with -1."""
