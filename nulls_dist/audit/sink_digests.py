@@ -40,7 +40,9 @@ DEFINITION = "nulls-sink-digest-2"  # named in the manifest index; change it wit
 def _layer_rows(state_dict: Mapping[str, torch.Tensor], layer: int, units: np.ndarray) -> np.ndarray:
     """(n,) pool units -> (n, 3D) little-endian float32 rows gate | up | down of one layer."""
     index = torch.from_numpy(units)
-    parts = [state_dict[k].detach()[index].to(torch.float32).numpy() for k in sink_table_keys(layer)]
+    tables = [state_dict[k].detach() for k in sink_table_keys(layer)]
+    every = len(units) == tables[0].shape[0]  # units are unique and sorted: all of them, in order
+    parts = [(t if every else t[index]).to(torch.float32).numpy() for t in tables]
     return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype="<f4")  # (n, 3D)
 
 
