@@ -137,7 +137,7 @@ def main() -> None:
     t0 = time.perf_counter()
     checkpoint_sha256 = state_dict_digest(state)
     t_digest = time.perf_counter() - t0
-    profiler = cProfile.Profile() if args.profile else None
+    profiler = cProfile.Profile(time.process_time) if args.profile else None  # CPU time: robust to a shared machine
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
