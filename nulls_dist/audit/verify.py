@@ -116,8 +116,10 @@ def verify(cert: dict[str, Any], ckpt: LoadedCheckpoint, forget: dict[str, Any],
 
     cfg = ckpt.model_config
     shared = bool(cert.get("layers_share_sinks", False))
-    _check(checks, "sink_layout_matches_model", shared == (not cfg.sink_layer_specific),
-           f"certificate layers_share_sinks={shared}, model sink_layer_specific={cfg.sink_layer_specific}")
+    n_layer = cert.get("n_layer", cfg.n_layer)  # version 2 certificates do not name it
+    _check(checks, "sink_layout_matches_model", shared == (not cfg.sink_layer_specific) and n_layer == cfg.n_layer,
+           f"certificate layers_share_sinks={shared}, n_layer={n_layer}; model sink_layer_specific="
+           f"{cfg.sink_layer_specific}, n_layer={cfg.n_layer}")
     per_layer = {s["source_id"]: _per_layer(s["sinks"], shared, cfg.n_layer) for s in cert["sources"]}
     assignment = SinkAssignment(cfg.sink_assignment_config())
     wrong = []
