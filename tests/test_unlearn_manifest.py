@@ -1,5 +1,5 @@
 """Checkpoint consolidation (DeepSpeed ZeRO 0/2/3 -> NullTransformer state dict), deployed checkpoints, and the
-per-source sink manifest checked against brute-force set computations."""
+per-source sink manifest (format version 2) checked against brute-force set computations and a by-hand digest."""
 from __future__ import annotations
 
 import hashlib
@@ -22,8 +22,9 @@ from nulls_dist.model import NullTransformer  # noqa: E402
 from nulls_dist.sinks import SinkAssignment  # noqa: E402
 from nulls_dist.deploy.checkpoint_io import build_model, load_checkpoint, save_deployed, sink_table_keys  # noqa: E402
 from nulls_dist.formats.weights import state_dict_digest  # noqa: E402
+from nulls_dist.audit import sink_digests  # noqa: E402
 from nulls_dist.audit.manifest import (  # noqa: E402
-    INDEX_NAME, ManifestOptions, build_manifest, manifest_digest, sinks_array,
+    INDEX_NAME, ManifestOptions, build_manifest, iter_manifest, manifest_digest, read_index, sinks_array,
 )
 
 
@@ -38,6 +39,22 @@ def run(tmp_path_factory):
 def _read(manifest_dir: Path) -> pa.Table:
     index = json.loads((manifest_dir / INDEX_NAME).read_text())
     return pa.concat_tables([pq.read_table(manifest_dir / s["name"]) for s in index["shards"]])
+
+
+def _row_bytes(state, layer: int, unit: int) -> bytes:
+    """gate | up | down row of one unit in one layer, float32 little-endian (the digest's row)."""
+    return b"".join(state[k][unit].to(torch.float32).numpy().astype("<f4").tobytes() for k in sink_table_keys(layer))
+
+
+def _digest_by_hand(state, n_layer: int, sinks, shared: bool) -> bytes:
+    """docs/unlearning.md's definition, written out: a key's digest over its rows, then one hash over them."""
+    if shared:
+        keys = [hashlib.sha256(b"".join(_row_bytes(state, layer, u) for layer in range(n_layer))).digest()
+                for u in sinks]
+    else:
+        keys = [hashlib.sha256(_row_bytes(state, layer, u)).digest() for layer, units in enumerate(sinks)
+                for u in units]
+    return hashlib.sha256(b"".join(keys)).digest()
 
 
 def _sink_sets(cfg: NullConfig, ids, layer_keys: bool) -> dict[int, set]:
@@ -122,17 +139,68 @@ def test_manifest_exact_matches_brute_force(run, tmp_path):
         assert row["trained"] == (row["source_id"] in trained_ids)
         assert row["tokens"] == ((row["source_id"] - ID_OFFSET) * 10 + 100 if row["trained"] else 0)
         assert row["overlap_exact"]
-        assert len(row["sinks"]) == cfg.n_layer and all(s == sorted(u for _, u in sets[row["source_id"]])
-                                                         for s in row["sinks"])
+        assert row["sinks"] == sorted(u for _, u in sets[row["source_id"]])  # one list: every layer's units
         assert (row["num_sharing"], row["max_overlap"], row["max_overlap_source"]) == expected[row["source_id"]]
-    # the digest of one source's sink rows, recomputed by hand
-    row = rows[3]
-    h = hashlib.sha256()
-    for layer, units in enumerate(row["sinks"]):
-        tables = [ckpt.state_dict[k].numpy() for k in sink_table_keys(layer)]
-        for u in units:
-            h.update(hashlib.sha256(np.concatenate([t[u] for t in tables]).tobytes()).digest())
-    assert row["sink_digest"] == h.hexdigest()
+    # the digest of one source's sink rows, recomputed by hand from the definition
+    assert rows[3]["sink_digest"] == _digest_by_hand(ckpt.state_dict, cfg.n_layer, rows[3]["sinks"], shared=True)
+
+
+def test_shared_sinks_stored_once_and_digest_covers_every_layer(run, tmp_path):
+    """Layers share the mask: one sink list per record, and the digest changes with any layer's row of any
+    of the source's units (gate, up or down), while a source without that unit keeps its digest."""
+    ckpt = load_checkpoint(run / "run")
+    cfg, state = ckpt.model_config, ckpt.state_dict
+    assert not cfg.sink_layer_specific and cfg.n_layer == 2
+    index = build_manifest(tmp_path / "m", state_dict=state, model_cfg=cfg, registry_path=run / "registry.parquet",
+                           checkpoint_sha256="0" * 64, opts=ManifestOptions(chunk_rows=7))
+    assert index["version"] == 2 and index["layers_share_sinks"] is True and index["layer_specific"] is False
+    assert index["sink_digest"] == sink_digests.DEFINITION
+    assert index["schema"]["sinks"] == "list<item: int32>"
+    table = _read(tmp_path / "m")
+    assert table.schema.field("sinks").type == pa.list_(pa.int32())
+    assert table.schema.field("sink_digest").type == pa.binary(32)
+    rows = table.to_pylist()
+    assert all(isinstance(u, int) for row in rows for u in row["sinks"])
+    assert sink_digests.recompute_hex(state, cfg.n_layer, cfg.n_sink, True, [r["sinks"] for r in rows]) == [
+        r["sink_digest"].hex() for r in rows]
+    source, unit = rows[5], rows[5]["sinks"][0]
+    others = [r for r in rows if unit not in r["sinks"]]
+    assert others
+    for layer in range(cfg.n_layer):
+        for key in sink_table_keys(layer):
+            changed = dict(state)
+            changed[key] = state[key].clone()
+            changed[key][unit, -1] += 1e-3
+            again = sink_digests.recompute_hex(changed, cfg.n_layer, cfg.n_sink, True,
+                                               [source["sinks"], others[0]["sinks"]])
+            assert again[0] != source["sink_digest"].hex(), key
+            assert again[1] == others[0]["sink_digest"].hex(), key
+    # end to end: the manifest of the changed weights differs exactly for the sources holding that unit
+    build_manifest(tmp_path / "m2", state_dict=changed, model_cfg=cfg, registry_path=run / "registry.parquet",
+                   checkpoint_sha256="0" * 64)
+    for a, b in zip(rows, _read(tmp_path / "m2").to_pylist()):
+        assert (a["sink_digest"] != b["sink_digest"]) == (unit in a["sinks"])
+
+
+def test_manifest_workers_and_version_1_refused(run, tmp_path):
+    """Threads change nothing in the output; a version-1 index is refused with its path in the message."""
+    ckpt = load_checkpoint(run / "run")
+    shards = []
+    for workers in (1, 2):
+        index = build_manifest(tmp_path / f"w{workers}", state_dict=ckpt.state_dict, model_cfg=ckpt.model_config,
+                               registry_path=run / "registry.parquet", checkpoint_sha256="0" * 64,
+                               opts=ManifestOptions(chunk_rows=5, shard_rows=16, workers=workers))
+        shards.append([(s["name"], s["rows"], s["sha256"]) for s in index["shards"]])
+    assert shards[0] == shards[1] and len(shards[0]) == 3
+    path = tmp_path / "w1" / INDEX_NAME
+    doc = json.loads(path.read_text())
+    path.write_text(json.dumps({**doc, "version": 1}))
+    with pytest.raises(ValueError, match="version 1") as err:
+        list(iter_manifest(tmp_path / "w1"))
+    assert str(path) in str(err.value)
+    with pytest.raises(ValueError, match="contradicts"):
+        path.write_text(json.dumps({**doc, "layers_share_sinks": False}))
+        read_index(tmp_path / "w1")
 
 
 def test_manifest_layer_specific_and_excluded(run, tmp_path):
@@ -151,9 +219,16 @@ def test_manifest_layer_specific_and_excluded(run, tmp_path):
     rows = sinks_array(table.column("sinks"))  # (S, L, K)
     assert rows.shape == (len(ids), cfg.n_layer, 6)
     assert not np.array_equal(rows[:, 0], rows[:, 1])  # layers differ
+    index = read_index(tmp_path / "m")
+    assert index["layers_share_sinks"] is False and index["schema"]["sinks"] == "list<item: list<item: int32>>"
+    assignment = SinkAssignment(cfg.sink_assignment_config())
     for i, row in enumerate(table.to_pylist()):
         assert row["trained"] == (row["source_id"] in trained_ids)
         assert (row["num_sharing"], row["max_overlap"], row["max_overlap_source"]) == expected[row["source_id"]]
+        assert row["sinks"] == [assignment.rows(torch.tensor([row["source_id"]]), layer)[0].tolist()
+                                for layer in range(cfg.n_layer)]  # one list per layer
+    row = table.slice(4, 1).to_pylist()[0]
+    assert row["sink_digest"] == _digest_by_hand(state, cfg.n_layer, row["sinks"], shared=False)
 
 
 def test_manifest_sampled_estimates(run, tmp_path):

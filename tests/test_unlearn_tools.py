@@ -3,6 +3,7 @@ sidecar checked by brute force, uniform and layer-specific) and `verify`, includ
 verification must catch."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -91,7 +92,8 @@ def test_mask_certificates_compose_and_verify(env, tmp_path):
     ckpt = env["ckpt"]
     cert1 = unlearn(ckpt, env["manifest"], ["4100", "Article 11"], "mask", fs, c1)
     assert [s["source_id"] for s in cert1["sources"]] == [4100, 4107]
-    assert cert1["sources"][0]["sinks"] == [sorted(_rows(ckpt, 4100, layer)) for layer in range(2)]
+    assert cert1["layers_share_sinks"] is True and cert1["version"] == 3
+    assert cert1["sources"][0]["sinks"] == sorted(_rows(ckpt, 4100, 0)) == sorted(_rows(ckpt, 4100, 1))
     assert cert1["checkpoint"]["sha256"] == state_dict_digest(ckpt.state_dict)
     expected1 = _expected_collateral(ckpt, {4100, 4107})
     assert _sidecar(c1) == expected1 and len(expected1) > 0
@@ -120,6 +122,17 @@ def test_mask_certificates_compose_and_verify(env, tmp_path):
     unlearn(ckpt, env["manifest"], ["4130"], "mask", other_fs, other_c)
     report = verify_paths(c1, ckpt, other_fs)
     assert not report["ok"] and {"forget_set_contains_sources", "forget_set_history"} <= _failed(report)
+    assert "certified_sink_digest" in {c["check"] for c in verify_paths(c1, ckpt, fs)["checks"]}
+    # a re-hashed certificate with a wrong sink digest, or with its shared list made per-layer, is caught
+    for name, edit in (("certified_sink_digest", lambda d: d["sources"][0].update(sink_digest="0" * 64)),
+                       ("sink_layout_matches_model", lambda d: d.update(layers_share_sinks=False))):
+        doc = json.loads(c1.read_text())
+        edit(doc)
+        doc.pop("certificate_sha256")
+        doc["certificate_sha256"] = json_sha256(doc)
+        (tmp_path / "forged.json").write_text(json.dumps(doc))
+        (tmp_path / "forged.collateral.parquet").write_bytes(sidecar_path(c1).read_bytes())
+        assert name in _failed(verify_paths(tmp_path / "forged.json", ckpt, fs))
     # a tampered certificate fails its own hash
     doc = json.loads(c1.read_text())
     doc["collateral"]["num_sources"] -= 1
@@ -190,13 +203,52 @@ def test_collateral_layer_specific(tmp_path):
     assert any(e[2][0] != e[2][1] for e in expected.values())  # the layers really differ
 
 
+def test_layer_specific_certificate_keeps_per_layer_lists(tmp_path):
+    """A layer-specific model: the certificate lists each source's sinks and the forgotten rows per layer, and
+    verify checks every layer (and that hard zeroed each layer's own rows)."""
+    cfg = NullConfig.from_preset("debug", sink_strategy="uniform", sink_layer_specific=True)
+    torch.manual_seed(0)
+    state = NullTransformer(cfg).state_dict()
+    save_deployed(tmp_path / "ckpt", state, {"model_config": dataclasses.asdict(cfg)})
+    ckpt = load_checkpoint(tmp_path / "ckpt")
+    make_registry(tmp_path / "registry.parquet")
+    build_manifest(tmp_path / "m", state_dict=ckpt.state_dict, model_cfg=cfg,
+                   registry_path=tmp_path / "registry.parquet", checkpoint_sha256=state_dict_digest(ckpt.state_dict))
+    a = SinkAssignment(cfg.sink_assignment_config())
+    per_layer = [sorted(a.rows(torch.tensor([4103]), layer)[0].tolist()) for layer in range(cfg.n_layer)]
+    assert per_layer[0] != per_layer[1]
+    fs = tmp_path / "fs.json"
+    cert = unlearn(ckpt, tmp_path / "m", ["4103"], "mask", fs, tmp_path / "c1.json")
+    assert cert["layers_share_sinks"] is False and cert["sources"][0]["sinks"] == per_layer
+    assert cert["forgotten_rows"] == per_layer
+    report = verify_paths(tmp_path / "c1.json", ckpt, fs, tmp_path / "m")
+    assert report["ok"] and "certified_sink_digest" in {c["check"] for c in report["checks"]}, report
+    cert = unlearn(ckpt, tmp_path / "m", ["4103"], "hard", fs, tmp_path / "c2.json", tmp_path / "dep")
+    dep = load_checkpoint(tmp_path / "dep")
+    for layer in range(cfg.n_layer):
+        assert torch.count_nonzero(dep.state_dict[sink_table_keys(layer)[0]][per_layer[layer]]) == 0
+        other = sorted(set(per_layer[1 - layer]) - set(per_layer[layer]))
+        assert torch.equal(dep.state_dict[sink_table_keys(layer)[0]][other], state[sink_table_keys(layer)[0]][other])
+    assert verify_paths(tmp_path / "c2.json", dep, fs, tmp_path / "m")["ok"]
+    # one layer's list missing is a layout failure, not a crash
+    doc = json.loads((tmp_path / "c2.json").read_text())
+    doc["sources"][0]["sinks"] = doc["sources"][0]["sinks"][:1]
+    doc["forgotten_rows"] = doc["forgotten_rows"][:1]
+    doc.pop("certificate_sha256")
+    doc["certificate_sha256"] = json_sha256(doc)
+    (tmp_path / "c3.json").write_text(json.dumps(doc))
+    (tmp_path / "c3.collateral.parquet").write_bytes(sidecar_path(tmp_path / "c2.json").read_bytes())
+    assert {"certified_sinks_match_assignment", "forgotten_rows_layout"} <= _failed(
+        verify_paths(tmp_path / "c3.json", dep, fs))
+
+
 def test_hard_zeroes_rows_composes_and_verifies(env, tmp_path):
     fs = tmp_path / "fs.json"
     ckpt = env["ckpt"]
     cert = unlearn(ckpt, env["manifest"], ["4101"], "hard", fs, tmp_path / "c1.json", tmp_path / "dep1")
     dep1 = load_checkpoint(tmp_path / "dep1")
     rows1 = sorted(_rows(ckpt, 4101))
-    assert cert["forgotten_rows"] == [rows1, rows1]
+    assert cert["forgotten_rows"] == rows1  # one list, zero in every layer
     for layer in range(2):
         for key in sink_table_keys(layer):
             assert torch.count_nonzero(dep1.state_dict[key][rows1]) == 0
@@ -214,7 +266,7 @@ def test_hard_zeroes_rows_composes_and_verifies(env, tmp_path):
     cert2 = unlearn(dep1, env["manifest"], ["Article 30"], "hard", fs, tmp_path / "c2.json", tmp_path / "dep2")
     dep2 = load_checkpoint(tmp_path / "dep2")
     both = sorted(_rows(ckpt, 4101) | _rows(ckpt, 4126))
-    assert cert2["forgotten_rows"][0] == both and cert2["checkpoint"]["base_sha256"] == cert["checkpoint"]["sha256"]
+    assert cert2["forgotten_rows"] == both and cert2["checkpoint"]["base_sha256"] == cert["checkpoint"]["sha256"]
     assert torch.count_nonzero(dep2.state_dict["transformer.h.1.mlp.sink_up"][both]) == 0
     assert verify_paths(tmp_path / "c2.json", dep2, fs, env["manifest"])["ok"]
     assert _sidecar(tmp_path / "c2.json") == _expected_collateral(ckpt, {4101, 4126})

@@ -78,7 +78,7 @@ def _keys(sinks: np.ndarray, n_sink: int, layer_specific: bool) -> np.ndarray:
 def forget_sinks(manifest_dir: str | Path, source_ids: Iterable[int]) -> ForgetSinks:
     """Lookup tables of the given (manifest) sources; reads only the shards and row groups holding them."""
     index = read_index(manifest_dir)
-    n_layer, n_sink, layer_specific = index["n_layer"], index["n_sink"], bool(index["layer_specific"])
+    n_layer, n_sink, layer_specific = index["n_layer"], index["n_sink"], not index["layers_share_sinks"]
     ids = np.unique(np.asarray(list(source_ids), dtype=np.int64))
     table = read_records(manifest_dir, ids, ["sinks"])
     found = table.column("source_id").to_numpy()
@@ -86,10 +86,11 @@ def forget_sinks(manifest_dir: str | Path, source_ids: Iterable[int]) -> ForgetS
     if not np.array_equal(found[order], ids):
         raise ValueError(f"forget-set source(s) not in the manifest {manifest_dir}: "
                          f"{sorted(set(ids.tolist()) - set(found.tolist()))}")
-    sinks = sinks_array(table.column("sinks"))[order]  # (F, L, K)
-    rows = np.zeros((n_layer, n_sink + 1), dtype=bool)
+    sinks = sinks_array(table.column("sinks"))[order]  # (F, L, K), or (F, 1, K) when layers share the sinks
+    rows = np.zeros((sinks.shape[1], n_sink + 1), dtype=bool)
     layer = np.broadcast_to(np.arange(sinks.shape[1])[None, :, None], sinks.shape)
     rows[layer[sinks >= 0], sinks[sinks >= 0]] = True
+    rows = np.broadcast_to(rows, (n_layer, n_sink + 1)).copy() if sinks.shape[1] == 1 else rows  # (L, P+1)
     num_keys = n_sink * (n_layer if layer_specific else 1)
     words = max(1, (len(ids) + 63) // 64)
     bits = np.zeros((num_keys + 1, words), dtype=np.uint64)
@@ -136,7 +137,7 @@ def iter_collateral(manifest_dir: str | Path, forget: ForgetSinks) -> Iterator[p
                                batch_rows=max(1024, batch_rows)):
         ids = batch.column("source_id").to_numpy()
         keep = batch.column("trained").to_numpy(zero_copy_only=False) & ~np.isin(ids, forget.source_ids)
-        sinks = sinks_array(batch.column("sinks"), first_layer_only=not forget.layer_specific)  # (s, L|1, K)
+        sinks = sinks_array(batch.column("sinks"))  # (s, L, K), or (s, 1, K) when layers share the sinks
         sinks = np.where(sinks >= 0, sinks, n_sink)  # padding -> the always-False column P
         per_layer = forget.rows[np.arange(sinks.shape[1])[None, :, None], sinks].sum(axis=2)  # (s, L|1)
         shared = per_layer.sum(axis=1)  # (s,) distinct shared keys

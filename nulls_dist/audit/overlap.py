@@ -23,10 +23,15 @@ import torch
 import torch.nn.functional as F
 
 # The sampled reference is held as a dense (Q, R) table and summed with torch's embedding_bag (K row reads
-# per source, multi-threaded); that needs Q*R floats, so it is used while Q stays under this many times K
-# (debug pool 448 x 1024 refs = 1.8 MB; paper pool 7692 x 1024 = 31 MB).
+# per source, multi-threaded); that needs Q*R entries, so it is used while Q stays under this many times K
+# (debug pool 448 x 1024 refs = 0.9 MB; paper pool 7692 x 1024 = 16 MB).
 _DENSE_ADVANTAGE = 200
-_DENSE_MAX_ENTRIES = 1 << 26  # 256 MB of float32
+_DENSE_MAX_ENTRIES = 1 << 26  # 128 MB of float16
+# The table is float16: its entries are 0/1 and a bag sums at most its own length, and float16 holds every
+# integer up to 2048 exactly, so the counts are exact for bags up to that length (longer ones use float32).
+# Reading half the bytes of float32 made the bag sums 3.4x faster at the paper pool (7.6 against 25.6 us per
+# source, 1024 refs, one thread, 2-core x86_64 VM): the sums are bound by reading K table rows per source.
+_FP16_MAX_BAG = 2048
 
 
 @dataclass
@@ -75,7 +80,9 @@ def _reduce_dense(counts: torch.Tensor, query_ids: np.ndarray, ref_ids: np.ndarr
     pos = np.minimum(np.searchsorted(ref_ids, query_ids), len(ref_ids) - 1)  # (c,)
     hit = np.nonzero(ref_ids[pos] == query_ids)[0]
     counts[torch.from_numpy(hit), torch.from_numpy(pos[hit])] = 0  # self shares nothing
-    num_sharing = (counts > 0).sum(dim=1).numpy().astype(np.int64)
+    # numpy counts the non-zero entries of a (c, R) float16 table 2.8x faster than torch's bool sum (paper pool,
+    # 1024 refs: 2.0 against 5.6 us per source, one thread); counts are never negative
+    num_sharing = np.count_nonzero(counts.numpy(), axis=1).astype(np.int64)
     max_overlap, best = counts.max(dim=1)  # first maximal index on ties
     max_overlap = max_overlap.numpy().astype(np.int64)
     best = np.where(max_overlap > 0, ref_ids[best.numpy()], -1)
@@ -97,17 +104,19 @@ class OverlapIndex:
         k_mean = max(1.0, float((ref_keys >= 0).sum(axis=1).mean())) if len(ref_keys) else 1.0
         self.dense = num_keys < _DENSE_ADVANTAGE * k_mean and num_keys * len(self.ref_ids) <= _DENSE_MAX_ENTRIES
         self.dense_ref = None
-        if self.dense:  # (Q+1, R) float32; row Q is the zero row that -1 padding points at
-            table = np.zeros((num_keys + 1, len(self.ref_ids)), dtype=np.float32)
-            table[:num_keys] = self.matrix.T.toarray()
-            self.dense_ref = torch.from_numpy(table)
+        if self.dense:  # (Q, R) float16 0/1
+            self.dense_ref = torch.from_numpy(np.ascontiguousarray(self.matrix.T.toarray(), dtype=np.float16))
 
     def query(self, query_ids: np.ndarray, query_keys: np.ndarray) -> OverlapStats:
         """Statistics for a chunk of sources: query_ids (c,), query_keys (c, K) padded with -1."""
         query_ids = np.asarray(query_ids, dtype=np.int64)
         if self.dense:
-            bags = torch.from_numpy(np.where(query_keys >= 0, query_keys, self.num_keys))  # (c, K)
-            counts = F.embedding_bag(bags, self.dense_ref, mode="sum")  # (c, R) shared sinks per pair
+            valid = query_keys >= 0  # (c, K)
+            lengths = valid.sum(axis=1)
+            offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)])[:-1].astype(np.int64))  # (c,)
+            table = self.dense_ref if lengths.max(initial=0) <= _FP16_MAX_BAG else self.dense_ref.float()
+            flat = torch.from_numpy(query_keys[valid].astype(np.int64))  # (n,) the bags, back to back
+            counts = F.embedding_bag(flat, table, offsets, mode="sum")  # (c, R) shared sinks per pair
             stats = _reduce_dense(counts, query_ids, self.ref_ids)
         else:
             q = incidence(query_keys, self.num_keys)  # (c, Q)

@@ -11,6 +11,10 @@
   digests, the method, the UTC time and the collateral of the cumulative forget set: every other trained
   source that shares a forgotten sink, in a Parquet sidecar beside the certificate (`collateral.py`) that the
   certificate pins by sha256 and row count, with an inline summary. `verify` re-checks all of it.
+- Certificate version 3 follows manifest version 2: when every layer uses the same mask the certificate says
+  `layers_share_sinks: true` and each source's `sinks` and the `forgotten_rows` are one list of pool units
+  that holds in every layer (layer-specific: one list per layer, as before). `verify` expands them to every
+  layer and checks each layer against the checkpoint's assignment.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from nulls_dist.audit.manifest import iter_manifest, manifest_digest, read_index
 
 FORGET_SET_FORMAT = "nulls-forget-set"
 CERTIFICATE_FORMAT = "nulls-unlearning-certificate"
-CERTIFICATE_VERSION = 2  # 2: collateral in a Parquet sidecar
+CERTIFICATE_VERSION = 3  # 2: collateral in a Parquet sidecar; 3: shared sink lists stored once (+ the flag)
 METHODS = ("mask", "hard")
 
 
@@ -48,8 +52,8 @@ class SourceRecord:
     title: str
     trained: bool
     tokens: int
-    sinks: list[list[int]]  # per layer, ascending pool indices
-    sink_digest: str
+    sinks: list  # ascending pool units (every layer), or one such list per layer when layer-specific
+    sink_digest: str  # hex
 
 
 # --------------------------------------------------------------------------------------------- resolution
@@ -91,7 +95,7 @@ def resolve_sources(manifest_dir: str | Path, requests: list[str]) -> list[Sourc
         seen_titles.update(sub.column("title").to_pylist())
     cols = ["title", "trained", "tokens", "sinks", "sink_digest"]
     found = {row["source_id"]: SourceRecord(row["source_id"], row["title"], row["trained"], row["tokens"],
-                                            row["sinks"], row["sink_digest"])
+                                            row["sinks"], row["sink_digest"].hex())
              for row in read_records(manifest_dir, seen_ids, cols).to_pylist()}
     unknown = sorted(f"id:{i}" for i in wanted_ids - seen_ids) + sorted(f"title:{t}" for t in wanted_titles - seen_titles)
     if unknown:
@@ -185,15 +189,18 @@ def unlearn(ckpt: LoadedCheckpoint, manifest_dir: str | Path, requests: list[str
     forget = compose_forget_set(existing, records, base, manifest_sha, method)
     forget_tables = forget_sinks(manifest_dir, forget["source_ids"])
     union = forget_tables.union
+    shared = bool(index["layers_share_sinks"])
+    forgotten = [np.nonzero(layer)[0].tolist() for layer in (union[:1] if shared else union)]
     cert: dict[str, Any] = {
         "format": CERTIFICATE_FORMAT, "version": CERTIFICATE_VERSION, "method": method, "time_utc": _now(),
+        "layers_share_sinks": shared, "n_layer": int(index["n_layer"]),
         "sources": [{"source_id": r.source_id, "title": r.title, "tokens": r.tokens, "sinks": r.sinks,
                      "sink_digest": r.sink_digest} for r in records],
         "forget_set": {"path": str(forget_set_path), "sha256": forget["sha256"], "source_ids": forget["source_ids"]},
         "checkpoint": {"path": str(ckpt.path), "sha256": digest, "base_sha256": base},
         "manifest": {"path": str(manifest_dir), "sha256": manifest_sha},
         "strategy": index["strategy"],
-        "forgotten_rows": [np.nonzero(union[layer])[0].tolist() for layer in range(union.shape[0])],
+        "forgotten_rows": forgotten[0] if shared else forgotten,
     }
     sidecar = sidecar_path(certificate_path)
     tmp_sidecar, summary = write_collateral(manifest_dir, forget_tables, sidecar)

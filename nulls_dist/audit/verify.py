@@ -5,13 +5,20 @@ Checks (each reported with ok/detail; the verdict is their conjunction):
 - the forget set's hash recomputes, the certificate's forget-set hash is in its history (later requests may
   have added sources) and it contains every certified source;
 - the checkpoint's content digest: the certified input checkpoint (mask) or the certified output (hard);
-- the certified sink indices of every source are what the checkpoint's sink assignment gives;
-- hard: every forgotten row is zero in every layer's gate/up/down tables;
+- the certificate's sink layout matches the model (`layers_share_sinks` iff the assignment is not
+  layer-specific; per-layer lists have one list per layer), and the certified sink indices of every source are
+  what the checkpoint's sink assignment gives in every layer (a shared list is checked against each layer);
+- mask, on the checkpoint the manifest was built from: each source's certified `sink_digest` recomputes from
+  the checkpoint's rows (`sink_digests.py`, the manifest's definition);
+- hard: every forgotten row is zero in every layer's gate/up/down tables and covers every certified sink;
 - the collateral sidecar (beside the certificate): its sha256 and row count are the certified ones, its
   columns are the schema's, its summary (count, total, top-N) recomputes from its rows, no row is a forgotten
   source, shares nothing, repeats an id or names an overlap outside the forget set;
 - with a manifest: the manifest digest, and the collateral recomputed from the manifest equals the sidecar's
   rows (content sha256), i.e. it is exactly the cumulative forget set's collateral.
+
+Certificates of version 2 (per-layer lists, no `layers_share_sinks`) are read as layer-by-layer lists; their
+manifests (version 1) are refused by the manifest reader, so `--manifest` checks need a rebuilt manifest.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ from nulls_dist.deploy.checkpoint_io import LoadedCheckpoint, sink_table_keys
 from nulls_dist.formats.weights import state_dict_digest
 from nulls_dist.formats.digests import file_sha256, json_sha256
 from nulls_dist.audit.collateral import COLLATERAL_SCHEMA, read_sidecar, recompute_digest
+from nulls_dist.audit import sink_digests
 from nulls_dist.audit.manifest import manifest_digest
 from nulls_dist.audit.unlearn import (CERTIFICATE_FORMAT, forget_set_hash, load_forget_set,
                                         load_json_document)
@@ -34,6 +42,15 @@ from nulls_dist.audit.unlearn import (CERTIFICATE_FORMAT, forget_set_hash, load_
 
 def load_certificate(path: str | Path) -> dict[str, Any]:
     return load_json_document(path, CERTIFICATE_FORMAT, "an unlearning certificate")
+
+
+def _per_layer(lists: list, shared: bool, n_layer: int) -> list[list[int]] | None:
+    """A certificate's sink list(s) -> one list per layer; None when per-layer lists do not number n_layer."""
+    if shared:
+        return [list(lists)] * n_layer
+    if len(lists) != n_layer or not all(isinstance(x, list) for x in lists):
+        return None
+    return lists
 
 
 def _check(checks: list[dict], name: str, ok: bool, detail: str = "") -> None:
@@ -98,25 +115,40 @@ def verify(cert: dict[str, Any], ckpt: LoadedCheckpoint, forget: dict[str, Any],
     _check(checks, "checkpoint_sha256", digest == expected, f"got {digest}, certified {expected}")
 
     cfg = ckpt.model_config
+    shared = bool(cert.get("layers_share_sinks", False))
+    n_layer = cert.get("n_layer", cfg.n_layer)  # version 2 certificates do not name it
+    _check(checks, "sink_layout_matches_model", shared == (not cfg.sink_layer_specific) and n_layer == cfg.n_layer,
+           f"certificate layers_share_sinks={shared}, n_layer={n_layer}; model sink_layer_specific="
+           f"{cfg.sink_layer_specific}, n_layer={cfg.n_layer}")
+    per_layer = {s["source_id"]: _per_layer(s["sinks"], shared, cfg.n_layer) for s in cert["sources"]}
     assignment = SinkAssignment(cfg.sink_assignment_config())
     wrong = []
-    for src in cert["sources"]:
+    for sid, lists in per_layer.items():
         for layer in range(cfg.n_layer):
-            rows = assignment.rows(torch.tensor([src["source_id"]]), layer)[0]
-            if rows[rows >= 0].tolist() != src["sinks"][layer]:
-                wrong.append((src["source_id"], layer))
+            rows = assignment.rows(torch.tensor([sid]), layer)[0]
+            if lists is None or rows[rows >= 0].tolist() != lists[layer]:
+                wrong.append((sid, layer))
     _check(checks, "certified_sinks_match_assignment", not wrong, f"mismatch at {wrong[:5]}" if wrong else "")
+    if cert["method"] == "mask" and digest == cert["checkpoint"]["base_sha256"] and not wrong:
+        got = sink_digests.recompute_hex(ckpt.state_dict, cfg.n_layer, cfg.n_sink, shared,
+                                         [s["sinks"] for s in cert["sources"]])
+        bad = [s["source_id"] for s, h in zip(cert["sources"], got) if h != s["sink_digest"]]
+        _check(checks, "certified_sink_digest", not bad, f"differs for {bad[:5]}" if bad else
+               f"{len(got)} sources, recomputed from the checkpoint ({sink_digests.DEFINITION})")
 
     if cert["method"] == "hard":
+        forgotten = _per_layer(cert["forgotten_rows"], shared, cfg.n_layer)
+        _check(checks, "forgotten_rows_layout", forgotten is not None, f"{cfg.n_layer} layers")
+        forgotten = forgotten or [[] for _ in range(cfg.n_layer)]
         nonzero = []
-        for layer, rows in enumerate(cert["forgotten_rows"]):
+        for layer, rows in enumerate(forgotten):
             index = torch.tensor(rows, dtype=torch.int64)
             for key in sink_table_keys(layer):
                 if index.numel() and ckpt.state_dict[key][index].abs().sum() != 0:
                     nonzero.append(key)
         _check(checks, "forgotten_rows_zero", not nonzero, f"non-zero rows in {nonzero}" if nonzero else "")
-        union = {(layer, r) for layer in range(cfg.n_layer) for s in cert["sources"] for r in s["sinks"][layer]}
-        covered = all(r in set(cert["forgotten_rows"][layer]) for layer, r in union)
+        covered = all(set(lists[layer]) <= set(forgotten[layer]) for lists in per_layer.values() if lists
+                      for layer in range(cfg.n_layer))
         _check(checks, "forgotten_rows_cover_sources", covered)
     if manifest_dir is not None:
         got = manifest_digest(manifest_dir)

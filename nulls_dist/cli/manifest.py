@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 import pyarrow.compute as pc
 import pyarrow as pa
 from omegaconf import DictConfig, OmegaConf
@@ -58,7 +59,10 @@ def run(raw: dict[str, Any]) -> dict[str, Any]:
     exclude = list(meta.get("exclude_sources") or []) if exclude is None else list(exclude)
     opts = ManifestOptions(shard_rows=raw["shard_rows"], chunk_rows=raw["chunk_rows"], overlap=raw["overlap"],
                            overlap_sample=raw["overlap_sample"], exact_budget=raw["exact_budget"],
-                           seed=raw["seed"], exclude_source_ids=resolve_registry_ids(registry, exclude))
+                           seed=raw["seed"], exclude_source_ids=resolve_registry_ids(registry, exclude),
+                           workers=raw["workers"])
+    if opts.workers > 1:
+        torch.set_num_threads(1)  # the workers are the parallelism; intra-op threads in each would oversubscribe
     index = build_manifest(raw["out"], state_dict=ckpt.state_dict, model_cfg=ckpt.model_config,
                            registry_path=registry, checkpoint_sha256=state_dict_digest(ckpt.state_dict),
                            data_manifest_sha256=data_sha, checkpoint_path=str(ckpt.path), opts=opts)
