@@ -89,7 +89,6 @@ def skip_op_builds() -> None:
     The trainer uses none (torch's AdamW, torch.distributed collectives), but DeepSpeed's first look at its op
     table compiles test programs with gcc (the async-I/O probe) and its comm backend then JIT-compiles a CPU
     shared-memory all-reduce for CPU inference, at every start-up."""
-    import deepspeed.ops
     from deepspeed.ops.op_builder.all_ops import ALL_OPS
 
     ops = sys.modules["deepspeed.ops"]
