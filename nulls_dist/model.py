@@ -139,7 +139,7 @@ class NullMLP(nn.Module):
             if plan.kind == "masked":
                 # where() keeps autograd's saved mask a bool; one (N, P) gather per layer, on the device
                 h = torch.where(plan.layer_mask(layer)[plan.token_source], h, 0.0)
-            else:
+            if plan.sink_scale != 1.0:
                 h = h * plan.sink_scale
             y = y + h @ self.sink_down  # (N, D)
         elif plan.kind == "gathered":
@@ -207,6 +207,7 @@ class NullTransformer(nn.Module):
             with torch.device("cpu"):  # host-side index math, even under a meta/cuda default-device context
                 self.sink_assignment = SinkAssignment(cfg.sink_assignment_config())
         self.attention_impl = "auto"  # auto (flex on CUDA for packed rows, SDPA otherwise) | sdpa | flex
+        self.forgotten: tuple[int, ...] = ()  # a deployment's forget set in force (enforce_forget_set)
         self.loss_chunk_tokens = 2048
         self.reset_parameters()
 
@@ -229,6 +230,12 @@ class NullTransformer(nn.Module):
 
     debug_checks = False
 
+    def enforce_forget_set(self, source_ids) -> None:
+        """Deployment: these sources' sinks are never activated again, in any mode, by any caller of this model
+        (generation, evaluation, the lm-eval adapter): `sink_on` / routing to them is refused, `sink_off` and
+        `expected` leave their rows out, per-token training mode is refused."""
+        self.forgotten = tuple(sorted({int(s) for s in source_ids}))
+
     def rope(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 cos, sin (block_size, n) on `device`. Not buffers: `model.bfloat16()` would round the angles."""
         key = str(device)
@@ -249,6 +256,9 @@ class NullTransformer(nn.Module):
     def make_plan(self, source_ids: torch.Tensor | np.ndarray | None, mode: SinkMode,
                   shape: tuple[int, int], device=None) -> SinkPlan:
         """The sink plan of one forward, on `device` (reads `source_ids` back to the host: not for training)."""
+        if mode.kind == "train" and self.forgotten:
+            raise ValueError(f"a forget set of {len(self.forgotten)} source(s) is in force: this model runs "
+                             "deployment modes only (sink_on, sink_off, backbone_only, expected)")
         if mode.kind == "train" and source_ids is None:
             if self.cfg.n_sink:
                 raise ValueError("source_ids is None but mode 'train' needs each token's source id")
@@ -257,7 +267,7 @@ class NullTransformer(nn.Module):
             ids = source_ids.detach().cpu().numpy() if isinstance(source_ids, torch.Tensor) else source_ids
             plan = plan_for_batch(np.asarray(ids, dtype=np.int64), self.cfg, self.sink_assignment)
         else:
-            plan = plan_for_mode(mode, shape, self.cfg, self.sink_assignment)
+            plan = plan_for_mode(mode, shape, self.cfg, self.sink_assignment, forgotten=self.forgotten)
         return plan if device is None else plan.to(device)
 
     # ------------------------------------------------------------------ forward
@@ -297,6 +307,8 @@ class NullTransformer(nn.Module):
             if input_ids.numel():
                 self._check_values(input_ids)
             plan = self.make_plan(source_ids, mode, (B, T), device)
+        elif self.forgotten and not set(self.forgotten) <= set(plan.forget_applied):
+            raise ValueError("this sink plan was not built under the forget set in force (use model.make_plan)")
         elif self.debug_checks:
             self._check_values(input_ids)
             plan.check(self.cfg.n_sink)

@@ -18,7 +18,7 @@ Shape legend:
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -94,6 +94,7 @@ class SinkPlan:
     rows: torch.Tensor | None = None  # (L', U, K) active pool rows, -1 padded (gathered path)
     masks: torch.Tensor | None = None  # (L', U, P) bool (masked path)
     tiles: TilePlan | None = None  # the kernels' tile plan (gathered path)
+    forget_applied: tuple[int, ...] = ()  # the forget set this plan was built under (its rows are never active)
 
     def __post_init__(self) -> None:
         assert self.kind in PLAN_KINDS, self.kind
@@ -205,10 +206,10 @@ def _masks(rows: np.ndarray, num_pool: int) -> np.ndarray:
 
 
 def _as_plan(kind: str, cfg: NullConfig, shape: tuple[int, int], offsets, seg_source, sources, token_source,
-             rows: np.ndarray, single_source_rows: bool, block_m: int) -> SinkPlan:
+             rows: np.ndarray, single_source_rows: bool, block_m: int, forget_applied: tuple[int, ...] = ()) -> SinkPlan:
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
     common = dict(num_rows=shape[0], row_len=shape[1], single_source_rows=single_source_rows, offsets=t(offsets),
-                  seg_source=t(seg_source), sources=t(sources))
+                  seg_source=t(seg_source), sources=t(sources), forget_applied=forget_applied)
     if kind == "masked":
         return SinkPlan("masked", token_source=t(token_source), masks=t(_masks(rows, cfg.n_sink)), **common)
     return SinkPlan("gathered", rows=t(rows), tiles=tile_plan_numpy(offsets, seg_source, len(sources), block_m),
@@ -234,26 +235,45 @@ def _single(source_ids: np.ndarray) -> bool:
 
 
 def plan_for_mode(mode: SinkMode, shape: tuple[int, int], cfg: NullConfig, assignment,
-                  block_m: int = PLAN_BLOCK_M) -> SinkPlan:
-    """A deployment mode (every token uses one source's rows, or none, or all) for a (B, T) batch."""
+                  block_m: int = PLAN_BLOCK_M, forgotten: Iterable[int] = ()) -> SinkPlan:
+    """A deployment mode (every token uses one source's rows, or none, or all) for a (B, T) batch.
+
+    `forgotten`: the deployment's forget set in force. Their sinks are never activated, whatever the mode asks:
+    `sink_on` a forgotten source and `sink_off` routed to one are refused; `sink_off` removes their rows from the
+    route's; `expected` leaves their rows out of the all-sinks mixture."""
     if mode.kind == "train":
         raise ValueError("mode 'train' needs per-token source ids: use plan_for_batch")
+    forgotten = sorted({int(s) for s in forgotten})
+    if mode.source_id is not None and mode.source_id in forgotten:
+        raise ValueError(f"source {mode.source_id} is in the forget set in force: its sinks are never activated "
+                         f"({mode.kind}); route to a surviving source (sink_off) instead")
     num_rows, row_len = shape
     if mode.kind == "backbone_only":
-        return SinkPlan("none", num_rows, row_len, backbone_scale=cfg.backbone_only_scale, single_source_rows=True)
+        return SinkPlan("none", num_rows, row_len, backbone_scale=cfg.backbone_only_scale, single_source_rows=True,
+                        forget_applied=tuple(forgotten))
     if cfg.n_sink == 0:
-        return SinkPlan("none", num_rows, row_len, single_source_rows=True)
+        return SinkPlan("none", num_rows, row_len, single_source_rows=True, forget_applied=tuple(forgotten))
     if mode.kind == "expected":
-        return SinkPlan("dense", num_rows, row_len, sink_scale=cfg.p_mem, single_source_rows=True)
+        if not forgotten:
+            return SinkPlan("dense", num_rows, row_len, sink_scale=cfg.p_mem, single_source_rows=True)
+        gone = _rows(assignment, np.asarray(forgotten, dtype=np.int64), cfg)  # (L', F, K)
+        keep = ~_masks(gone, cfg.n_sink).any(axis=1, keepdims=True)  # (L', 1, P): every row but the forgotten
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+        return SinkPlan("masked", num_rows, row_len, sink_scale=cfg.p_mem, single_source_rows=True,
+                        offsets=t(np.arange(num_rows + 1, dtype=np.int64) * row_len),
+                        seg_source=t(np.zeros(num_rows, dtype=np.int64)), sources=t(np.zeros(1, dtype=np.int64)),
+                        token_source=t(np.zeros(num_rows * row_len, dtype=np.int64)), masks=t(keep),
+                        forget_applied=tuple(forgotten))
     ids = np.array([mode.source_id, *mode.forget_ids], dtype=np.int64)
     check_source_ids(ids, cfg)
-    forget = np.asarray(mode.forget_ids, dtype=np.int64)
+    forget = np.asarray(sorted(set(mode.forget_ids) | set(forgotten)), dtype=np.int64)
     sources = np.array([mode.source_id], dtype=np.int64)
     offsets = np.arange(num_rows + 1, dtype=np.int64) * row_len
     seg_source = np.zeros(num_rows, dtype=np.int64)
     token_source = np.zeros(num_rows * row_len, dtype=np.int64)
     rows = _rows(assignment, sources, cfg, forget)
-    return _as_plan(cfg.sink_path, cfg, shape, offsets, seg_source, sources, token_source, rows, True, block_m)
+    return _as_plan(cfg.sink_path, cfg, shape, offsets, seg_source, sources, token_source, rows, True, block_m,
+                    tuple(forgotten))
 
 
 def active_rows(plan: SinkPlan, layer: int = 0, num_pool: int | None = None) -> set[int]:

@@ -24,8 +24,9 @@ from nulls_dist.formats.weights import state_dict_digest  # noqa: E402
 from nulls_dist.audit.collateral import forget_sinks, iter_collateral, read_sidecar, sidecar_path  # noqa: E402
 from nulls_dist.audit.manifest import ManifestOptions, build_manifest  # noqa: E402
 from nulls_dist.formats.digests import file_sha256, json_sha256
+from nulls_dist.formats.forget_set import load_forget_set
 from nulls_dist.audit.unlearn import (  # noqa: E402
-    load_forget_set, parse_requests, resolve_sources, unlearn,
+    parse_requests, resolve_sources, unlearn,
 )
 from nulls_dist.cli.unlearn import main as unlearn_main  # noqa: E402
 from nulls_dist.audit.verify import load_certificate, verify_paths  # noqa: E402

@@ -330,6 +330,19 @@ def manifest_digest(manifest_dir: str | Path) -> str:
     return file_sha256(path)
 
 
+def check_manifest_belongs(manifest_dir: str | Path, ckpt) -> dict[str, Any]:
+    """ValueError unless the manifest was built from this checkpoint (or from the trained checkpoint a
+    hard-unlearned one derives from); returns the index."""
+    from nulls_dist.deploy.forget import base_checkpoint_sha256
+
+    index = read_index(manifest_dir)
+    base = base_checkpoint_sha256(ckpt)
+    if index["checkpoint_sha256"] != base:
+        raise ValueError(f"manifest {manifest_dir} was built from checkpoint {index['checkpoint_sha256'][:16]}..., "
+                         f"not from {ckpt.path} ({base[:16]}...)")
+    return index
+
+
 def read_index(manifest_dir: str | Path) -> dict[str, Any]:
     """The index of a version-2 manifest; ValueError naming the file for anything else (version 1 included)."""
     path = Path(manifest_dir) / INDEX_NAME

@@ -19,6 +19,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import hmac
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -29,14 +31,16 @@ import pyarrow.compute as pc
 import torch
 
 from nulls_dist.deploy.checkpoint_io import LoadedCheckpoint, save_deployed, sink_table_keys
+from nulls_dist.deploy.forget import base_checkpoint_sha256
 from nulls_dist.formats.weights import state_dict_digest
 from nulls_dist.audit.collateral import forget_sinks, sidecar_path, write_collateral
 from nulls_dist.formats import atomic
-from nulls_dist.formats.digests import json_sha256
+from nulls_dist.formats.digests import canonical_json, json_sha256
 from nulls_dist.formats.documents import read_json_object
+from nulls_dist.formats.forget_set import (FORGET_SET_FORMAT, FORGET_SET_VERSION, check_forget_set,
+                                          forget_set_hash, load_forget_set)
 from nulls_dist.audit.manifest import iter_manifest, manifest_digest, read_index, read_records
 
-FORGET_SET_FORMAT = "nulls-forget-set"
 CERTIFICATE_FORMAT = "nulls-unlearning-certificate"
 CERTIFICATE_VERSION = 3  # 2: collateral in a Parquet sidecar; 3: shared sink lists stored once (+ the flag)
 METHODS = ("mask", "hard")
@@ -98,20 +102,18 @@ def resolve_sources(manifest_dir: str | Path, requests: list[str]) -> list[Sourc
                                             row["sinks"], row["sink_digest"].hex())
              for row in read_records(manifest_dir, seen_ids, cols).to_pylist()}
     unknown = sorted(f"id:{i}" for i in wanted_ids - seen_ids) + sorted(f"title:{t}" for t in wanted_titles - seen_titles)
-    if unknown:
-        raise ValueError(f"unknown source(s) not in the manifest {manifest_dir}: {unknown}")
     untrained = sorted(f"{r.source_id} ({r.title})" for r in found.values() if not r.trained)
+    problems = []
+    if unknown:
+        problems.append(f"unknown source(s) not in the manifest {manifest_dir}: {unknown}")
     if untrained:
-        raise ValueError(f"source(s) never trained on (holdout or excluded), nothing to unlearn: {untrained}")
+        problems.append(f"source(s) never trained on (holdout or excluded), nothing to unlearn: {untrained}")
+    if problems:  # every problem of the request in one error, before anything is written
+        raise ValueError("; ".join(problems))
     return [found[k] for k in sorted(found)]
 
 
 # --------------------------------------------------------------------------------------------- forget sets
-def forget_set_hash(source_ids: Iterable[int], checkpoint_sha256: str, manifest_sha256: str) -> str:
-    return json_sha256({"source_ids": sorted(int(s) for s in source_ids), "checkpoint_sha256": checkpoint_sha256,
-                         "manifest_sha256": manifest_sha256})
-
-
 def load_json_document(path: str | Path, expected_format: str, what: str) -> dict[str, Any]:
     """Read a JSON document of ours (forget set, certificate), checking its `format` field."""
     path = Path(path)
@@ -119,10 +121,6 @@ def load_json_document(path: str | Path, expected_format: str, what: str) -> dic
     if doc.get("format") != expected_format:
         raise ValueError(f"{path}: not {what} (format {doc.get('format')!r})")
     return doc
-
-
-def load_forget_set(path: str | Path) -> dict[str, Any]:
-    return load_json_document(path, FORGET_SET_FORMAT, "a forget set")
 
 
 def compose_forget_set(existing: dict[str, Any] | None, records: list[SourceRecord], checkpoint_sha256: str,
@@ -139,9 +137,10 @@ def compose_forget_set(existing: dict[str, Any] | None, records: list[SourceReco
     digest = forget_set_hash(ids, checkpoint_sha256, manifest_sha256)
     history = list(existing["history"]) if existing else []
     history.append({"time_utc": _now(), "method": method, "added": added, "sha256": digest})
-    return {"format": FORGET_SET_FORMAT, "version": 1, "checkpoint_sha256": checkpoint_sha256,
-            "manifest_sha256": manifest_sha256, "source_ids": sorted(ids),
-            "sources": {str(k): ids[k] for k in sorted(ids)}, "sha256": digest, "history": history}
+    return check_forget_set({"format": FORGET_SET_FORMAT, "version": FORGET_SET_VERSION,
+                             "checkpoint_sha256": checkpoint_sha256, "manifest_sha256": manifest_sha256,
+                             "source_ids": sorted(ids), "sources": {str(k): ids[k] for k in sorted(ids)},
+                             "sha256": digest, "history": history})
 
 
 # --------------------------------------------------------------------------------------------- rows
@@ -162,30 +161,95 @@ def zero_rows(state_dict: dict[str, torch.Tensor], union: np.ndarray) -> dict[st
     return out
 
 
+# --------------------------------------------------------------------------------------------- paths
+def protected_paths(ckpt: LoadedCheckpoint, manifest_dir: Path) -> dict[str, Path]:
+    """What an unlearning request must never write into: the input checkpoint (its training run's checkpoints
+    directory, for a training checkpoint) and the manifest."""
+    out = {"the input checkpoint": ckpt.path.resolve(), "the manifest": manifest_dir.resolve()}
+    if ckpt.kind == "training":
+        out["the training run's checkpoints"] = ckpt.path.resolve().parent
+        out["the training run directory"] = ckpt.path.resolve().parent.parent
+    return out
+
+
+def check_output_paths(ckpt: LoadedCheckpoint, manifest_dir: Path, forget_set_path: Path, certificate_path: Path,
+                       output_checkpoint: Path | None) -> None:
+    """ValueError naming the option when an output would clobber another output, the checkpoint or the
+    manifest, or overwrite an earlier certificate (certificates are never rewritten: one per request)."""
+    outputs = {"--forget-set": forget_set_path.resolve(), "--certificate": certificate_path.resolve(),
+               "the collateral sidecar": sidecar_path(certificate_path).resolve()}
+    if output_checkpoint is not None:
+        outputs["--output"] = output_checkpoint.resolve()
+    names = list(outputs)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if outputs[a] == outputs[b] or outputs[b] in outputs[a].parents or outputs[a] in outputs[b].parents:
+                raise ValueError(f"{a} {outputs[a]} and {b} {outputs[b]} would overwrite each other")
+    for name, path in outputs.items():
+        for what, guarded in protected_paths(ckpt, manifest_dir).items():
+            inside = path == guarded or guarded in path.parents
+            # the run directory itself may hold the forget set and certificates, never a checkpoint directory
+            if what == "the training run directory":
+                inside = name == "--output" and (path == guarded or path in guarded.parents)
+            if inside:
+                raise ValueError(f"{name} {path} would write into {what} ({guarded}); choose a path outside it")
+    for name in ("--certificate", "the collateral sidecar"):
+        if outputs[name].exists():
+            raise ValueError(f"{name} {outputs[name]} exists: certificates are never overwritten (one per request); "
+                             "choose a new path")
+    out = outputs.get("--output")
+    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--output {out} exists and is not an empty directory; nothing is overwritten")
+
+
+# --------------------------------------------------------------------------------------------- signing
+SIGNATURE_ALG = "HMAC-SHA256"
+
+
+def key_id(key: bytes) -> str:
+    return hashlib.sha256(b"nulls-key-id:" + key).hexdigest()[:16]
+
+
+def sign(cert: dict[str, Any], key: bytes) -> dict[str, str]:
+    """An HMAC-SHA256 signature over the certificate's canonical JSON (every field but the signature)."""
+    body = {k: v for k, v in cert.items() if k != "signature"}
+    return {"alg": SIGNATURE_ALG, "key_id": key_id(key),
+            "value": hmac.new(key, canonical_json(body), hashlib.sha256).hexdigest()}
+
+
+def read_signing_key(path: str | Path) -> bytes:
+    """A signing key file (raw bytes; at least 16). Keep it away from the people whose requests it signs."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"signing key file not found: {path}")
+    key = path.read_bytes().strip()
+    if len(key) < 16:
+        raise ValueError(f"signing key {path} holds {len(key)} bytes; use at least 16 random bytes")
+    return key
+
+
 # --------------------------------------------------------------------------------------------- unlearn
-def base_checkpoint_sha256(ckpt: LoadedCheckpoint, digest: str) -> str:
-    """The trained checkpoint a (possibly hard-unlearned) checkpoint derives from."""
-    return ckpt.meta.get("unlearning", {}).get("base_checkpoint_sha256", digest)
-
-
 def unlearn(ckpt: LoadedCheckpoint, manifest_dir: str | Path, requests: list[str], method: str,
             forget_set_path: str | Path, certificate_path: str | Path,
-            output_checkpoint: str | Path | None = None) -> dict[str, Any]:
-    """Resolve, compose the forget set, (hard: write the zeroed checkpoint), write the certificate."""
+            output_checkpoint: str | Path | None = None, signing_key: bytes | None = None) -> dict[str, Any]:
+    """Resolve, compose the forget set, (hard: write the zeroed checkpoint), write the certificate (signed
+    with `signing_key` when given). Nothing is written unless every check passes."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "hard" and output_checkpoint is None:
         raise ValueError("method 'hard' needs output_checkpoint (the directory of the new deployed checkpoint)")
-    manifest_dir = Path(manifest_dir)
+    manifest_dir, forget_set_path, certificate_path = Path(manifest_dir), Path(forget_set_path), Path(certificate_path)
+    check_output_paths(ckpt, manifest_dir, forget_set_path, certificate_path,
+                       Path(output_checkpoint) if output_checkpoint is not None else None)
     index = read_index(manifest_dir)
     manifest_sha = manifest_digest(manifest_dir)
     digest = state_dict_digest(ckpt.state_dict)
-    base = base_checkpoint_sha256(ckpt, digest)
+    base = base_checkpoint_sha256(ckpt)
     if base != index["checkpoint_sha256"]:
         raise ValueError(f"checkpoint {ckpt.path} (base sha256 {base}) is not the checkpoint the manifest "
                          f"{manifest_dir} was built from ({index['checkpoint_sha256']})")
     records = resolve_sources(manifest_dir, requests)
-    existing = load_forget_set(forget_set_path) if Path(forget_set_path).exists() else None
+    existing = load_forget_set(forget_set_path) if forget_set_path.exists() else None
     forget = compose_forget_set(existing, records, base, manifest_sha, method)
     forget_tables = forget_sinks(manifest_dir, forget["source_ids"])
     union = forget_tables.union
@@ -217,6 +281,8 @@ def unlearn(ckpt: LoadedCheckpoint, manifest_dir: str | Path, requests: list[str
             cert["output_checkpoint"] = {"path": str(output_checkpoint), "sha256": state_dict_digest(state)}
             cert["collateral"]["meaning"] += " (hard: each loses `shared_rows` sink rows of capacity)"
         cert["certificate_sha256"] = json_sha256(cert)
+        if signing_key is not None:
+            cert["signature"] = sign(cert, signing_key)
         # the sidecar, forget set and certificate land only after every check above passed
         atomic.commit(tmp_sidecar, sidecar)
     finally:

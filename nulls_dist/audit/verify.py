@@ -22,6 +22,7 @@ manifests (version 1) are refused by the manifest reader, so `--manifest` checks
 """
 from __future__ import annotations
 
+import hmac
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,9 @@ from nulls_dist.formats.digests import file_sha256, json_sha256
 from nulls_dist.audit.collateral import COLLATERAL_SCHEMA, read_sidecar, recompute_digest
 from nulls_dist.audit import sink_digests
 from nulls_dist.audit.manifest import manifest_digest
-from nulls_dist.audit.unlearn import (CERTIFICATE_FORMAT, forget_set_hash, load_forget_set,
-                                        load_json_document)
+from nulls_dist.audit.manifest import read_records
+from nulls_dist.audit.unlearn import CERTIFICATE_FORMAT, key_id, load_json_document, sign
+from nulls_dist.formats.forget_set import forget_set_hash, load_forget_set
 
 
 def load_certificate(path: str | Path) -> dict[str, Any]:
@@ -93,18 +95,51 @@ def _check_collateral(checks: list[dict], cert: dict[str, Any], certificate_dir:
                "recomputed from the manifest for the certified forget set")
 
 
+def _signature(checks: list[dict], cert: dict[str, Any], signing_key: bytes | None) -> str:
+    """Check the signature when a key is given; returns what the verdict assures."""
+    signature = cert.get("signature")
+    if signing_key is None:
+        if signature is None:
+            return ("unsigned: the certificate_sha256 seal detects accidental changes only; anyone can edit a "
+                    "certificate and reseal it (sign certificates with --signing-key)")
+        return f"signed ({signature.get('alg')}, key {signature.get('key_id')}) but not checked: no key given"
+    if signature is None:
+        _check(checks, "signature", False, "the certificate is not signed")
+        return "unsigned"
+    want = sign(cert, signing_key)
+    _check(checks, "signature", hmac.compare_digest(str(signature.get("value", "")), want["value"]) and
+           signature.get("key_id") == key_id(signing_key), f"{signature.get('alg')}, key {signature.get('key_id')}")
+    return f"signed ({want['alg']}, key {want['key_id']}) and checked with the key"
+
+
+def _certified_state(forget: dict[str, Any], certified_sha: str) -> list[int] | None:
+    """The forget set's sources after the history entry whose hash is the certified one (None if absent)."""
+    replay: set[int] = set()
+    for entry in forget["history"]:
+        replay |= {int(s) for s in entry["added"]}
+        if entry["sha256"] == certified_sha:
+            return sorted(replay)
+    return None
+
+
 def verify(cert: dict[str, Any], ckpt: LoadedCheckpoint, forget: dict[str, Any],
-           manifest_dir: str | Path | None = None, certificate_dir: str | Path = ".") -> dict[str, Any]:
-    """All checks; `certificate_dir` is where the certificate (and so its collateral sidecar) lies."""
+           manifest_dir: str | Path | None = None, certificate_dir: str | Path = ".",
+           signing_key: bytes | None = None) -> dict[str, Any]:
+    """All checks; `certificate_dir` is where the certificate (and so its collateral sidecar) lies. Every field
+    of the certificate that can be derived is derived again (from the forget set's history, the sink assignment,
+    the checkpoint's rows and, with `manifest_dir`, the manifest's records) and compared."""
     checks: list[dict] = []
-    body = {k: v for k, v in cert.items() if k != "certificate_sha256"}
+    body = {k: v for k, v in cert.items() if k not in ("certificate_sha256", "signature")}
     _check(checks, "certificate_sha256", json_sha256(body) == cert.get("certificate_sha256"))
+    assurance = _signature(checks, cert, signing_key)
 
     recomputed = forget_set_hash(forget["source_ids"], forget["checkpoint_sha256"], forget["manifest_sha256"])
     _check(checks, "forget_set_sha256", recomputed == forget["sha256"], f"recomputed {recomputed}")
-    history = {h["sha256"] for h in forget.get("history", [])}
-    _check(checks, "forget_set_history", cert["forget_set"]["sha256"] in history,
+    state = _certified_state(forget, cert["forget_set"]["sha256"])
+    _check(checks, "forget_set_history", state is not None,
            "the certified forget set is this forget set or an earlier state of it")
+    _check(checks, "certified_forget_set_recomputes", state == sorted(cert["forget_set"]["source_ids"]),
+           "the certified source_ids are the forget set's state at the certified hash")
     certified = {s["source_id"] for s in cert["sources"]} | set(cert["forget_set"]["source_ids"])
     missing = sorted(certified - set(forget["source_ids"]))
     _check(checks, "forget_set_contains_sources", not missing, f"missing {missing}" if missing else "")
@@ -150,14 +185,36 @@ def verify(cert: dict[str, Any], ckpt: LoadedCheckpoint, forget: dict[str, Any],
         covered = all(set(lists[layer]) <= set(forgotten[layer]) for lists in per_layer.values() if lists
                       for layer in range(cfg.n_layer))
         _check(checks, "forgotten_rows_cover_sources", covered)
+    _check(checks, "strategy_recomputes", cert.get("strategy") == assignment.describe(),
+           "the certified strategy is the checkpoint's sink assignment")
+    union = [set() for _ in range(cfg.n_layer)]
+    for sid in cert["forget_set"]["source_ids"]:
+        for layer in range(cfg.n_layer):
+            rows = assignment.rows(torch.tensor([int(sid)]), layer)[0]
+            union[layer] |= set(rows[rows >= 0].tolist())
+    certified_union = _per_layer(cert["forgotten_rows"], shared, cfg.n_layer)
+    _check(checks, "forgotten_rows_recompute", certified_union is not None and all(
+        sorted(union[layer]) == sorted(certified_union[layer]) for layer in range(cfg.n_layer)),
+        "the union of the certified forget set's sinks in every layer, from the assignment")
+    unchecked = []
     if manifest_dir is not None:
         got = manifest_digest(manifest_dir)
         _check(checks, "manifest_sha256", got == cert["manifest"]["sha256"], f"got {got}")
+        records = {r["source_id"]: r for r in read_records(manifest_dir, [s["source_id"] for s in cert["sources"]],
+                                                           ["title", "tokens", "sink_digest"]).to_pylist()}
+        wrong = [s["source_id"] for s in cert["sources"] if s["source_id"] not in records or
+                 (records[s["source_id"]]["title"], records[s["source_id"]]["tokens"],
+                  records[s["source_id"]]["sink_digest"].hex()) != (s["title"], s["tokens"], s["sink_digest"])]
+        _check(checks, "sources_match_manifest", not wrong,
+               f"title, tokens or sink digest differ for {wrong[:5]}" if wrong else "titles, tokens, sink digests")
+    else:
+        unchecked.append("titles, tokens and the manifest digest (no --manifest)")
     _check_collateral(checks, cert, Path(certificate_dir), manifest_dir)
-    return {"ok": all(c["ok"] for c in checks), "method": cert["method"], "checks": checks}
+    return {"ok": all(c["ok"] for c in checks), "method": cert["method"], "assurance": assurance,
+            "unchecked": unchecked, "checks": checks}
 
 
 def verify_paths(certificate: str | Path, checkpoint: LoadedCheckpoint, forget_set: str | Path,
-                 manifest_dir: str | Path | None = None) -> dict[str, Any]:
+                 manifest_dir: str | Path | None = None, signing_key: bytes | None = None) -> dict[str, Any]:
     return verify(load_certificate(certificate), checkpoint, load_forget_set(forget_set), manifest_dir,
-                  Path(certificate).parent)
+                  Path(certificate).parent, signing_key)

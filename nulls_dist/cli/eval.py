@@ -20,14 +20,15 @@ from nulls_dist.deploy.checkpoint_io import build_model, load_checkpoint
 from nulls_dist.evaluation.evaluate import (
     EvalConfig, EvalData, baseline_deployments, gold_deployment, routed_deployment, run_evaluation,
 )
-from nulls_dist.audit.manifest import iter_manifest
+from nulls_dist.audit.manifest import check_manifest_belongs, iter_manifest, manifest_digest
+from nulls_dist.deploy.forget import apply_forget_set
 from nulls_dist.evaluation.posthoc import FinetuneConfig
 from nulls_dist.evaluation.report import write_report
 from nulls_dist.deploy.routing import SourceIndex, make_embedder
 from nulls_dist.evaluation.source_text import read_source_tokens
 from nulls_dist.formats.dataset import MANIFEST_NAME, read_manifest
 from nulls_dist.formats.documents import read_jsonl
-from nulls_dist.audit.unlearn import load_forget_set
+from nulls_dist.formats.forget_set import load_forget_set
 
 log = logging.getLogger("nulls_dist.evaluation")
 
@@ -102,16 +103,23 @@ def run(args) -> dict:
                     titles={s: v[0] for s, v in table.items()}, tokens=read_source_tokens(data_dir, wanted),
                     probes=probes, encode=encode, bos_id=bos)
     original_ckpt = load_checkpoint(args.checkpoint)
+    check_manifest_belongs(args.manifest, original_ckpt)
     original = build_model(original_ckpt)
+    # the unlearned deployment is its own model with the forget set in force (checked against this checkpoint
+    # and manifest): no mode can reach a forgotten source's sinks; the original keeps them for comparison
+    unlearned = build_model(original_ckpt)
+    apply_forget_set(unlearned, original_ckpt, args.forget_set, manifest_digest(args.manifest))
     embedder = make_embedder(args.embedder, original.transformer.wte.weight, encode)
     survivors = sorted(trained)
     index = SourceIndex.build(survivors, [data.titles[s] for s in survivors], embedder)
     route_all = routed_deployment("routed", original, index, embedder, [], data.titles).mode_for
     deployments = [gold_deployment("original", original, trained, route_all),
-                   routed_deployment("unlearned", original, index, embedder, forget, data.titles)]
+                   routed_deployment("unlearned", unlearned, index, embedder, forget, data.titles)]
     if args.hard:
-        deployments.append(routed_deployment("hard", build_model(load_checkpoint(args.hard)), index, embedder,
-                                             forget, data.titles))
+        hard_ckpt = load_checkpoint(args.hard)
+        hard = build_model(hard_ckpt)
+        apply_forget_set(hard, hard_ckpt, args.forget_set, manifest_digest(args.manifest))
+        deployments.append(routed_deployment("hard", hard, index, embedder, forget, data.titles))
     if args.oracle:
         oracle_ckpt = load_checkpoint(args.oracle)
         excluded = {str(x) for x in oracle_ckpt.meta.get("exclude_sources", [])}

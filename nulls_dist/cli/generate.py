@@ -21,7 +21,9 @@ from nulls_dist.deploy.checkpoint_io import build_model, load_checkpoint
 from nulls_dist.deploy.generate import SamplingConfig, generate
 from nulls_dist.audit.manifest import iter_manifest
 from nulls_dist.deploy.routing import Router, SourceIndex, make_embedder
-from nulls_dist.audit.unlearn import load_forget_set, resolve_sources
+from nulls_dist.audit.manifest import check_manifest_belongs, manifest_digest
+from nulls_dist.audit.unlearn import resolve_sources
+from nulls_dist.deploy.forget import apply_forget_set
 
 MODES = ("sink_on", "sink_off", "backbone_only", "expected")
 
@@ -82,7 +84,7 @@ def _mode(args, model, sp) -> tuple[SinkMode, dict]:
         (record,) = resolve_sources(args.manifest, [args.source])
         info["source"] = {"source_id": record.source_id, "title": record.title}
         return SinkMode.sink_on(record.source_id), info
-    forget = load_forget_set(args.forget_set)["source_ids"] if args.forget_set else []
+    forget = list(model.forgotten)  # the forget set in force (main() applied and checked it)
     ids, titles = [], []
     for batch in iter_manifest(args.manifest, columns=["source_id", "title", "trained"]):
         for sid, title, trained in zip(*(batch.column(c).to_pylist() for c in ("source_id", "title", "trained"))):
@@ -103,6 +105,10 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     ckpt = load_checkpoint(args.checkpoint)
     model = build_model(ckpt)
+    if args.manifest:
+        check_manifest_belongs(args.manifest, ckpt)
+    if args.forget_set:  # in force for every mode: a forgotten source's sinks are refused, not just not routed to
+        apply_forget_set(model, ckpt, args.forget_set, manifest_digest(args.manifest) if args.manifest else None)
     sp, bos = load_tokenizer(ckpt.meta, args.tokenizer)
     mode, info = _mode(args, model, sp)
     prompt = ([bos] if bos is not None else []) + sp.encode(args.prompt)

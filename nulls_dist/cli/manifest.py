@@ -42,6 +42,31 @@ def resolve_registry_ids(registry: Path, items: list[Any]) -> list[int]:
     return sorted(found_ids)
 
 
+def check_data_belongs(ckpt, data_manifest: str | Path | None, registry: Path) -> str | None:
+    """ValueError unless the data manifest and registry are the ones the checkpoint was trained on (digests
+    recorded at training time), naming what differs: a dataset rebuilt after training may give a title another
+    source id, and forgetting that id would forget the wrong article. Returns the data manifest's sha256."""
+    meta = ckpt.meta
+    trained_data, trained_registry = meta.get("data_manifest_sha256"), meta.get("registry_sha256")
+    data_sha = None
+    if data_manifest and Path(data_manifest).is_file():
+        data_sha = file_sha256(data_manifest)
+        if trained_data and data_sha != trained_data:
+            raise ValueError(f"data manifest {data_manifest} (sha256 {data_sha[:16]}...) is not the one checkpoint "
+                             f"{ckpt.path} was trained on ({trained_data[:16]}...): the dataset was rebuilt or "
+                             "changed after training, so titles may map to other source ids")
+        recorded = (read_manifest(data_manifest).get("registry") or {}).get("sha256")
+        if recorded and file_sha256(registry) != recorded:
+            raise ValueError(f"registry {registry} does not match the one data manifest {data_manifest} records "
+                             f"({recorded[:16]}...)")
+    if trained_registry and file_sha256(registry) != trained_registry:
+        raise ValueError(f"registry {registry} is not the one checkpoint {ckpt.path} was trained with "
+                         f"({trained_registry[:16]}...)")
+    if not (trained_data or trained_registry):
+        log.warning("checkpoint %s records no data digests: the registry cannot be checked against it", ckpt.path)
+    return data_sha or trained_data
+
+
 def run(raw: dict[str, Any]) -> dict[str, Any]:
     ckpt = load_checkpoint(raw["checkpoint"], raw.get("tag"))
     meta = ckpt.meta
@@ -53,8 +78,7 @@ def run(raw: dict[str, Any]) -> dict[str, Any]:
         doc = read_manifest(data_manifest)
         registry = Path(data_manifest).parent / (doc.get("registry") or {}).get("path", REGISTRY_NAME)
     registry = Path(registry)
-    data_sha = file_sha256(data_manifest) if data_manifest and Path(data_manifest).is_file() else meta.get(
-        "data_manifest_sha256")
+    data_sha = check_data_belongs(ckpt, data_manifest, registry)
     exclude = raw.get("exclude_sources")
     exclude = list(meta.get("exclude_sources") or []) if exclude is None else list(exclude)
     opts = ManifestOptions(shard_rows=raw["shard_rows"], chunk_rows=raw["chunk_rows"], overlap=raw["overlap"],

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from nulls_dist.audit.collateral import sidecar_path
-from nulls_dist.audit.unlearn import METHODS, load_forget_set, parse_requests, unlearn
+from nulls_dist.audit.unlearn import METHODS, parse_requests, read_signing_key, unlearn
+from nulls_dist.formats.forget_set import load_forget_set
 from nulls_dist.audit.verify import load_certificate, verify
 from nulls_dist.cli.errors import keep_stdout_for_output, report_errors
 from nulls_dist.deploy.checkpoint_io import load_checkpoint
@@ -33,6 +34,8 @@ def _forget_parser() -> argparse.ArgumentParser:
     p.add_argument("--forget-set", required=True, help="forget-set JSON (created, or extended when it exists)")
     p.add_argument("--certificate", required=True, help="where the certificate JSON goes")
     p.add_argument("--output", default=None, help="hard: directory of the new deployed checkpoint")
+    p.add_argument("--signing-key", default=None,
+                   help="a key file: sign the certificate (HMAC-SHA256); verify with the same key")
     return p
 
 
@@ -42,7 +45,9 @@ def _verify_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="the deployed checkpoint (hard: the certified output)")
     p.add_argument("--tag", default=None)
     p.add_argument("--forget-set", required=True)
-    p.add_argument("--manifest", default=None, help="also check the manifest digest")
+    p.add_argument("--manifest", default=None,
+                   help="also recompute titles, tokens, sink digests and the collateral from the manifest")
+    p.add_argument("--signing-key", default=None, help="the key file the certificate was signed with")
     return p
 
 
@@ -55,16 +60,18 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] == "verify":
         args = _verify_parser().parse_args(argv[1:])
         certificate, forget_set = load_certificate(args.certificate), load_forget_set(args.forget_set)
+        key = read_signing_key(args.signing_key) if args.signing_key else None
         report = verify(certificate, load_checkpoint(args.checkpoint, args.tag), forget_set, args.manifest,
-                        Path(args.certificate).parent)
+                        Path(args.certificate).parent, signing_key=key)
         print(json.dumps(report, indent=2))
         sys.exit(0 if report["ok"] else 1)
     args = _forget_parser().parse_args(argv)
     requests = parse_requests(args.sources, args.file)
     if Path(args.forget_set).exists():
         load_forget_set(args.forget_set)
+    key = read_signing_key(args.signing_key) if args.signing_key else None
     cert = unlearn(load_checkpoint(args.checkpoint, args.tag), args.manifest, requests, args.method,
-                   args.forget_set, args.certificate, args.output)
+                   args.forget_set, args.certificate, args.output, signing_key=key)
     print(json.dumps({"method": cert["method"], "certificate": args.certificate,
                       "sources": [s["source_id"] for s in cert["sources"]],
                       "forget_set_size": len(cert["forget_set"]["source_ids"]),
