@@ -5,7 +5,10 @@ from outside the holders, and (answer_scope=rare) unique answers that occur in t
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -56,6 +59,15 @@ def test_schema_matches_synthwiki_and_is_deterministic(small):
     assert all(cfg.min_chars <= len(r["text"]) <= cfg.max_chars for r in rows)
     kinds = {k: sum(p["kind"] == k for p in probes) for k in ("unique", "shared")}
     assert kinds["unique"] > 3 * len(rows) and kinds["shared"] > 0
+
+
+def test_same_output_in_processes_with_other_hash_seeds():
+    """No set or dict order leaks into the output: PYTHONHASHSEED changes nothing."""
+    code = ("import hashlib, json; from nulls_dist.data_pipeline import reference_corpus as R; "
+            "print(hashlib.sha256(json.dumps(R.generate(R.ReferenceCorpusConfig(max_countries=4))).encode()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},
+                              capture_output=True, text=True, check=True).stdout for seed in ("1", "2")}
+    assert len(digests) == 1
 
 
 def test_probes_hold_in_the_text(small):

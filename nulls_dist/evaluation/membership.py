@@ -239,7 +239,8 @@ def membership_summary(members: dict[str, Sequence[float]], non_members: dict[st
 
     With the retrain oracle's scores of the SAME sources in the same order (`retrain_*`), each attack the
     oracle also has gets MUSE's PrivLeak and a paired bootstrap interval of it. Intervals: `confidence`
-    percentile bootstrap over sources, `num_resamples` stratified resamples from numpy's Generator(`seed`)."""
+    percentile bootstrap over sources, `num_resamples` stratified resamples from numpy's Generator(`seed`),
+    the same resampled sources for every attack of equal size (so their intervals are comparable)."""
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
     if (retrain_members is None) != (retrain_non_members is None):
