@@ -332,24 +332,25 @@ PARQUET_SCHEMA = pa.schema([("id", pa.string()), ("url", pa.string()), ("title",
 
 def write(cfg: SynthWikiConfig, out: str | Path) -> dict:
     """Generate and write the parquet file, probes.jsonl and meta.json (each atomically); returns meta."""
+    rows, probes = generate(cfg)
+    return write_corpus(out, rows, probes, {"generator_version": GENERATOR_VERSION, "config": asdict(cfg)})
+
+
+def write_corpus(out: str | Path, rows: list[dict], probes: list[dict], meta: dict) -> dict:
+    """A corpus in the layout the ingest reads: `PARQUET_NAME` (id, url, title, text), `PROBES_NAME` and
+    `META_NAME` (`meta` plus counts and the file list), each written atomically, meta last; returns meta."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, probes = generate(cfg)
     table = pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA)
     with atomic.atomic_path(out / PARQUET_NAME) as tmp:
         pq.write_table(table, tmp, compression="zstd", row_group_size=64)
-    _write_text(out / PROBES_NAME, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in probes))
-    meta = {"generator_version": GENERATOR_VERSION, "config": asdict(cfg), "num_articles": len(rows),
-            "num_chars": sum(len(r["text"]) for r in rows),
+    atomic.write_text(out / PROBES_NAME, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in probes))
+    meta = {**meta, "num_articles": len(rows), "num_chars": sum(len(r["text"]) for r in rows),
             "num_probes": {k: sum(p["kind"] == k for p in probes) for k in ("unique", "shared")},
             "files": [PARQUET_NAME, PROBES_NAME],
             "source_ids": "source_id = source_index + id_offset (the index is the row in the parquet file)"}
-    _write_text(out / META_NAME, json.dumps(meta, indent=2) + "\n")
+    atomic.write_text(out / META_NAME, json.dumps(meta, indent=2) + "\n")
     return meta
-
-
-def _write_text(path: Path, text: str) -> None:
-    atomic.write_text(path, text)
 
 
 def load_probes(path: str | Path = BUNDLED_DIR / PROBES_NAME, id_offset: int | None = None) -> list[dict]:
