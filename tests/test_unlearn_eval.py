@@ -159,7 +159,15 @@ def test_end_to_end_evaluation_report(tmp_path):
               {"probe_id": "s0", "kind": "shared", "prompt": "q", "answer": "d", "distractors": ["b"],
                "source_ids": [BASE, BASE + 1]},
               {"probe_id": "u1", "kind": "unique", "prompt": "q", "answer": "c", "distractors": ["a"],
-               "source_ids": [BASE + 1]}]
+               "source_ids": [BASE + 1]},
+              {"probe_id": "u2", "kind": "unique", "prompt": "q", "answer": "a", "distractors": ["c"],
+               "source_ids": [BASE + 3]},  # a retained article not related to the forgotten one
+              {"probe_id": "s1", "kind": "shared", "prompt": "q", "answer": "b", "distractors": ["c"],
+               "source_ids": [BASE + 2, BASE + 3]},  # shared among retained articles only
+              {"probe_id": "u6", "kind": "unique", "prompt": "q", "answer": "b", "distractors": ["d"],
+               "source_ids": [BASE + 6]},  # never trained: the level of an unseen fact
+              {"probe_id": "x", "kind": "unique", "prompt": "q", "answer": "b", "distractors": ["d"],
+               "source_ids": [BASE + 99]}]  # in no group: reported, not dropped silently
     data = EvalData(forget_ids=[BASE], retained_ids=ids[1:6], related_ids=[BASE + 1], holdout_ids=[BASE + 6, BASE + 7],
                     titles=titles, tokens=tokens, probes=probes, encode=encode, bos_id=None)
     embedder = ModelEmbedder(model.transformer.wte.weight, lambda t: [words.get(w, 11) for w in t.split()])
@@ -173,7 +181,9 @@ def test_end_to_end_evaluation_report(tmp_path):
                      relearn_sources=1, relearn_points=3)
     result = run_evaluation(deployments, data, cfg)
     assert result["num_probes"] == {"unique_forget": 1, "shared_forget": 1, "shared_forget_via_retained": 1,
-                                  "unique_related": 1}
+                                  "unique_related": 1, "unique_retained": 1, "shared_retained": 1,
+                                  "unique_holdout": 1}
+    assert sum(result["probes_unused"].values()) == 1
     orig = result["deployments"]["original"]
     assert orig["loss"]["forget"] == pytest.approx(M.text_loss(model, tokens[BASE], SinkMode.sink_on(BASE)))
     assert orig["relearning"]["steps"] == [0, 1, 2] and len(orig["relearning"]["loss_rest"]) == 3
@@ -186,7 +196,7 @@ def test_end_to_end_evaluation_report(tmp_path):
     orig_probes, oracle_probes = orig["probes"]["shared_forget"], result["deployments"]["oracle"]["probes"]["shared_forget"]
     assert doc["deployments"]["original"]["probes_vs_oracle"]["shared_forget"]["log_truth_ratio_diff"][0] == \
         pytest.approx(orig_probes["per_probe"]["log_truth_ratio"][0] - oracle_probes["per_probe"]["log_truth_ratio"][0])
-    assert doc["chance_accuracy"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 2) / 3)
+    assert doc["chance_accuracy"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 2 + 4 / 2) / 7)  # every probe: 3 candidates once, 2 six times
     md = (tmp_path / "report" / "report.md").read_text()
     assert "| unlearned |" in md and "Truth Ratio" in md and "Against the retrain oracle" in md
     for png in files["plots"]:

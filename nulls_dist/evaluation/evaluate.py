@@ -40,6 +40,7 @@ class EvalConfig:
     relearn_sources: int = 2
     relearn_points: int = 4  # losses recorded at this many evenly spaced steps
     max_retained: int = 32
+    max_probes_per_group: int | None = 64  # caps the retained-article groups (the forgotten ones are never capped)
 
 
 @dataclass
@@ -79,13 +80,22 @@ def routed_deployment(name: str, model, index: SourceIndex, embedder: Embedder, 
 
 
 # ------------------------------------------------------------------------------------------------ probes
-def select_probes(data: EvalData) -> dict[str, list[tuple[dict, int]]]:
-    """(probe, the source the query is about) per probe group: the forgotten articles' unique facts and shared
-    facts (asked about the forgotten article), the same shared facts asked about the first retained article
-    stating them (`shared_forget_via_retained`), and related retained articles' unique facts."""
-    forget, related = set(data.forget_ids), set(data.related_ids)
-    groups: dict[str, list[tuple[dict, int]]] = {"unique_forget": [], "shared_forget": [],
-                                                  "shared_forget_via_retained": [], "unique_related": []}
+PROBE_GROUPS = ("unique_forget", "shared_forget", "shared_forget_via_retained", "unique_related",
+                "unique_retained", "shared_retained", "unique_holdout")
+
+
+def select_probes(data: EvalData, max_per_group: int | None = None) -> tuple[dict[str, list[tuple[dict, int]]],
+                                                                             dict[str, int]]:
+    """(probe, the source the query is about) per probe group, and the count of probes used by no group, per
+    reason. Groups: the forgotten articles' unique and shared facts (asked about the forgotten article); the same
+    shared facts asked about a retained article that states them (`shared_forget_via_retained`: they must stay);
+    unique facts of retained articles related to a forgotten one and of the other retained ones; shared facts
+    among retained articles only; and unique facts of never-trained (holdout) articles: the level of a fact the
+    model never saw. `max_per_group` caps the large retained groups (the first ones, in probe order)."""
+    forget, related, holdout = set(data.forget_ids), set(data.related_ids), set(data.holdout_ids)
+    retained = set(data.retained_ids)
+    groups: dict[str, list[tuple[dict, int]]] = {name: [] for name in PROBE_GROUPS}
+    unused = {"source outside the evaluation (neither forgotten, retained nor held out)": 0}
     for p in data.probes:
         ids = [int(s) for s in p["source_ids"]]
         hit = [s for s in ids if s in forget]
@@ -98,7 +108,21 @@ def select_probes(data: EvalData) -> dict[str, list[tuple[dict, int]]]:
                 groups["shared_forget_via_retained"].append((p, kept[0]))
         elif p["kind"] == "unique" and ids[0] in related:
             groups["unique_related"].append((p, ids[0]))
-    return groups
+        elif p["kind"] == "unique" and ids[0] in retained:
+            groups["unique_retained"].append((p, ids[0]))
+        elif p["kind"] == "shared" and ids and all(s in retained for s in ids):
+            groups["shared_retained"].append((p, ids[0]))
+        elif p["kind"] == "unique" and ids[0] in holdout:
+            groups["unique_holdout"].append((p, ids[0]))
+        else:
+            unused["source outside the evaluation (neither forgotten, retained nor held out)"] += 1
+    if max_per_group is not None:
+        for name in ("unique_retained", "shared_retained"):
+            dropped = len(groups[name]) - max_per_group
+            if dropped > 0:
+                unused[f"{name} beyond max_probes_per_group={max_per_group}"] = dropped
+                groups[name] = groups[name][:max_per_group]
+    return groups, {reason: n for reason, n in unused.items() if n}
 
 
 def eval_probes(dep: Deployment, groups, data: EvalData) -> dict:
@@ -172,7 +196,7 @@ def baseline_deployments(original: Deployment, data: EvalData, cfg: EvalConfig) 
 
 
 def run_evaluation(deployments: list[Deployment], data: EvalData, cfg: EvalConfig) -> dict:
-    groups = select_probes(data)
+    groups, unused = select_probes(data, cfg.max_probes_per_group)
     results = {d.name: evaluate_deployment(d, data, cfg, groups) for d in deployments}
     if "oracle" in results:
         oracle = results["oracle"]
@@ -182,7 +206,8 @@ def run_evaluation(deployments: list[Deployment], data: EvalData, cfg: EvalConfi
                                                                    oracle_auc)
             res["probes_vs_oracle"] = {g: M.compare_probes(res["probes"][g], oracle["probes"][g]) for g in groups}
     return {"config": asdict(cfg), "forget_ids": data.forget_ids, "related_ids": data.related_ids,
-            "num_probes": {k: len(v) for k, v in groups.items()}, "num_holdout": len(data.holdout_ids),
+            "num_probes": {k: len(v) for k, v in groups.items()}, "probes_unused": unused,
+            "num_holdout": len(data.holdout_ids),
             "chance_accuracy": float(np.mean([1 / (1 + len(p["distractors"])) for p in data.probes]))
             if data.probes else float("nan"),
             "deployments": results}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from nulls_dist.formats import atomic
 
-PROBE_GROUPS = ("unique_forget", "shared_forget", "shared_forget_via_retained", "unique_related")
+from nulls_dist.evaluation.evaluate import PROBE_GROUPS
 LOSS_GROUPS = ("forget", "related", "retained", "holdout")
 
 
@@ -42,7 +42,8 @@ def markdown(result: dict) -> str:
     deps = result["deployments"]
     lines = ["# Unlearning report", "",
              f"Forgotten sources: {result['forget_ids']}; related retained sources: {len(result['related_ids'])}; "
-             f"holdout sources: {result['num_holdout']}; probes: {result['num_probes']}.", "",
+             f"holdout sources: {result['num_holdout']}; probes: {result['num_probes']}"
+             + (f"; not used: {result['probes_unused']}" if result.get("probes_unused") else "") + ".", "",
              "## Fact probes", "",
              "Truth Ratio (geometric mean over probes of mean P(distractor) / P(answer)): ~0 = fact known, "
              "~1 = answer no likelier than its distractors. Accuracy: the answer beats every distractor "
