@@ -243,3 +243,16 @@ def test_allocated_table_file_is_filled_by_positioned_writes(tmp_path):
     weights = load_weights(path)  # safetensors itself accepts the file
     assert torch.equal(weights["a"], a) and torch.equal(weights["b"], b)
     assert torch.equal(RowReader(path).rows("b", [4, 1]), b[[4, 1]])
+
+
+@pytest.mark.distributed
+def test_bench_smoke_json():
+    """The benchmark's driver and both workers on a tiny table (one torchrun launch per point)."""
+    proc = subprocess.run([sys.executable, "-m", "nulls_dist.bench.sink_table_bench", "--min-log2", "10",
+                           "--max-log2", "10", "--steps", "1", "--warmup", "0"], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(proc.stdout)
+    assert record["versions"]["torchrec"] == "1.9.2" and record["machine"]["cores"] >= 1
+    assert [(p["path"], p["status"]) for p in record["points"]] == [("sparse", "ok"), ("dense", "ok")]
+    assert all(p["step_ms_median"] > 0 and len(p["peak_rss_gb_per_rank"]) == 2 for p in record["points"])
