@@ -183,6 +183,8 @@ class ShardedSinkTables:
 
     def __init__(self, cfg: SinkTablesConfig, device: torch.device | str = "cpu",
                  process_group: dist.ProcessGroup | None = None, grad_scale: float | None = None) -> None:
+        # TorchRec and fbgemm load here, not at import: they take seconds, and the pure helpers above (init_rows,
+        # compact_rows, the config) serve the reference tests and the loader without them
         from fbgemm_gpu.split_embedding_configs import EmbOptimType
         from torchrec import EmbeddingCollection, EmbeddingConfig
         from torchrec.distributed.embedding import EmbeddingCollectionSharder
