@@ -10,8 +10,22 @@ Training run:
             model.safetensors       the consolidated fp32 weights: what every tool reads (no pickle)
             loader_state.json       the data position of every loader stream (world-size independent)
             rank_00000.json ...     per-rank RNG states
+            sink_tables/            only for runs whose sink rows live in TorchRec tables (docs/sink_tables.md):
+                .metadata               torch.distributed.checkpoint's index of every saved chunk
+                __0_0.distcp ...        one file per rank at save time: its rows of every table and its rows'
+                                        optimizer state, under the keys `tables/embeddings.<table>.weight` and
+                                        `optimizer/state/embeddings.<table>.weight/<table>.momentum1`
+                sink_tables.json        written last (by rank 0): layout, shape, optimizer, the world size at
+                                        save time and the size of every file above, `.metadata` included
             nulls_meta.json         written LAST: config, model, sinks, data digests, step, and the size of
                                     every file above -- its presence and those sizes mark a complete tag
+
+The sink-table directory is read back by any world size: DCP reassembles each rank's row range from the saved
+chunks (resharding), so `sink_tables.json`'s world size is a record, not a requirement.
+
+Sink-table export (`export_tables`): one safetensors file, `sink_tables.safetensors`, holding three float32
+(R, D) tensors per layer under the model's own parameter names (`transformer.h.<i>.mlp.sink_gate`, `sink_up`,
+`sink_down`; `sink_table_key`), so a deployment reads one source's rows through `formats.weights.RowReader`.
 
 Deployed checkpoint (`nulls-unlearn --method hard`, exports): a directory holding `model.safetensors` and
 `nulls_meta.json` (meta last).
@@ -22,6 +36,7 @@ when `latest` is missing, blank, foreign or names an incomplete tag, and says wh
 """
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 from dataclasses import dataclass, field
@@ -38,6 +53,11 @@ LOADER_STATE_NAME = "loader_state.json"
 RANK_STATE_PATTERN = "rank_{rank:05d}.json"
 TAG_RE = re.compile(r"^step_(\d{8})$")
 META_FORMAT = "nulls-checkpoint"
+SINK_TABLES_DIR = "sink_tables"
+SINK_TABLES_META_NAME = "sink_tables.json"
+SINK_TABLES_FORMAT = "nulls-sink-tables"
+SINK_EXPORT_NAME = "sink_tables.safetensors"
+SINK_PARTS = ("gate", "up", "down")  # the order of the three D-wide blocks of one table row
 
 
 class CheckpointError(ValueError):
@@ -61,6 +81,17 @@ def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
 
 def rank_state_file(tag_dir: str | os.PathLike, rank: int) -> Path:
     return Path(tag_dir) / RANK_STATE_PATTERN.format(rank=rank)
+
+
+def sink_tables_dir(tag_dir: str | os.PathLike) -> Path:
+    return Path(tag_dir) / SINK_TABLES_DIR
+
+
+def sink_table_key(layer: int, part: str) -> str:
+    """The exported tensor of one layer's gate, up or down rows: the model's own parameter name."""
+    if part not in SINK_PARTS:
+        raise ValueError(f"part must be one of {SINK_PARTS}, got {part!r}")
+    return f"transformer.h.{layer}.mlp.sink_{part}"
 
 
 def has_checkpoints(run_dir: str | os.PathLike) -> bool:
@@ -116,6 +147,34 @@ def incomplete_reason(tag_dir: str | os.PathLike) -> str | None:
         if path.stat().st_size != size:
             return f"{path} has {path.stat().st_size} bytes, the meta recorded {size}"
     return None
+
+
+def write_sink_tables_meta(directory: str | os.PathLike, meta: dict[str, Any]) -> Path:
+    """The sink-table directory's own meta, written last: every file's size (DCP's hidden `.metadata` too, which
+    the tag-level `file_sizes` skips as a dot-file) plus `meta`."""
+    directory = Path(directory)
+    files = {p.name: p.stat().st_size for p in sorted(directory.iterdir())
+             if p.is_file() and p.name != SINK_TABLES_META_NAME and not fnmatch.fnmatch(p.name, atomic.temp_glob())}
+    return atomic.write_json(directory / SINK_TABLES_META_NAME, {**meta, "format": SINK_TABLES_FORMAT,
+                                                                 "files": files})
+
+
+def read_sink_tables_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    """The sink-table meta of a complete directory; CheckpointError naming the file that is missing, of the
+    wrong size, or not a sink-table meta."""
+    directory = Path(directory)
+    meta = documents.read_json_object(directory / SINK_TABLES_META_NAME, "sink-table meta", CheckpointError)
+    files = meta.get("files")
+    if meta.get("format") != SINK_TABLES_FORMAT or not isinstance(files, dict):
+        raise CheckpointError(f"{directory / SINK_TABLES_META_NAME} is not a sink-table meta "
+                              f"(format {meta.get('format')!r})")
+    for name, size in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing")
+        if path.stat().st_size != size:
+            raise CheckpointError(f"{path} has {path.stat().st_size} bytes, the meta recorded {size}")
+    return meta
 
 
 # ------------------------------------------------------------------------------------------------ latest

@@ -5,7 +5,9 @@
 digest in a training checkpoint, a deployed copy or memory.
 
 `RowReader` reads selected rows of one 2-D tensor of a safetensors file through a memory map: a deployment that
-needs one source's ~100 sink rows reads those pages, not the whole table.
+needs one source's ~100 sink rows reads those pages, not the whole table. Its writer, for tables no process
+holds whole (row-sharded sink tables): `allocate_tables` lays out the header and sizes the file, then every
+process writes the rows it owns in place through `RowWriter`.
 """
 from __future__ import annotations
 
@@ -61,6 +63,73 @@ def state_dict_digest(state_dict: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _read_header(path: Path) -> tuple[int, dict]:
+    """(start of the data section, the tensor entries) of a safetensors file, offsets not yet trusted."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    return 8 + header_len, {k: v for k, v in header.items() if k != "__metadata__"}
+
+
+def allocate_tables(path: str | os.PathLike, shapes: dict[str, tuple[int, int]],
+                    metadata: dict[str, str] | None = None) -> Path:
+    """Create a safetensors file of float32 2-D tensors `shapes` (key -> (rows, cols), laid out in that order)
+    whose data is not yet written: the file is sized (sparse where the file system allows), so processes can
+    fill their rows with `RowWriter` in any order. Not atomic by itself: write it under a temporary name
+    (`atomic.temp_sibling`) and rename when every writer is done."""
+    header: dict[str, object] = {}
+    offset = 0
+    for key, (rows, cols) in shapes.items():
+        size = int(rows) * int(cols) * 4
+        header[key] = {"dtype": "F32", "shape": [int(rows), int(cols)], "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors pads its header so the data section is 8-byte aligned
+    path = Path(path)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)
+    return path
+
+
+class RowWriter:
+    """Writes row blocks of the float32 tables of a file made by `allocate_tables`, in place (positioned writes:
+    several processes may write disjoint rows of one file at once)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._base, self._entries = _read_header(self.path)
+        self._fd = os.open(self.path, os.O_WRONLY)
+
+    def write(self, key: str, start: int, rows: torch.Tensor) -> None:
+        """Rows [start, start + len(rows)) of table `key` := `rows` ((n, cols) float32)."""
+        if key not in self._entries:
+            raise WeightsError(f"{self.path}: no tensor {key!r}")
+        entry = self._entries[key]
+        num_rows, cols = entry["shape"]
+        if rows.dim() != 2 or rows.shape[1] != cols or rows.dtype != torch.float32:
+            raise ValueError(f"rows for {key} must be float32 (n, {cols}), got {rows.dtype} {tuple(rows.shape)}")
+        if start < 0 or start + rows.shape[0] > num_rows:
+            raise ValueError(f"rows [{start}, {start + rows.shape[0]}) are outside {key}'s [0, {num_rows})")
+        data = rows.detach().to("cpu").contiguous().numpy().tobytes()
+        position = self._base + entry["data_offsets"][0] + start * cols * 4
+        while data:  # pwrite may write less than asked (signals, very large writes)
+            written = os.pwrite(self._fd, data, position)
+            data, position = data[written:], position + written
+
+    def close(self) -> None:
+        os.fsync(self._fd)
+        os.close(self._fd)
+
+    def __enter__(self) -> "RowWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class RowReader:
     """Selected rows of 2-D tensors in a safetensors file, read through a read-only memory map (the header is
     parsed by `safetensors.safe_open` first, so a malformed file is refused before any offset is trusted)."""
@@ -74,11 +143,7 @@ class RowReader:
                 self.keys = set(f.keys())
         except (SafetensorError, OSError) as exc:
             raise WeightsError(f"{self.path}: not a readable safetensors file ({exc})") from None
-        with open(self.path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
-        self._base = 8 + header_len
-        self._entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        self._base, self._entries = _read_header(self.path)
         self._maps: dict[str, np.ndarray] = {}
 
     def shape(self, key: str) -> tuple[int, ...]:
