@@ -93,7 +93,7 @@ def test_mask_certificates_compose_and_verify(env, tmp_path):
     ckpt = env["ckpt"]
     cert1 = unlearn(ckpt, env["manifest"], ["4100", "Article 11"], "mask", fs, c1)
     assert [s["source_id"] for s in cert1["sources"]] == [4100, 4107]
-    assert cert1["layers_share_sinks"] is True and cert1["version"] == 3
+    assert cert1["layers_share_sinks"] is True and cert1["version"] == 4
     assert cert1["sources"][0]["sinks"] == sorted(_rows(ckpt, 4100, 0)) == sorted(_rows(ckpt, 4100, 1))
     assert cert1["checkpoint"]["sha256"] == state_dict_digest(ckpt.state_dict)
     expected1 = _expected_collateral(ckpt, {4100, 4107})

@@ -15,6 +15,8 @@
   `layers_share_sinks: true` and each source's `sinks` and the `forgotten_rows` are one list of pool units
   that holds in every layer (layer-specific: one list per layer, as before). `verify` expands them to every
   layer and checks each layer against the checkpoint's assignment.
+- Certificate version 4 adds `survivors_retained_share`: the survivors' mean, worst and 1st-percentile share of
+  their sinks that the cumulative forget set leaves them (`retained.py`), which `verify` recomputes.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from nulls_dist.deploy.checkpoint_io import LoadedCheckpoint, save_deployed, sin
 from nulls_dist.deploy.forget import base_checkpoint_sha256
 from nulls_dist.formats.weights import state_dict_digest
 from nulls_dist.audit.collateral import forget_sinks, sidecar_path, write_collateral
+from nulls_dist.audit.retained import RetainedShareOptions, survivors_retained_share
 from nulls_dist.formats import atomic
 from nulls_dist.formats.digests import canonical_json, json_sha256
 from nulls_dist.formats.documents import read_json_object
@@ -42,7 +45,8 @@ from nulls_dist.formats.forget_set import (FORGET_SET_FORMAT, FORGET_SET_VERSION
 from nulls_dist.audit.manifest import iter_manifest, manifest_digest, read_index, read_records
 
 CERTIFICATE_FORMAT = "nulls-unlearning-certificate"
-CERTIFICATE_VERSION = 3  # 2: collateral in a Parquet sidecar; 3: shared sink lists stored once (+ the flag)
+# 2: collateral in a Parquet sidecar; 3: shared sink lists stored once (+ the flag); 4: survivors' retained share
+CERTIFICATE_VERSION = 4
 METHODS = ("mask", "hard")
 
 
@@ -231,7 +235,8 @@ def read_signing_key(path: str | Path) -> bytes:
 # --------------------------------------------------------------------------------------------- unlearn
 def unlearn(ckpt: LoadedCheckpoint, manifest_dir: str | Path, requests: list[str], method: str,
             forget_set_path: str | Path, certificate_path: str | Path,
-            output_checkpoint: str | Path | None = None, signing_key: bytes | None = None) -> dict[str, Any]:
+            output_checkpoint: str | Path | None = None, signing_key: bytes | None = None,
+            retained_opts: RetainedShareOptions | None = None) -> dict[str, Any]:
     """Resolve, compose the forget set, (hard: write the zeroed checkpoint), write the certificate (signed
     with `signing_key` when given). Nothing is written unless every check passes."""
     if method not in METHODS:
@@ -265,6 +270,7 @@ def unlearn(ckpt: LoadedCheckpoint, manifest_dir: str | Path, requests: list[str
         "manifest": {"path": str(manifest_dir), "sha256": manifest_sha},
         "strategy": index["strategy"],
         "forgotten_rows": forgotten[0] if shared else forgotten,
+        "survivors_retained_share": survivors_retained_share(manifest_dir, forget_tables, retained_opts),
     }
     sidecar = sidecar_path(certificate_path)
     tmp_sidecar, summary = write_collateral(manifest_dir, forget_tables, sidecar)

@@ -15,7 +15,9 @@ Checks (each reported with ok/detail; the verdict is their conjunction):
   columns are the schema's, its summary (count, total, top-N) recomputes from its rows, no row is a forgotten
   source, shares nothing, repeats an id or names an overlap outside the forget set;
 - with a manifest: the manifest digest, and the collateral recomputed from the manifest equals the sidecar's
-  rows (content sha256), i.e. it is exactly the cumulative forget set's collateral.
+  rows (content sha256), i.e. it is exactly the cumulative forget set's collateral;
+- with a manifest, certificates of version 4: the survivors' retained share recomputes (same method, and for a
+  sampled one the same sample size and seed).
 
 Certificates of version 2 (per-layer lists, no `layers_share_sinks`) are read as layer-by-layer lists; their
 manifests (version 1) are refused by the manifest reader, so `--manifest` checks need a rebuilt manifest.
@@ -34,7 +36,8 @@ from nulls_dist.sinks import SinkAssignment
 from nulls_dist.deploy.checkpoint_io import LoadedCheckpoint, sink_table_keys
 from nulls_dist.formats.weights import state_dict_digest
 from nulls_dist.formats.digests import file_sha256, json_sha256
-from nulls_dist.audit.collateral import COLLATERAL_SCHEMA, read_sidecar, recompute_digest
+from nulls_dist.audit.collateral import COLLATERAL_SCHEMA, forget_sinks, read_sidecar, recompute_digest
+from nulls_dist.audit.retained import RetainedShareOptions, survivors_retained_share
 from nulls_dist.audit import sink_digests
 from nulls_dist.audit.manifest import manifest_digest
 from nulls_dist.audit.manifest import read_records
@@ -93,6 +96,31 @@ def _check_collateral(checks: list[dict], cert: dict[str, Any], certificate_dir:
         expected = recompute_digest(manifest_dir, cert["forget_set"]["source_ids"])
         _check(checks, "collateral_matches_manifest", expected == content["content_sha256"],
                "recomputed from the manifest for the certified forget set")
+
+
+def _check_retained_share(checks: list[dict], cert: dict[str, Any], manifest_dir: str | Path | None,
+                          unchecked: list[str]) -> None:
+    """Version 4: the survivors' retained share is present and, with the manifest, recomputes exactly."""
+    certified = cert.get("survivors_retained_share")
+    if cert.get("version", 0) < 4:
+        unchecked.append(f"survivors' retained share (certificate version {cert.get('version')} predates it)")
+        return
+    if not isinstance(certified, dict) or certified.get("method") not in ("exact", "sampled"):
+        _check(checks, "survivors_retained_share", False, "missing or without a method")
+        return
+    if manifest_dir is None:
+        unchecked.append("the survivors' retained share (no --manifest)")
+        return
+    if certified["method"] == "exact":
+        opts = RetainedShareOptions(exact_budget=2**62)
+    else:
+        opts = RetainedShareOptions(exact_budget=int(certified.get("exact_budget", 1)),
+                                    sample_size=int(certified.get("sample_size", 1)), seed=int(certified.get("seed", 0)))
+    got = survivors_retained_share(manifest_dir, forget_sinks(manifest_dir, cert["forget_set"]["source_ids"]), opts)
+    wrong = sorted(k for k in set(got) | set(certified) if got.get(k) != certified.get(k))
+    _check(checks, "survivors_retained_share", not wrong,
+           f"differs in {wrong}: recomputed {[got.get(k) for k in wrong]}" if wrong else
+           f"{certified['method']}, recomputed from the manifest for the certified forget set")
 
 
 def _signature(checks: list[dict], cert: dict[str, Any], signing_key: bytes | None) -> str:
@@ -210,6 +238,7 @@ def verify(cert: dict[str, Any], ckpt: LoadedCheckpoint, forget: dict[str, Any],
     else:
         unchecked.append("titles, tokens and the manifest digest (no --manifest)")
     _check_collateral(checks, cert, Path(certificate_dir), manifest_dir)
+    _check_retained_share(checks, cert, manifest_dir, unchecked)
     return {"ok": all(c["ok"] for c in checks), "method": cert["method"], "assurance": assurance,
             "unchecked": unchecked, "checks": checks}
 

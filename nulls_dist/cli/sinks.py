@@ -1,9 +1,12 @@
 """`nulls-sinks`: inspect a sink assignment. Prints one source's sinks and/or the collision statistics of a
 range or random sample of source ids (sinks per source, per-unit load against the binomial, pairwise overlap),
-as text or JSON, and optionally writes a per-unit load histogram PNG.
+as text or JSON, and optionally writes a per-unit load histogram PNG. `--forget-budget` prints the survivors'
+retained share of their sinks after F = 1, 10, 100, 1k, 10k forgets, analytically (exp(-F k / R)) and sampled
+from the real assignment (mean, worst, 1st percentile), optionally as a PNG curve (`--budget-plot`).
 
     nulls-sinks --strategy reference --pool 7692 --p-mem 0.013 --source-id 49152 --json
     nulls-sinks --strategy code --pool 7692 --num-sources 6407814 --min-source-id 49152 --sample 100000
+    nulls-sinks --strategy uniform --pool 1048576 --k 100 --forget-budget --budget-plot budget.png
 """
 from __future__ import annotations
 
@@ -15,7 +18,9 @@ import sys
 import numpy as np
 import torch
 
+from nulls_dist import forget_budget as budget
 from nulls_dist.cli.errors import report_errors
+from nulls_dist.formats import atomic
 from nulls_dist.sinks import STRATEGIES, SinkAssignment, SinkAssignmentConfig
 
 PAPER_FIRST_ID = 49152  # data_pipeline.schema.PAPER_ID_OFFSET: source id = title index + vocabulary size
@@ -95,8 +100,66 @@ def write_histogram(loads: torch.Tensor, stats: dict, title: str, path: str) -> 
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------- forget budget
+def forget_budget(assign: SinkAssignment, first_id: int, num_ids: int, forget_counts: tuple[int, ...],
+                  num_survivors: int, seed: int, layer: int = 0) -> dict:
+    """The survivors' retained share after each forget count: analytic (k = the survivors' mean sinks, R = the
+    units the strategy can use) beside the measurement on the real assignment (`forget_budget.sampled_budget`)."""
+    rows_of = lambda ids: assign.rows(torch.from_numpy(ids), layer).numpy()  # noqa: E731  (n,) -> (n, K)
+    out = budget.sampled_budget(rows_of, assign.cfg.pool_size, first_id, num_ids, forget_counts, num_survivors,
+                                seed)
+    rows = assign.describe().get("units_used") or assign.cfg.pool_size
+    out.update(rows=rows, layer=layer, low_percentile=budget.LOW_PERCENTILE)
+    for point in out["points"]:
+        point["analytic"] = budget.analytic_retained_share(point["forgotten"], out["mean_k"], rows)
+        point["uniform_expectation"] = budget.uniform_retained_share(point["forgotten"], out["mean_k"], rows)
+    return out
+
+
+def write_budget_plot(result: dict, title: str, path: str) -> None:
+    """Retained share against forgets (log x): the analytic curve and the sampled mean, 1st percentile and worst."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = result["points"]
+    forgotten = [p["forgotten"] for p in points]
+    grid = np.geomspace(1, max(forgotten), 200)
+    low = f"p{budget.LOW_PERCENTILE:g}"
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(grid, [budget.analytic_retained_share(f, result["mean_k"], result["rows"]) for f in grid], "k--",
+            label=f"exp(-F k / R), k {result['mean_k']:.1f}, R {result['rows']}")
+    ax.plot(forgotten, [p["sampled"]["mean"] for p in points], "o-", color="tab:blue", label="sampled mean")
+    ax.plot(forgotten, [p["sampled"][low] for p in points], "s:", color="tab:orange",
+            label=f"sampled percentile {budget.LOW_PERCENTILE:g}")
+    ax.plot(forgotten, [p["sampled"]["min"] for p in points], "v:", color="tab:red", label="sampled worst")
+    ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("sources forgotten (F)")
+    ax.set_ylabel("survivors' retained share of their sinks")
+    ax.set_title(f"{title} ({result['num_survivors']} sampled survivors)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def _parse_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"--forget-counts must be comma-separated positive integers, got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise ValueError(f"--forget-counts must be comma-separated positive integers, got {text!r}")
+    return counts
 
 
 def _parse_range(text: str) -> tuple[int, int]:
@@ -109,17 +172,23 @@ def _parse_range(text: str) -> tuple[int, int]:
     return lo, hi
 
 
+def _universe(args: argparse.Namespace) -> tuple[int, int]:
+    """(first id, number of ids) the statistics draw from: --range, by default the paper's ids."""
+    lo, hi = _parse_range(args.range) if args.range else (PAPER_FIRST_ID, PAPER_FIRST_ID + PAPER_NUM_SOURCES)
+    return lo, hi - lo
+
+
 def _ids_to_study(args: argparse.Namespace) -> torch.Tensor | None:
     """The ids for the statistics: a range, or a seeded sample from the range (default: the paper's ids)."""
     if args.range is None and args.sample is None:
         return None
-    lo, hi = _parse_range(args.range) if args.range else (PAPER_FIRST_ID, PAPER_FIRST_ID + PAPER_NUM_SOURCES)
+    lo, num = _universe(args)
     if args.sample is None:
-        return torch.arange(lo, hi, dtype=torch.int64)
-    if not 2 <= args.sample <= hi - lo:
-        raise ValueError(f"--sample must be in [2, {hi - lo}] (the range's size), got {args.sample}")
+        return torch.arange(lo, lo + num, dtype=torch.int64)
+    if not 2 <= args.sample <= num:
+        raise ValueError(f"--sample must be in [2, {num}] (the range's size), got {args.sample}")
     rng = np.random.default_rng(args.sample_seed)
-    picked = np.sort(rng.choice(hi - lo, size=args.sample, replace=False)) + lo
+    picked = np.sort(rng.choice(num, size=args.sample, replace=False)) + lo
     return torch.from_numpy(picked.astype(np.int64))
 
 
@@ -143,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pair-ids", type=int, default=2000, help="max overlap is computed over this many ids")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--histogram", default=None, help="write a per-unit load histogram PNG here")
+    p.add_argument("--forget-budget", action="store_true",
+                   help="survivors' retained share of their sinks after --forget-counts forgets (analytic and "
+                        "sampled from --range, default the paper's ids; seed --sample-seed)")
+    p.add_argument("--forget-counts", default=",".join(map(str, budget.FORGET_COUNTS)))
+    p.add_argument("--survivors", type=int, default=10_000, help="sampled survivors per forget count")
+    p.add_argument("--budget-plot", default=None, help="write the retained-share curve PNG here")
     return p
 
 
@@ -168,6 +243,15 @@ def run(args: argparse.Namespace) -> dict:
             out["histogram"] = args.histogram
     elif args.histogram:
         raise ValueError("--histogram needs --range or --sample")
+    if args.forget_budget:
+        first, num = _universe(args)
+        out["forget_budget"] = forget_budget(assign, first, num, _parse_counts(args.forget_counts), args.survivors,
+                                             args.sample_seed, args.layer)
+        if args.budget_plot:
+            write_budget_plot(out["forget_budget"], f"{args.strategy}: pool {args.pool}", args.budget_plot)
+            out["budget_plot"] = args.budget_plot
+    elif args.budget_plot:
+        raise ValueError("--budget-plot needs --forget-budget")
     return out
 
 
@@ -191,6 +275,20 @@ def _print_text(out: dict) -> None:
               f"for ids {pair['max_pair']} (over the first {pair['max_over_first_ids']} ids)")
     if "histogram" in out:
         print(f"histogram: {out['histogram']}")
+    if "forget_budget" in out:
+        b = out["forget_budget"]
+        low = f"p{b['low_percentile']:g}"
+        print(f"forget budget: survivors' retained share of their sinks (layer {b['layer']}; k {b['mean_k']:.2f} "
+              f"of R {b['rows']} rows; {b['num_survivors']} survivors sampled from ids {b['id_range'][0]}:"
+              f"{b['id_range'][1]}, seed {b['seed']})")
+        print(f"{'forgotten':>10} {'analytic':>9} {'(1-k/R)^F':>9} {'mean':>7} {low:>7} {'worst':>7} "
+              f"{'rows gone':>10}")
+        for p in b["points"]:
+            s = p["sampled"]
+            print(f"{p['forgotten']:>10} {p['analytic']:>9.4f} {p['uniform_expectation']:>9.4f} {s['mean']:>7.4f} "
+                  f"{s[low]:>7.4f} {s['min']:>7.4f} {p['forgotten_rows']:>10}")
+    if "budget_plot" in out:
+        print(f"budget plot: {out['budget_plot']}")
 
 
 @report_errors("nulls-sinks")

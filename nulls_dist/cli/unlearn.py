@@ -1,6 +1,7 @@
 """`nulls-unlearn`: forget sources (mask or hard) and write the certificate; `nulls-unlearn verify` checks a
 deployed checkpoint and forget set against a certificate. Exit codes: 0 ok, 1 verification failed, 2 bad input
-(nothing written).
+(nothing written). A request after which the survivors keep on average less than `--warn-retained-share` of
+their sinks (the certificate's `survivors_retained_share`) logs one warning line; it is written all the same.
 
     nulls-unlearn --checkpoint runs/demo --manifest runs/demo/manifest --method mask \
         --forget-set forget.json --certificate cert-1.json 49160 "Zukquy" --file more.txt
@@ -22,6 +23,11 @@ from nulls_dist.audit.verify import load_certificate, verify
 from nulls_dist.cli.errors import keep_stdout_for_output, report_errors
 from nulls_dist.deploy.checkpoint_io import load_checkpoint
 
+log = logging.getLogger("nulls_dist.unlearn")
+# Survivors keeping less than this share of their sinks on average trigger the warning: 0.9 is ~F k / R = 0.1,
+# reached after ~8 forgets in the paper's pool (k ~100 of 7,692 rows) and ~1,100 at 2^20 rows.
+DEFAULT_WARN_RETAINED_SHARE = 0.9
+
 
 def _forget_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nulls-unlearn", description="Unlearn sources; write forget set + certificate")
@@ -36,7 +42,22 @@ def _forget_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="hard: directory of the new deployed checkpoint")
     p.add_argument("--signing-key", default=None,
                    help="a key file: sign the certificate (HMAC-SHA256); verify with the same key")
+    p.add_argument("--warn-retained-share", type=float, default=DEFAULT_WARN_RETAINED_SHARE,
+                   help="warn when the survivors keep on average less than this share of their sinks "
+                        f"(default {DEFAULT_WARN_RETAINED_SHARE}; 0 never warns)")
     return p
+
+
+def warn_retained_share(cert: dict, threshold: float) -> str | None:
+    """The one warning line when the survivors' mean retained share is below `threshold` (None otherwise)."""
+    kept = cert["survivors_retained_share"]
+    if kept["mean"] is None or kept["mean"] >= threshold:
+        return None
+    how = "all" if kept["method"] == "exact" else f"a sample of {kept['sample_size']}"
+    return (f"forget budget: after {kept['num_forgotten']} forgotten sources the {kept['num_survivors']} survivors "
+            f"keep on average {kept['mean']:.3f} of their sinks (worst {kept['min']:.3f}, source "
+            f"{kept['min_source_id']}; {how} counted), below --warn-retained-share {threshold:g}: every further "
+            "forget costs them more (docs/forget_budget.md)")
 
 
 def _verify_parser() -> argparse.ArgumentParser:
@@ -66,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(report, indent=2))
         sys.exit(0 if report["ok"] else 1)
     args = _forget_parser().parse_args(argv)
+    if not 0.0 <= args.warn_retained_share <= 1.0:
+        raise ValueError(f"--warn-retained-share must lie in [0, 1], got {args.warn_retained_share}")
     requests = parse_requests(args.sources, args.file)
     if Path(args.forget_set).exists():
         load_forget_set(args.forget_set)
@@ -77,7 +100,13 @@ def main(argv: list[str] | None = None) -> None:
                       "forget_set_size": len(cert["forget_set"]["source_ids"]),
                       "collateral_sources": cert["collateral"]["num_sources"],
                       "collateral_file": str(sidecar_path(args.certificate)),
-                      "output_checkpoint": cert.get("output_checkpoint")}, indent=2))
+                      "output_checkpoint": cert.get("output_checkpoint"),
+                      "survivors_retained_share": {k: cert["survivors_retained_share"][k]
+                                                   for k in ("method", "num_survivors", "mean", "min", "p1")}},
+                     indent=2))
+    warning = warn_retained_share(cert, args.warn_retained_share)
+    if warning:
+        log.warning(warning)
 
 
 if __name__ == "__main__":
