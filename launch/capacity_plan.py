@@ -1,6 +1,8 @@
 """Capacity plan for a NULL training run on SLURM GPU nodes: parameter counts, memory per GPU for each ZeRO
 stage, activation memory per micro-batch, FLOPs per token (gathered vs published masked form), projected
-tokens/s per GPU, GPU-hours and wall-clock for 1/4/16 nodes, and the disk to hold the shards. Prints JSON.
+tokens/s per GPU, GPU-hours and wall-clock for 1/4/16 nodes, the disk to hold the shards, and the sink tables at
+R = 2^16 .. 2^24 rows per layer (memory per GPU, dense ZeRO against TorchRec row-wise sharding, beside the forget
+budget each R buys). Prints JSON.
 
 Every number here is COMPUTED from the model shape and stated assumptions (the cost facts measured on one H100
 in /work/shared/docs/nulls_facts.md); none is a measurement of this trainer. docs/capacity_plan.md is its output, explained.
@@ -15,6 +17,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from nulls_dist.config import NullConfig
+from nulls_dist.forget_budget import analytic_retained_share
 
 GIB = 2**30
 
@@ -33,6 +36,16 @@ BUSBW_GB_S = {"intra": 350.0, "inter": 45.0}
 # One tar sample: tokens uint16 + source ids uint32 + loss mask uint8 per position, plus ~2.7 KiB of tar/.npy
 # headers (data_pipeline/shards.py, measured on written shards).
 TAR_BYTES_PER_SAMPLE = 3 * (512 + 128 + 256)
+# Sink-table sizes of the plan: R rows per layer, the paper's 7,692 up to 2^24 (fbgemm indexes rows in int32: the
+# shared layout's L * R must stay below 2^31, 32 x 2^24 = 2^29 does).
+SINK_TABLE_ROWS = tuple(2**e for e in range(16, 25))
+SINK_TABLE_GPUS = (8, 32, 128)
+BUDGET_FORGETS = (100, 1_000, 10_000)
+# TorchRec row-wise tables (nulls_dist/train/sink_tables.py): fp32 rows [gate | up | down] and fbgemm's optimizer
+# state per row: row-wise Adagrad one float, element-wise Adagrad one per weight, SGD none.
+SHARDED_STATE_FLOATS_PER_ROW = {"rowwise_adagrad": lambda row_dim: 1, "adagrad": lambda row_dim: row_dim,
+                                "sgd": lambda row_dim: 0}
+H100_GIB = 80 * 10**9 / GIB
 
 
 @dataclass
@@ -134,6 +147,36 @@ def data_disk_gb(total_tokens: float, epochs: int, context: int, token_bytes: in
     return {"samples_per_epoch": samples, "bytes_per_sample": per_sample, "shards_gb": samples * per_sample / 1e9}
 
 
+def sink_table_gib(cfg: NullConfig, rows: int, num_gpus: int) -> dict:
+    """Per-GPU GiB of every layer's three (R, D) sink tables: dense in the DeepSpeed engine at each ZeRO stage
+    (bf16 weights and dense-shaped bf16 grads, fp32 master + Adam m + v: `model_state_gib`) against TorchRec
+    row-wise sharding over the GPUs (fp32 rows + the optimizer's state per row, nothing dense)."""
+    params = cfg.n_layer * 3 * rows * cfg.n_embd
+    row_dim, num_rows = 3 * cfg.n_embd, cfg.n_layer * rows
+    dense = {f"zero{stage}": model_state_gib(params, stage, num_gpus)["total"] for stage in range(4)}
+    sharded = {name: num_rows * (row_dim + state(row_dim)) * 4 / num_gpus / GIB
+               for name, state in SHARDED_STATE_FLOATS_PER_ROW.items()}
+    # dense: every step reduce-scatters the dense-shaped bf16 gradient and all-gathers bf16 weights of every row,
+    # as `scaling` counts for all parameters; sharded tables send only the rows the batch looks up
+    comm = 2 * 2 * params * (num_gpus - 1) / num_gpus / 1e9
+    return {"dense": dense, "sharded": sharded, "dense_comm_gb_per_step": comm}
+
+
+def sink_table_plan(cfg: NullConfig, k: float) -> dict:
+    """The sink tables at each of SINK_TABLE_ROWS rows per layer, with k sinks per source (the paper's ~100)."""
+    out = {}
+    for rows in SINK_TABLE_ROWS:
+        params = cfg.n_layer * 3 * rows * cfg.n_embd
+        out[f"2^{rows.bit_length() - 1}"] = {
+            "rows_per_layer": rows, "params": params, "fp32_gib": params * 4 / GIB,
+            "gib_per_gpu": {str(n): sink_table_gib(cfg, rows, n) for n in SINK_TABLE_GPUS},
+            "retained_share_after": {str(f): analytic_retained_share(f, k, rows) for f in BUDGET_FORGETS},
+        }
+    return {"label": "tables only (add the other model states and the activations above); dense = in the DeepSpeed "
+                     "engine, sharded = TorchRec row-wise over the GPUs (docs/sink_tables.md)",
+            "k": k, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "gpu_gib": H100_GIB, "rows": out}
+
+
 def plan(preset: str, tokens: float, epochs: int, context: int, global_batch_tokens: int) -> dict:
     cfg = NullConfig.from_preset(preset)
     active = round(cfg.n_sink * cfg.p_mem)  # each pool unit is on for a source with probability p_mem: ~100
@@ -155,6 +198,7 @@ def plan(preset: str, tokens: float, epochs: int, context: int, global_batch_tok
         "runs": {name: {f"{n}x8": scaling(params.total, n, 8, rate, global_batch_tokens, tokens) for n in (1, 4, 16)}
                  for name, rate in rates.items()},
         "data": data_disk_gb(tokens, epochs, context),
+        "sink_tables": sink_table_plan(cfg, active),
     }
 
 
