@@ -20,6 +20,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from nulls_dist.data_pipeline import synthwiki
 from nulls_dist.data_pipeline.ingest import (
     IngestConfig,
     iter_articles,
@@ -57,7 +58,8 @@ TOKENIZER_INFO = "tokenizer.json"
 
 @dataclass
 class IngestSettings:
-    """Inputs: files, directories or globs; `bundled:<name>` is a dataset shipped in data_pipeline/bundled."""
+    """Inputs: files, directories or globs; `bundled:<name>` is a dataset shipped in data_pipeline/bundled;
+    `synthwiki:<key=value,...>` a SynthWiki corpus generated on demand into the output directory."""
 
     inputs: list[str] = field(default_factory=list)
     format: str = "auto"
@@ -155,7 +157,13 @@ def data_config_from_dict(d: dict) -> DataConfig:
     return cfg
 
 
-def resolve_input(item: str) -> str:
+def resolve_input(item: str, output_dir: str | Path | None = None) -> str:
+    """An ingest input as a path: `bundled:<name>` in data_pipeline/bundled, `synthwiki:<spec>` generated on
+    demand under `output_dir` (synthwiki.materialize), anything else as given."""
+    if item.startswith(synthwiki.SPEC_PREFIX):
+        if output_dir is None:
+            raise ValueError(f"ingest.inputs: {item!r} is generated into the output directory; none was given")
+        return str(synthwiki.materialize(item, output_dir))
     if item.startswith(BUNDLED_PREFIX):
         path = BUNDLED_DIR / item.removeprefix(BUNDLED_PREFIX)
         if not path.exists():
@@ -168,7 +176,8 @@ def resolve_input(item: str) -> str:
 
 
 def run_ingest_stage(cfg: DataConfig) -> dict:
-    ingest = IngestConfig(inputs=[resolve_input(i) for i in cfg.ingest.inputs], format=cfg.ingest.format,
+    inputs = [resolve_input(i, cfg.output_dir) for i in cfg.ingest.inputs]
+    ingest = IngestConfig(inputs=inputs, format=cfg.ingest.format,
                           output_dir=str(cfg.ingest_dir), id_offset=cfg.resolved_id_offset(),
                           rows_per_part=cfg.ingest.rows_per_part, batch_rows=cfg.ingest.batch_rows,
                           num_workers=cfg.ingest.num_workers)

@@ -14,14 +14,21 @@ mountain, guild). Every article states:
 Facts are phrased with one of several templates per attribute. Output: `train-00000-of-00001.parquet` in the
 `wikimedia/wikipedia` layout (id, url, title, text), `probes.jsonl` (one cloze probe per fact: prompt,
 answer, distractors, kind, titles, source indices and source ids = index + id_offset) and `meta.json`.
+
+Larger corpora are not bundled: they are generated on demand, deterministically, from a spec. `--num-articles N`
+(a multiple of `articles_per_cluster`: N / 6 clusters by default) on the command line, or the ingest input
+`synthwiki:num_articles=1002,seed=0` (any `SynthWikiConfig` field, `key=value`, comma-separated), which
+`materialize` writes once under the data pipeline's output directory and reuses while its meta matches. The
+probes scale with the corpus: 4 unique facts per article and 5 shared facts per cluster.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import pyarrow as pa
@@ -36,6 +43,8 @@ PARQUET_NAME = "train-00000-of-00001.parquet"
 PROBES_NAME = "probes.jsonl"
 META_NAME = "meta.json"
 NUM_DISTRACTORS = 4
+SPEC_PREFIX = "synthwiki:"  # an ingest input generated on demand (`materialize`)
+GENERATED_SUBDIR = "generated"  # where `materialize` writes, inside the data pipeline's output directory
 
 # An attribute: (name, value kind "Name" | "word", article templates, probe prompt). {E} entity, {R} region,
 # {V} value. The probe prompt is the text right before the answer; the first template contains it verbatim.
@@ -201,6 +210,59 @@ class SynthWikiConfig:
         if self.values_per_attribute <= NUM_DISTRACTORS:
             raise ValueError(f"values_per_attribute must be > NUM_DISTRACTORS = {NUM_DISTRACTORS}, "
                              f"got {self.values_per_attribute}")
+
+
+def config_for_articles(num_articles: int, **fields_: int) -> SynthWikiConfig:
+    """The config of a corpus of `num_articles` articles (num_clusters = num_articles / articles_per_cluster)."""
+    per_cluster = fields_.pop("articles_per_cluster", SynthWikiConfig.articles_per_cluster)
+    if not isinstance(num_articles, int) or num_articles <= 0 or num_articles % per_cluster:
+        lower = max(per_cluster, num_articles - num_articles % per_cluster) if isinstance(num_articles, int) else 0
+        raise ValueError(f"num_articles must be a positive multiple of articles_per_cluster={per_cluster} (every "
+                         f"cluster has one article per entity type), got {num_articles!r}; e.g. {lower} or "
+                         f"{lower + per_cluster}")
+    return SynthWikiConfig(num_clusters=num_articles // per_cluster, articles_per_cluster=per_cluster, **fields_)
+
+
+def parse_spec(spec: str) -> SynthWikiConfig:
+    """`synthwiki:num_articles=1002,seed=0` -> its config; ValueError naming the spec and the bad field."""
+    body = spec.removeprefix(SPEC_PREFIX)
+    known = {f.name for f in fields(SynthWikiConfig)} | {"num_articles"}
+    values: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in body.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise ValueError(f"ingest.inputs {spec!r}: {item!r} is not key=value with a key in {sorted(known)}")
+        try:
+            values[key] = int(value)
+        except ValueError:
+            raise ValueError(f"ingest.inputs {spec!r}: {key} must be an integer, got {value!r}") from None
+    if "num_articles" in values:
+        if "num_clusters" in values:
+            raise ValueError(f"ingest.inputs {spec!r}: give num_articles or num_clusters, not both")
+        cfg = config_for_articles(values.pop("num_articles"), **values)
+    else:
+        cfg = SynthWikiConfig(**values)
+    cfg.validate()
+    return cfg
+
+
+def materialize(spec: str, root: str | Path) -> Path:
+    """The corpus of a `synthwiki:` spec in `root/generated/synthwiki-<articles>-s<seed>-<hash>/`: written
+    (atomically, meta last) when absent or when its meta.json is not this config's, reused otherwise."""
+    cfg = parse_spec(spec)
+    digest = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    out = Path(root) / GENERATED_SUBDIR / (f"synthwiki-{cfg.num_clusters * cfg.articles_per_cluster}"
+                                           f"-s{cfg.seed}-{digest}")
+    meta_path = out / META_NAME
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            meta = {}
+        if meta.get("config") == asdict(cfg) and meta.get("generator_version") == GENERATOR_VERSION:
+            return out
+    write(cfg, out)
+    return out
 
 
 class _Words:
@@ -369,8 +431,15 @@ def main(argv: list[str] | None = None) -> None:
     defaults = SynthWikiConfig()
     for name, value in asdict(defaults).items():
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=value)
+    parser.add_argument("--num-articles", type=int, default=None,
+                        help="articles in all (a multiple of --articles-per-cluster); sets the number of clusters")
     args = parser.parse_args(argv)
-    cfg = SynthWikiConfig(**{k: getattr(args, k) for k in asdict(defaults)})
+    values = {k: getattr(args, k) for k in asdict(defaults)}
+    if args.num_articles is not None:
+        values.pop("num_clusters")
+        cfg = config_for_articles(args.num_articles, **values)
+    else:
+        cfg = SynthWikiConfig(**values)
     print(json.dumps(write(cfg, args.out), indent=2))
 
 

@@ -16,7 +16,8 @@ from nulls_dist.data_pipeline.pipeline import DataConfig, data_config_from_dict,
 
 def _absolute_paths(cfg: DataConfig) -> DataConfig:
     cfg.output_dir = to_absolute_path(cfg.output_dir)
-    cfg.ingest.inputs = [i if i.startswith("bundled:") else to_absolute_path(i) for i in cfg.ingest.inputs]
+    cfg.ingest.inputs = [i if i.startswith(("bundled:", "synthwiki:")) else to_absolute_path(i)
+                         for i in cfg.ingest.inputs]
     if cfg.tokenizer.model_path:
         cfg.tokenizer.model_path = to_absolute_path(cfg.tokenizer.model_path)
     return cfg
