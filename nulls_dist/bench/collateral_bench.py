@@ -1,7 +1,9 @@
 """Benchmark: the exact collateral of an unlearning request over a large manifest (default: 6,407,814 synthetic
 sources, debug model, uniform strategy, as in manifest_bench.py). Runs `nulls-unlearn --method mask` for
-`--forget` sources end to end (resolution, collateral sidecar, certificate) and then `verify` with the manifest
-(which recomputes the collateral), and prints JSON: seconds of each, collateral rows, sidecar size, peak RSS.
+`--forget` sources end to end (resolution, collateral sidecar, survivors' retained share, certificate) and then
+`verify` with the manifest (which recomputes the collateral and the retained share), and prints JSON: seconds
+of each, collateral rows, sidecar size, peak RSS, and the retained share's own seconds, as certified (sampled
+beyond 2M survivors) and exact over every survivor.
 
     python nulls_dist/bench/collateral_bench.py --workdir /tmp/collat_bench            # builds it first (~4 min)
     python nulls_dist/bench/collateral_bench.py --workdir /tmp/collat_bench --forget 1  # reuses workdir/manifest
@@ -27,7 +29,8 @@ from nulls_dist.config import NullConfig
 from nulls_dist.model import NullTransformer
 from nulls_dist.deploy.checkpoint_io import load_checkpoint, save_deployed
 from nulls_dist.formats.weights import state_dict_digest
-from nulls_dist.audit.collateral import sidecar_path
+from nulls_dist.audit.collateral import forget_sinks, sidecar_path
+from nulls_dist.audit.retained import RetainedShareOptions, survivors_retained_share
 from nulls_dist.audit.manifest import INDEX_NAME, ManifestOptions, build_manifest
 from nulls_dist.audit.unlearn import unlearn
 from nulls_dist.audit.verify import verify_paths
@@ -70,6 +73,13 @@ def main() -> None:
     cert = unlearn(ckpt, workdir / "manifest", forget, "mask", out / "forget.json", out / "cert.json")
     unlearn_seconds = time.perf_counter() - t0
     rss_unlearn = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    tables = forget_sinks(workdir / "manifest", [int(f) for f in forget])
+    retained = {}
+    for name, opts in (("certified", None), ("exact", RetainedShareOptions(exact_budget=2**62))):
+        t1 = time.perf_counter()
+        share = survivors_retained_share(workdir / "manifest", tables, opts)
+        retained[name] = {"seconds": round(time.perf_counter() - t1, 2), "method": share["method"],
+                          **{k: share[k] for k in ("num", "mean", "min", "p1")}}
     verify_seconds, ok = None, None
     if not args.skip_verify:
         t1 = time.perf_counter()
@@ -84,7 +94,7 @@ def main() -> None:
         "unlearn_seconds": round(unlearn_seconds, 2), "verify_with_manifest_seconds":
             None if verify_seconds is None else round(verify_seconds, 2), "verify_ok": ok,
         "manifest_build_seconds": None if manifest_seconds is None else round(manifest_seconds, 2),
-        "peak_rss_mb_unlearn": round(rss_unlearn, 1),
+        "peak_rss_mb_unlearn": round(rss_unlearn, 1), "retained_share": retained,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
         "numpy": np.__version__, "pyarrow": pa.__version__,
