@@ -25,6 +25,7 @@ import numpy as np
 
 FORGET_COUNTS = (1, 10, 100, 1_000, 10_000)  # the points nulls-sinks --forget-budget reports by default
 LOW_PERCENTILE = 1.0  # "low percentile" of survivors' retained share: the 1st percentile
+LOW_KEY = f"p{LOW_PERCENTILE:g}"  # its key in summaries (certificates, JSON): "p1"
 
 
 def analytic_retained_share(num_forgotten: int, k: float, rows: int) -> float:
@@ -70,10 +71,10 @@ def share_summary(shares: np.ndarray, ids: np.ndarray | None = None) -> dict:
     values = shares[keep]
     out = {"num": int(keep.sum()), "num_without_sinks": int((~keep).sum())}
     if not len(values):
-        return {**out, "mean": None, "min": None, f"p{LOW_PERCENTILE:g}": None}
+        return {**out, "mean": None, "min": None, LOW_KEY: None}
     worst = int(np.argmin(values))
     out.update(mean=float(values.mean()), min=float(values[worst]),
-               **{f"p{LOW_PERCENTILE:g}": float(np.percentile(values, LOW_PERCENTILE))})
+               **{LOW_KEY: float(np.percentile(values, LOW_PERCENTILE))})
     if ids is not None:
         out["min_source_id"] = int(ids[keep][worst])
     return out

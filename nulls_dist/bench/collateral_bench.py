@@ -31,6 +31,7 @@ from nulls_dist.deploy.checkpoint_io import load_checkpoint, save_deployed
 from nulls_dist.formats.weights import state_dict_digest
 from nulls_dist.audit.collateral import forget_sinks, sidecar_path
 from nulls_dist.audit.retained import RetainedShareOptions, survivors_retained_share
+from nulls_dist.forget_budget import LOW_KEY
 from nulls_dist.audit.manifest import INDEX_NAME, ManifestOptions, build_manifest
 from nulls_dist.audit.unlearn import unlearn
 from nulls_dist.audit.verify import verify_paths
@@ -79,7 +80,7 @@ def main() -> None:
         t1 = time.perf_counter()
         share = survivors_retained_share(workdir / "manifest", tables, opts)
         retained[name] = {"seconds": round(time.perf_counter() - t1, 2), "method": share["method"],
-                          **{k: share[k] for k in ("num", "mean", "min", "p1")}}
+                          **{k: share[k] for k in ("num", "mean", "min", LOW_KEY)}}
     verify_seconds, ok = None, None
     if not args.skip_verify:
         t1 = time.perf_counter()

@@ -131,7 +131,7 @@ def write_budget_plot(result: dict, title: str, path: str) -> None:
     points = result["points"]
     forgotten = [p["forgotten"] for p in points]
     grid = np.geomspace(1, max(forgotten), 200)
-    low = f"p{budget.LOW_PERCENTILE:g}"
+    low = budget.LOW_KEY
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(grid, [budget.analytic_retained_share(f, result["mean_k"], result["rows"]) for f in grid], "k--",
             label=f"exp(-F k / R), k {result['mean_k']:.1f}, R {result['rows']}")
@@ -277,7 +277,7 @@ def _print_text(out: dict) -> None:
         print(f"histogram: {out['histogram']}")
     if "forget_budget" in out:
         b = out["forget_budget"]
-        low = f"p{b['low_percentile']:g}"
+        low = budget.LOW_KEY
         print(f"forget budget: survivors' retained share of their sinks (layer {b['layer']}; k {b['mean_k']:.2f} "
               f"of R {b['rows']} rows; {b['num_survivors']} survivors sampled from ids {b['id_range'][0]}:"
               f"{b['id_range'][1]}, seed {b['seed']})")

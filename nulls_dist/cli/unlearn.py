@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from nulls_dist.audit.collateral import sidecar_path
+from nulls_dist.forget_budget import LOW_KEY
 from nulls_dist.audit.unlearn import METHODS, parse_requests, read_signing_key, unlearn
 from nulls_dist.formats.forget_set import load_forget_set
 from nulls_dist.audit.verify import load_certificate, verify
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
                       "collateral_file": str(sidecar_path(args.certificate)),
                       "output_checkpoint": cert.get("output_checkpoint"),
                       "survivors_retained_share": {k: cert["survivors_retained_share"][k]
-                                                   for k in ("method", "num_survivors", "mean", "min", "p1")}},
+                                                   for k in ("method", "num_survivors", "mean", "min", LOW_KEY)}},
                      indent=2))
     warning = warn_retained_share(cert, args.warn_retained_share)
     if warning:
