@@ -78,6 +78,26 @@ def test_forgotten_step_compares_with_the_oracle(model):
     assert out["deployments"]["unlearned"]["probes_vs_oracle"]["accuracy_diff"] == [0.0, 0.0, 0.0]  # same model
 
 
+def test_article_shares_and_dose_response(model):
+    data = _data()
+    assign = model.sink_assignment
+    rows = {s: set(assign.rows(torch.tensor([s]))[0].tolist()) for s in data.tokens}
+    forget = [OFFSET + 0, OFFSET + 1]
+    survivors = [s for s in data.tokens if s not in forget]
+    union = rows[forget[0]] | rows[forget[1]]
+    shares = study.article_shares(assign, survivors, forget, model.cfg.n_layer, False)
+    assert shares == {s: len(rows[s] - union) / len(rows[s]) for s in survivors}
+    assert set(study.article_shares(assign, survivors, [], model.cfg.n_layer, False).values()) == {1.0}
+    before = study.retained_step(model, data, survivors, [])
+    after = study.retained_step(model, data, survivors, forget)
+    bins = study.dose_response([(after, shares), (before, {s: 1.0 for s in survivors})], before, data.probes)
+    assert sum(b["num_probes"] for b in bins) == 2 * before["probes"]["num"]
+    untouched = next(b for b in bins if b["share"].startswith("1.0"))
+    clean = [s for s in survivors if shares[s] == 1.0]
+    assert untouched["num_probes"] == 2 * len(survivors) + 2 * len(clean)  # every probe at F=0, the clean ones after
+    assert all(0 <= b["accuracy"] <= 1 and 0 <= b["accuracy_before"] <= 1 for b in bins)
+
+
 def test_goal_needs_both_halves():
     step = {"forgotten": 100, "against_before": {"accuracy_ratio": 0.97},
             "forgotten_unique_facts": {"unlearned": {"accuracy_diff_vs_oracle": [0.01, -0.03, 0.05]}}}

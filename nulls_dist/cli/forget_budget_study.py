@@ -233,6 +233,14 @@ class Measurer:
             atomic.write_json(path, result)
         return json.loads(path.read_text())
 
+    def dose_response(self) -> list[dict]:
+        """The retained facts of every step binned by each article's own retained share of its sinks."""
+        cfg, retained = self.model.cfg, self.run.plan["retained_ids"]
+        pairs = [(self.retained(step), study.article_shares(self.model.sink_assignment, retained,
+                                                             self.run.plan["forget_order"][:step], cfg.n_layer,
+                                                             cfg.sink_layer_specific)) for step in STEPS]
+        return study.dose_response(pairs, self.retained(0), self.data.probes)
+
     def _router(self):
         if self._routing is None:
             embedder = make_embedder("auto", self.model.transformer.wte.weight, self.data.encode)
@@ -269,6 +277,7 @@ def run_config(run: ConfigRun, threads: int) -> dict:
             entry["chance_accuracy"] = forgotten["chance_accuracy"]
         steps.append(entry)
     return {"status": "measured", "config": asdict(run.cfg), "oracle_from": run.oracle_cfg.name,
+            "dose_response": measure.dose_response(),
             "before": {"retained_accuracy": before["probes"]["accuracy"], "retained_loss": before["loss"],
                        "num_probes": before["probes"]["num"]}, "steps": steps, "goal": goal(steps)}
 
@@ -351,6 +360,24 @@ def write_plots(results: dict, out_dir: Path) -> list[str]:
         ax.legend(fontsize=7)
     fig.tight_layout()
     files.append(_save(fig, out_dir / "forgotten_vs_oracle.png"))
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (name, r) in enumerate(measured.items()):
+        bins = r.get("dose_response") or []
+        ax.plot(range(len(bins)), [b["ratio"] for b in bins], "o-", color=f"C{i}", label=name)
+        for x, b in enumerate(bins):
+            ax.annotate(str(b["num_probes"]), (x, b["ratio"]), fontsize=6, xytext=(2, 3), textcoords="offset points")
+    labels = [b["share"] for b in next(iter(measured.values())).get("dose_response") or []]
+    ax.set_xticks(range(len(labels)), labels, fontsize=7)
+    ax.axhline(GOAL_RETAINED_ACCURACY_RATIO, color="k", linestyle=":", linewidth=1)
+    ax.set_xlabel("an article's own retained share of its sinks (bins, pooled over F = 1..100)")
+    ax.set_ylabel("unique-fact accuracy / before (same probes)")
+    ax.set_title("What a retained share costs (numbers: probes per bin)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    files.append(_save(fig, out_dir / "dose_response.png"))
     plt.close(fig)
     return files
 
