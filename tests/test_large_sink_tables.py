@@ -256,6 +256,10 @@ def test_rows_never_read_come_back_nan_and_a_training_store_reads_nothing(lazy_c
     with pytest.raises(RuntimeError, match="training mode"):
         model.make_plan(None, SinkMode.sink_on(BASE + 3), (1, 3))
     assert copy.deepcopy(model).sink_store.reader is ckpt.state_dict  # copies share the read-only file
+    from nulls_dist.evaluation.quantize import quantize_model
+
+    with pytest.raises(ValueError, match="quantize_model needs the sink tables inside the model"):
+        quantize_model(model, 8)  # it would quantize only the rows read so far
 
 
 def test_fine_tuning_a_lazy_model_trains_its_rows_as_the_dense_model_does(lazy_checkpoint):

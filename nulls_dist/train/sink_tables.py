@@ -68,7 +68,9 @@ K rows per source (-1 padded).
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -176,6 +178,22 @@ def compact_rows(source_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return torch.from_numpy(rows).to(source_rows.device), torch.from_numpy(local).to(source_rows.device)
 
 
+class _LibraryInfoFilter(logging.Filter):
+    """Drops fbgemm's INFO lines (it logs every loaded .so and every table's arguments through the root logger,
+    on every rank); its warnings and errors pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or f"{os.sep}fbgemm_gpu{os.sep}" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+    """Keep TorchRec's and fbgemm's INFO chatter out of the run's log (idempotent)."""
+    root = logging.getLogger()
+    if not any(isinstance(f, _LibraryInfoFilter) for f in root.filters):
+        root.addFilter(_LibraryInfoFilter())
+    logging.getLogger("torchrec").setLevel(logging.WARNING)
+
+
 class _ScaleGrad(torch.autograd.Function):
     """Identity forward; backward multiplies the gradient by `scale`."""
 
@@ -198,6 +216,7 @@ class ShardedSinkTables:
                  process_group: dist.ProcessGroup | None = None, grad_scale: float | None = None) -> None:
         # TorchRec and fbgemm load here, not at import: they take seconds, and the pure helpers above (init_rows,
         # compact_rows, the config) serve the reference tests and the loader without them
+        quiet_library_logs()
         from fbgemm_gpu.split_embedding_configs import EmbOptimType
         from torchrec import EmbeddingCollection, EmbeddingConfig
         from torchrec.distributed.embedding import EmbeddingCollectionSharder

@@ -7,11 +7,17 @@ each source's indices into them), and each micro-batch's forward runs on the row
 Semantics chosen to match the dense weights' step (docs/sink_tables.md, "Gradient accumulation"):
 - updates are deferred to the end of the optimizer step at any `grad_accum` (exact accumulation: one update per
   row from the step's summed gradients, every micro-batch sees the rows as they were at the start of the step);
-- the gradient a row receives is the dense weights' (the trainer backpropagates CE sum * W * G / global count and
-  DeepSpeed divides by W * G: the tables' grad scale is 1 / (W * G));
+- the gradient a row receives is the dense weights' (the trainer backpropagates CE sum * W * G / global count;
+  DeepSpeed's backward divides that loss by G, which every gradient of the graph carries, the looked-up rows'
+  included, and its all-reduce averages the dense gradients over W: the tables' grad scale is 1 / W);
 - a step that is bad on any rank (non-finite loss, DeepSpeed's overflow, non-finite table gradients) updates no
   row (zero gradients; no host read), as DeepSpeed skips the dense step;
 - the sparse lr is `sink_tables.lr`, times the dense warmup/cosine multiplier when `follow_schedule`.
+
+The tables live in host memory (this project pins fbgemm-gpu-cpu, whose kernels are the CPU ones): on a CUDA run
+the looked-up rows are copied to the model's device and their gradients flow back to the host leaves; the host
+sink plan (the loader's, before it moves to the device) names the rows, so the lookup reads nothing back. Only
+the step's bad flag crosses back to the host, once per step. (CPU runs are tested; no GPU was lent to this work.)
 
 Every method is a collective: every rank calls it, in the same order.
 """
@@ -53,7 +59,9 @@ class TableSinks:
                                     eps=section.eps, init_std=section.init_std, seed=cfg.seed,
                                     grad_accum=grad_accum, update_at_step=True)
         self.schedule = WarmupCosine(cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr / cfg.optim.lr)
-        self.tables = ShardedSinkTables(self.cfg, device, grad_scale=1.0 / (world_size * grad_accum))
+        # DeepSpeed's backward already took the 1/G off the loss: the rows need the ranks' 1/W (module docstring)
+        self.tables = ShardedSinkTables(self.cfg, "cpu", grad_scale=1.0 / world_size)
+        self.device = device  # the model's
         self.lr = section.lr
 
     def describe(self) -> dict[str, Any]:
@@ -71,19 +79,21 @@ class TableSinks:
         self.tables.set_learning_rate(self.lr)
 
     def rows_for(self, plan: SinkPlan) -> list[torch.Tensor] | None:
-        """The (R_l, 3D) rows of a compact plan's `table_rows`, per layer; None for a plan without sinks. With
-        grad enabled the rows are this step's leaves (their gradients are applied in `end_step`); without, a
-        plain lookup that updates nothing."""
+        """The (R_l, 3D) rows of a compact host plan's `table_rows`, per layer, on the model's device; None for a
+        plan without sinks. With grad enabled the rows are this step's leaves (their gradients are applied in
+        `end_step`); without, a plain lookup that updates nothing."""
         if plan.kind == "none":
             return None
         if plan.kind != "gathered":
             raise ValueError(f"a {plan.kind!r} sink plan needs every pool row; the sharded tables serve gathered "
                              "plans (train, sink_on, sink_off)")
-        return self.tables.lookup([plan.layer_table_rows(layer) for layer in range(self.num_layers)])
+        values = self.tables.lookup([plan.layer_table_rows(layer) for layer in range(self.num_layers)])
+        return [v.to(self.device, non_blocking=True) for v in values]
 
     def end_step(self, bad: torch.Tensor) -> torch.Tensor:
-        """Apply the step's summed gradients (zeros when any rank's `bad`); returns the global bad flag."""
-        return self.tables.step(skip=bad) > 0
+        """Apply the step's summed gradients (zeros when any rank's `bad`); returns the global bad flag on the
+        model's device."""
+        return (self.tables.step(skip=bad.to("cpu")) > 0).to(self.device)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def all_finite(self) -> bool:

@@ -270,8 +270,8 @@ class Trainer:
             mode = mode_for(batch)
             plan = batch["plan"] if mode.kind == "train" else self.engine.module.make_plan(
                 None, mode, tuple(batch["input_ids"].shape))
+            rows = self.tables.rows_for(plan) if self.tables is not None else None  # no grad: no update
             batch = to_device({**batch, "plan": plan}, self.device)
-            rows = self.tables.rows_for(batch["plan"]) if self.tables is not None else None  # no grad: no update
             total += self.engine(batch["input_ids"], source_ids=batch["source_ids"], mode=mode, plan=batch["plan"],
                                  labels=batch["labels"], sink_rows=rows).to(torch.float64)
             count += batch["num_targets"]
@@ -341,7 +341,7 @@ class Trainer:
         step_loss = torch.zeros((), device=self.device, dtype=torch.float32)
         for micro in micro_batches:
             batch = to_device(micro, self.device)
-            rows = self.tables.rows_for(batch["plan"]) if self.tables is not None else None  # [(R_l, 3D)]
+            rows = self.tables.rows_for(micro["plan"]) if self.tables is not None else None  # [(R_l, 3D)]
             loss_sum = engine(batch["input_ids"], source_ids=batch["source_ids"], mode=SinkMode.train(),
                               plan=batch.get("plan"), labels=batch["labels"], sink_rows=rows)
             engine.backward(loss_sum * scale)
