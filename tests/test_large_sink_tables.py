@@ -148,6 +148,12 @@ def test_compact_plans_name_each_source_rows_through_local_indices(layer_specifi
     broken.local_rows[0, 0, 0] = (broken.local_rows[0, 0, 0] + 1) % broken.table_rows[0].numel()
     with pytest.raises(ValueError, match="do not name the plan's pool rows"):
         broken.check(cfg.n_sink)
+    from nulls_dist.train.data import plan_builder
+
+    shipped = pickle.loads(pickle.dumps(plan_builder(cfg, assignment, compact=True)))  # as to a loader worker
+    built = shipped(source_ids.numpy())
+    assert all(torch.equal(a, b) for a, b in zip(built.table_rows, plan.table_rows))
+    assert torch.equal(built.local_rows, plan.local_rows)
     distinct, local = compact_rows_numpy(np.array([[5, 9, -1], [9, 2, 5]]))
     assert distinct.tolist() == [2, 5, 9] and local.tolist() == [[1, 2, -1], [2, 0, 1]]
     expected = plan_for_mode(SinkMode.expected(), (1, 4), cfg, assignment, compact=True)
