@@ -91,8 +91,8 @@ def activation_values_per_token_layer(cfg: NullConfig, sink_path: str, active_si
     d, q = cfg.n_embd, cfg.n_head * cfg.head_size
     kv = 2 * cfg.n_query_groups * cfg.head_size
     attention = d + d + (q + kv) + (q + kv // 2) + q  # norm in/out, qkv, roped q/k, attention out (proj input)
-    mlp_units = cfg.n_backbone + active_sinks if sink_path == "gathered" else cfg.intermediate_size
-    mlp = d + d + 3 * mlp_units + (cfg.intermediate_size if sink_path == "masked" else 0)  # + the masked product
+    mlp_units = cfg.n_backbone + active_sinks if sink_path == "gathered" else cfg.n_mlp_units
+    mlp = d + d + 3 * mlp_units + (cfg.n_mlp_units if sink_path == "masked" else 0)  # + the masked product
     return attention + mlp
 
 
@@ -111,7 +111,7 @@ def forward_flops_per_token(cfg: NullConfig, sink_path: str, active_sinks: int, 
     d, q = cfg.n_embd, cfg.n_head * cfg.head_size
     attn_linear = 2 * (d * (q + 2 * cfg.n_query_groups * cfg.head_size) + q * d)
     attn_scores = 2 * 2 * (context / 2) * q  # QK^T and AV over the causal half on average
-    mlp_units = cfg.n_backbone + active_sinks if sink_path == "gathered" else cfg.intermediate_size
+    mlp_units = cfg.n_backbone + active_sinks if sink_path == "gathered" else cfg.n_mlp_units
     mlp = 2 * 3 * mlp_units * d
     head = 2 * d * cfg.padded_vocab_size
     return {"attention": cfg.n_layer * (attn_linear + attn_scores), "mlp": cfg.n_layer * mlp, "lm_head": head,

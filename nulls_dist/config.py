@@ -12,6 +12,7 @@ from typing import Any
 
 SINK_PATHS = ("gathered", "masked")
 SINK_STRATEGIES = ("reference", "uniform", "code")
+MAX_SINK_POOL_SIZE = 2**31 - 1  # sink indices are int32-ranged (SinkAssignmentConfig.pool_size)
 
 # litgpt fields whose value changes the computation: a released config must carry exactly these values
 # (the NULL model is Llama-style with a non-parallel residual), otherwise loading it would silently differ.
@@ -64,6 +65,9 @@ class NullConfig:
     sink_layer_specific: bool = False
     sink_seed: int = 0
     sink_id_dtype: str = "int64"
+    # sink rows per layer for `uniform`/`code` when the pool outgrows intermediate_size (2**20..2**24 and beyond:
+    # docs/sink_tables.md); None = the published split, intermediate_size - n_backbone (`reference` always)
+    sink_pool_size: int | None = None
     num_sources: int | None = None  # when set, valid source ids are [min_source_id, min_source_id + num_sources)
     min_source_id: int = 0
     sink_path: str = "gathered"
@@ -110,6 +114,7 @@ class NullConfig:
             raise ValueError(f"sink_strategy must be one of {SINK_STRATEGIES}, got {self.sink_strategy!r}")
         if self.sink_path not in SINK_PATHS:
             raise ValueError(f"sink_path must be one of {SINK_PATHS}, got {self.sink_path!r}")
+        self._validate_pool_size()
         if self.sink_k is not None and not 0 < self.sink_k <= self.n_sink:
             raise ValueError(f"sink_k={self.sink_k} must lie in [1, pool size n_sink={self.n_sink}]")
         if self.num_sources is not None and self.num_sources <= 0:
@@ -121,6 +126,22 @@ class NullConfig:
         if self.n_sink > 0:
             self.sink_assignment_config()  # validates the sink fields (e.g. layer_specific with 'reference')
 
+    def _validate_pool_size(self) -> None:
+        """`sink_pool_size`: a pool decoupled from intermediate_size, for the strategies that scale to it."""
+        size = self.sink_pool_size
+        if size is None:
+            return
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_SINK_POOL_SIZE:
+            raise ValueError(f"sink_pool_size must be an integer in [1, 2**31 - 1] (the sink hash's index range), "
+                             f"got {size!r}")
+        if self.sink_strategy == "reference":
+            raise ValueError(f"sink_pool_size={size} is for sink_strategy 'uniform' or 'code': 'reference' (the "
+                             f"published hash) keeps its pool, intermediate_size - int(intermediate_size * p_gen) = "
+                             f"{self.intermediate_size - self.n_backbone}")
+        if self.sink_k is None:
+            raise ValueError(f"sink_k must be set with sink_pool_size={size}: the default k (p_mem * pool for "
+                             "'uniform', q for 'code') grows with the pool")
+
     # ---------------------------------------------------------------- derived sizes
     @property
     def n_backbone(self) -> int:
@@ -129,8 +150,16 @@ class NullConfig:
 
     @property
     def n_sink(self) -> int:
-        """Sink pool units per layer (may be 0 when p_gen = 1)."""
+        """Sink pool units per layer: `sink_pool_size`, else the rest of intermediate_size (0 when p_gen = 1)."""
+        if self.sink_pool_size is not None:
+            return self.sink_pool_size
         return self.intermediate_size - self.n_backbone
+
+    @property
+    def n_mlp_units(self) -> int:
+        """Every SwiGLU unit of a layer, backbone and pool: the width of litgpt's fc_1 / fc_2 / proj, and what the
+        dense masked form computes per token (intermediate_size unless `sink_pool_size` is set)."""
+        return self.n_backbone + self.n_sink
 
     @property
     def rope_n_elem(self) -> int:

@@ -59,12 +59,12 @@ def litgpt_to_null_state_dict(state_dict: dict[str, torch.Tensor], cfg: NullConf
         if name in _PLAIN_LAYER_KEYS:
             out[key] = value
         elif name in ("mlp.fc_1.weight", "mlp.fc_2.weight"):
-            _check_shape(key, value, (cfg.intermediate_size, cfg.n_embd))
+            _check_shape(key, value, (cfg.n_mlp_units, cfg.n_embd))
             part = "gate" if name == "mlp.fc_1.weight" else "up"
             out[f"{prefix}.mlp.backbone_{part}.weight"] = value[:nb]  # (F, D)
             out[f"{prefix}.mlp.sink_{part}"] = value[nb:]  # (P, D)
         elif name == "mlp.proj.weight":
-            _check_shape(key, value, (cfg.n_embd, cfg.intermediate_size))
+            _check_shape(key, value, (cfg.n_embd, cfg.n_mlp_units))
             out[f"{prefix}.mlp.backbone_down.weight"] = value[:, :nb]  # (D, F)
             out[f"{prefix}.mlp.sink_down"] = value[:, nb:].t()  # (P, D)
         else:

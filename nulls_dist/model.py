@@ -2,6 +2,14 @@
 pool of per-source sink units; attention is causal AND same-source; the deployment modes of docs/nulls_facts.md.
 Single-device code: no parallelism, no config system, no logging backends.
 
+Sink storage. By default each layer holds its sink pool as three (P, D) parameters. A model built with
+`sink_storage="external"` holds none: its sink rows live elsewhere (TorchRec tables row-sharded over the ranks
+in training, a memory-mapped safetensors file in deployment: docs/sink_tables.md). It builds compact plans (the
+distinct pool rows a batch uses per layer, and each source's rows as indices into them), and a forward takes
+those rows as `sink_rows` [(R_l, 3D)] per layer, each row `[gate | up | down]`, or gathers them from an
+attached row store (`attach_sink_store`, nulls_dist/sink_store.py). The sink-MLP op then runs on the gathered
+rows exactly as on the whole tables.
+
 The hot path takes a precomputed `SinkPlan` (nulls_dist/sink_plan.py: built on the host, once per batch, by the
 loader's workers) and then reads nothing back from the device: the plan indexes the sink tables, the attention
 mask is built once per forward from the source ids, and the loss is returned as a device scalar. Without a plan
@@ -12,6 +20,7 @@ Shape legend:
     D  n_embd                H  n_head                        G  n_query_groups        hs  head_size
     I  intermediate_size     F  n_backbone                    P  n_sink (pool rows)    V  padded_vocab_size
     N  B*T flattened tokens  U  distinct sources              K  active sink rows per source (-1 padded)
+    R_l  distinct pool rows layer l uses in a batch (compact plans)
 """
 from __future__ import annotations
 
@@ -28,10 +37,19 @@ from nulls_dist.sink_plan import (MODE_KINDS, SinkMode, SinkPlan, plan_for_batch
                                   remove_rows)
 from nulls_dist.sinks import SinkAssignment
 
-__all__ = ["MODE_KINDS", "KVCache", "NullTransformer", "SinkMode", "SinkPlan", "chunked_cross_entropy",
-           "flops_per_token", "num_parameters_of", "remove_rows", "same_source_causal_mask"]
+__all__ = ["MODE_KINDS", "SINK_STORAGES", "KVCache", "NullTransformer", "SinkMode", "SinkPlan",
+           "chunked_cross_entropy", "flops_per_token", "num_parameters_of", "remove_rows", "same_source_causal_mask",
+           "split_sink_rows"]
 
 IGNORE_INDEX = -100  # labels of tokens that count for no loss term (F.cross_entropy's default ignore_index)
+SINK_STORAGES = ("dense", "external")
+
+
+def split_sink_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(R, 3D) sink rows `[gate | up | down]` -> the gate, up and down (R, D) views (column slices: no copy;
+    gradients flow back into `rows`)."""
+    dim = rows.shape[1] // 3
+    return rows[:, :dim], rows[:, dim: 2 * dim], rows[:, 2 * dim:]
 
 
 # ------------------------------------------------------------------------------------------------ rope
@@ -115,51 +133,63 @@ class CausalSelfAttention(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ MLP
 class NullMLP(nn.Module):
-    """SwiGLU = backbone Linear units + a sink pool stored as three (P, D) row tables (design.md)."""
+    """SwiGLU = backbone Linear units + a sink pool stored as three (P, D) row tables (design.md), or, with
+    `dense_sinks=False`, no sink parameters: a forward then takes the compact rows (R_l, 3D) of its plan."""
 
-    def __init__(self, cfg: NullConfig) -> None:
+    def __init__(self, cfg: NullConfig, dense_sinks: bool = True) -> None:
         super().__init__()
         D, F_, P = cfg.n_embd, cfg.n_backbone, cfg.n_sink
         self.backbone_gate = nn.Linear(D, F_, bias=False)
         self.backbone_up = nn.Linear(D, F_, bias=False)
         self.backbone_down = nn.Linear(F_, D, bias=False)
-        self.sink_gate = nn.Parameter(torch.empty(P, D))
-        self.sink_up = nn.Parameter(torch.empty(P, D))
-        self.sink_down = nn.Parameter(torch.empty(P, D))  # row j = column j of litgpt's proj.weight
+        self.dense_sinks = dense_sinks
+        if dense_sinks:
+            self.sink_gate = nn.Parameter(torch.empty(P, D))
+            self.sink_up = nn.Parameter(torch.empty(P, D))
+            self.sink_down = nn.Parameter(torch.empty(P, D))  # row j = column j of litgpt's proj.weight
         self.debug_checks = False
 
-    def forward(self, x: torch.Tensor, plan: SinkPlan, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plan: SinkPlan, layer: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`rows` (R_l, 3D): this layer's compact sink rows (the plan's `layer_table_rows`), for a model without
+        dense sink tables; every row of the pool for the dense and masked kinds."""
         B, T, D = x.shape
         xf = x.reshape(B * T, D)  # (N, D)
         y = self.backbone_down(F.silu(self.backbone_gate(xf)) * self.backbone_up(xf))  # (N, D)
         if plan.backbone_scale != 1.0:
             y = y * plan.backbone_scale
+        if plan.kind == "none":
+            return y.view(B, T, D)
+        if rows is None:
+            gate, up, down, index = self.sink_gate, self.sink_up, self.sink_down, plan.rows
+        else:
+            gate, up, down = split_sink_rows(rows.to(xf.dtype))  # (R_l, D) each; the rows' own dtype in backward
+            index = plan.local_rows
         if plan.kind in ("dense", "masked"):
-            h = F.silu(xf @ self.sink_gate.t()) * (xf @ self.sink_up.t())  # (N, P)
+            h = F.silu(xf @ gate.t()) * (xf @ up.t())  # (N, P)
             if plan.kind == "masked":
                 # where() keeps autograd's saved mask a bool; one (N, P) gather per layer, on the device
                 h = torch.where(plan.layer_mask(layer)[plan.token_source], h, 0.0)
             if plan.sink_scale != 1.0:
                 h = h * plan.sink_scale
-            y = y + h @ self.sink_down  # (N, D)
+            y = y + h @ down  # (N, D)
         elif plan.kind == "gathered":
-            y = y + sink_mlp(xf, plan.offsets, plan.seg_source, plan.layer_rows(layer), self.sink_gate,
-                             self.sink_up, self.sink_down, impl="auto", tiles=plan.tiles,
-                             validate=self.debug_checks)
+            source_rows = index[layer if index.shape[0] > 1 else 0]  # (U, K) pool rows, or indices into `rows`
+            y = y + sink_mlp(xf, plan.offsets, plan.seg_source, source_rows, gate, up, down, impl="auto",
+                             tiles=plan.tiles, validate=self.debug_checks)
         return y.view(B, T, D)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: NullConfig) -> None:
+    def __init__(self, cfg: NullConfig, dense_sinks: bool = True) -> None:
         super().__init__()
         self.norm_1 = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.attn = CausalSelfAttention(cfg)
         self.norm_2 = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
-        self.mlp = NullMLP(cfg)
+        self.mlp = NullMLP(cfg, dense_sinks)
 
-    def forward(self, x, cos, sin, mask, plan, layer, cache=None, first_pos: int = 0):
+    def forward(self, x, cos, sin, mask, plan, layer, cache=None, first_pos: int = 0, rows=None):
         x = x + self.attn(self.norm_1(x), cos, sin, mask, cache, first_pos)
-        return x + self.mlp(self.norm_2(x), plan, layer)
+        return x + self.mlp(self.norm_2(x), plan, layer, rows)
 
 
 # ------------------------------------------------------------------------------------------------ loss
@@ -188,15 +218,18 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
 class NullTransformer(nn.Module):
     """input_ids (B, T), source_ids (B, T) -> logits (B, T, V), or with `labels` the summed loss. Parameter names
     follow litgpt's GPT except the MLP (design.md, "Model weights"); `sink_assignment` is host-side index math,
-    not a module."""
+    not a module. `sink_storage`: "dense" (the sink tables are parameters) or "external" (module docstring)."""
 
-    def __init__(self, cfg: NullConfig) -> None:
+    def __init__(self, cfg: NullConfig, sink_storage: str = "dense") -> None:
         super().__init__()
+        if sink_storage not in SINK_STORAGES:
+            raise ValueError(f"sink_storage must be one of {SINK_STORAGES}, got {sink_storage!r}")
         self.cfg = cfg
+        self.sink_storage = sink_storage
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
-                h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+                h=nn.ModuleList(Block(cfg, sink_storage == "dense") for _ in range(cfg.n_layer)),
                 ln_f=nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps),
             )
         )
@@ -209,6 +242,7 @@ class NullTransformer(nn.Module):
         self.attention_impl = "auto"  # auto (flex on CUDA for packed rows, SDPA otherwise) | sdpa | flex
         self.forgotten: tuple[int, ...] = ()  # a deployment's forget set in force (enforce_forget_set)
         self.loss_chunk_tokens = 2048
+        self.sink_store = None  # external storage: the rows a deployment reads on demand (attach_sink_store)
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -229,6 +263,18 @@ class NullTransformer(nn.Module):
             block.mlp.debug_checks = enabled
 
     debug_checks = False
+
+    @property
+    def external_sinks(self) -> bool:
+        """The sink rows live outside this model (compact plans; rows passed in or read from the store)."""
+        return self.sink_storage == "external" and self.cfg.n_sink > 0
+
+    def attach_sink_store(self, store: nn.Module) -> None:
+        """Deployment of an external-storage model: `store` (nulls_dist/sink_store.py) reads the rows every plan
+        of `make_plan` needs when the plan is built, and hands them to the forward (`gather(layer, rows)`)."""
+        if self.sink_storage != "external":
+            raise ValueError("attach_sink_store needs a model built with sink_storage='external'")
+        self.sink_store = store
 
     def enforce_forget_set(self, source_ids) -> None:
         """Deployment: these sources' sinks are never activated again, in any mode, by any caller of this model
@@ -265,9 +311,13 @@ class NullTransformer(nn.Module):
             plan = SinkPlan("none", *shape, single_source_rows=True)  # no sinks: nothing to route
         elif mode.kind == "train":
             ids = source_ids.detach().cpu().numpy() if isinstance(source_ids, torch.Tensor) else source_ids
-            plan = plan_for_batch(np.asarray(ids, dtype=np.int64), self.cfg, self.sink_assignment)
+            plan = plan_for_batch(np.asarray(ids, dtype=np.int64), self.cfg, self.sink_assignment,
+                                  compact=self.external_sinks)
         else:
-            plan = plan_for_mode(mode, shape, self.cfg, self.sink_assignment, forgotten=self.forgotten)
+            plan = plan_for_mode(mode, shape, self.cfg, self.sink_assignment, forgotten=self.forgotten,
+                                 compact=self.external_sinks)
+        if self.sink_store is not None and plan.compact:
+            self.sink_store.ensure(plan.table_rows)  # read now, on the host: the forward only gathers
         return plan if device is None else plan.to(device)
 
     # ------------------------------------------------------------------ forward
@@ -298,6 +348,7 @@ class NullTransformer(nn.Module):
         mode: SinkMode | None = None,
         kv_cache: KVCache | None = None,
         plan: SinkPlan | None = None,
+        sink_rows: list[torch.Tensor] | None = None,  # external storage: per layer (R_l, 3D) rows of plan.table_rows
     ) -> torch.Tensor:  # (B, T, D) after the final norm
         mode = mode or SinkMode.train()
         self._check_inputs(input_ids, source_ids, plan)
@@ -334,11 +385,32 @@ class NullTransformer(nn.Module):
             mask = build_mask(self.attention_impl, attn_source_ids, single, T, first_pos + T, first_pos, keys,
                               device)
             kv_cache.next_pos = first_pos + T
+        sink_rows = self._sink_rows(plan, sink_rows)
         x = self.transformer.wte(input_ids)  # (B, T, D)
         for layer, block in enumerate(self.transformer.h):
             cache = kv_cache.layers[layer] if kv_cache is not None else None
-            x = block(x, cos, sin, mask, plan, layer, cache, first_pos)
+            rows = sink_rows[layer] if sink_rows is not None else None
+            x = block(x, cos, sin, mask, plan, layer, cache, first_pos, rows)
         return self.transformer.ln_f(x)
+
+    def _sink_rows(self, plan: SinkPlan, sink_rows: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+        """The per-layer rows an external-storage forward runs on: the caller's, or the attached store's."""
+        if not self.external_sinks or plan.kind == "none":
+            if sink_rows is not None and plan.kind != "none":
+                raise ValueError("sink_rows are for a model built with sink_storage='external'")
+            return None
+        if not plan.compact:
+            raise ValueError("a model with external sink storage needs a compact sink plan (model.make_plan, or "
+                             "plan_for_batch(..., compact=True))")
+        if sink_rows is None:
+            if self.sink_store is None:
+                raise ValueError("this model's sink rows live outside it: pass sink_rows (training) or "
+                                 "attach_sink_store (deployment)")
+            sink_rows = [self.sink_store.gather(layer, plan.layer_table_rows(layer))
+                         for layer in range(self.cfg.n_layer)]
+        if len(sink_rows) != self.cfg.n_layer:
+            raise ValueError(f"sink_rows holds {len(sink_rows)} layers, the model has {self.cfg.n_layer}")
+        return sink_rows
 
     def forward(
         self,
@@ -348,10 +420,11 @@ class NullTransformer(nn.Module):
         kv_cache: KVCache | None = None,
         plan: SinkPlan | None = None,
         labels: torch.Tensor | None = None,  # (B, T) next-token targets, IGNORE_INDEX where nothing counts
+        sink_rows: list[torch.Tensor] | None = None,  # external storage: per layer (R_l, 3D), see hidden_states
     ) -> torch.Tensor:
         """Logits (B, T, V); with `labels`, the SUM of the cross-entropy over the counted labels (fp32 scalar; the
         caller divides by its token count, e.g. the global count of a data-parallel step)."""
-        hidden = self.hidden_states(input_ids, source_ids, mode, kv_cache, plan)  # (B, T, D)
+        hidden = self.hidden_states(input_ids, source_ids, mode, kv_cache, plan, sink_rows)  # (B, T, D)
         if labels is None:
             return self.lm_head(hidden)  # (B, T, V)
         if labels.shape != input_ids.shape:
@@ -378,7 +451,7 @@ def flops_per_token(cfg: NullConfig, seq_len: int, gathered: bool, mean_sinks_pe
         mean_sinks_per_source = cfg.sink_k if cfg.sink_k is not None else cfg.p_mem * cfg.n_sink
     attn_proj = 2 * D * (H + 2 * G) * hs + 2 * H * hs * D
     attn_scores = 2 * 2 * H * hs * seq_len
-    mlp_units = cfg.n_backbone + mean_sinks_per_source if gathered else cfg.intermediate_size
+    mlp_units = cfg.n_backbone + mean_sinks_per_source if gathered else cfg.n_mlp_units
     mlp = 2 * 3 * D * mlp_units
     lm_head = 2 * D * cfg.padded_vocab_size
     return 3.0 * (cfg.n_layer * (attn_proj + attn_scores + mlp) + lm_head)

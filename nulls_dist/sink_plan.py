@@ -9,11 +9,17 @@ row; `offsets` (S+1,) bound them, `seg_source` (S,) indexes `sources` (U,) (asce
 `token_source` (N,) is each token's index into `sources`. The kernels' tile plan (`kernels/tiles.py`) is built
 here too, for the block size the kernels use.
 
+Compact plans (`compact=True`) are for models whose sink rows live outside them (row-sharded training tables,
+memory-mapped deployments: docs/sink_tables.md): they also carry, per layer, the distinct pool rows the batch
+uses (`table_rows`, what a caller looks up) and each source's rows as indices into them (`local_rows`), so the
+sink-MLP op runs on the (R_l, 3D) rows the caller gathered instead of on (P, D) tables.
+
 Also here: `SinkMode`, which deployment mode a forward runs in (docs/nulls_facts.md, "Deployment modes").
 
 Shape legend:
     B rows   T tokens per row   N = B*T   S segments   U distinct sources   K rows per source (-1 padded)
     L' layers with their own rows (n_layer when the assignment is layer-specific, else 1)   P pool rows
+    R_l distinct pool rows of a layer in a compact plan
 """
 from __future__ import annotations
 
@@ -95,6 +101,8 @@ class SinkPlan:
     masks: torch.Tensor | None = None  # (L', U, P) bool (masked path)
     tiles: TilePlan | None = None  # the kernels' tile plan (gathered path)
     forget_applied: tuple[int, ...] = ()  # the forget set this plan was built under (its rows are never active)
+    table_rows: tuple[torch.Tensor, ...] = ()  # compact: per L', the distinct pool rows used (R_l,), ascending
+    local_rows: torch.Tensor | None = None  # compact, gathered: (L', U, K) indices into table_rows[l'], -1 padded
 
     def __post_init__(self) -> None:
         assert self.kind in PLAN_KINDS, self.kind
@@ -109,12 +117,24 @@ class SinkPlan:
     def layer_mask(self, layer: int) -> torch.Tensor:  # (U, P)
         return self.masks[layer if self.masks.shape[0] > 1 else 0]
 
+    @property
+    def compact(self) -> bool:
+        return bool(self.table_rows)
+
+    def layer_table_rows(self, layer: int) -> torch.Tensor:  # (R_l,) the pool rows a compact plan looks up
+        return self.table_rows[layer if len(self.table_rows) > 1 else 0]
+
+    def layer_local_rows(self, layer: int) -> torch.Tensor:  # (U, K) indices into layer_table_rows(layer)
+        return self.local_rows[layer if self.local_rows.shape[0] > 1 else 0]
+
     def _map(self, fn) -> "SinkPlan":
         changes: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, torch.Tensor):
                 changes[f.name] = fn(value)
+            elif f.name == "table_rows":
+                changes[f.name] = tuple(fn(t) for t in value)
             elif isinstance(value, TilePlan):
                 changes[f.name] = TilePlan(*(fn(t) for t in value.tensors()), value.block_m)
         return replace(self, **changes)
@@ -139,6 +159,18 @@ class SinkPlan:
             raise ValueError("sink plan seg_source indexes outside `sources`")
         if self.rows is not None and bool(((self.rows < -1) | (self.rows >= num_pool)).any()):
             raise ValueError(f"sink plan rows must lie in [-1, {num_pool})")
+        for layer, rows in enumerate(self.table_rows):
+            if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= num_pool
+                                 or bool((rows[1:] <= rows[:-1]).any())):
+                raise ValueError(f"sink plan table_rows[{layer}] must be ascending distinct rows in [0, {num_pool})")
+        if self.local_rows is not None:
+            for layer in range(self.local_rows.shape[0]):
+                local, rows = self.local_rows[layer], self.table_rows[layer if len(self.table_rows) > 1 else 0]
+                if bool(((local < -1) | (local >= rows.numel())).any()):
+                    raise ValueError(f"sink plan local_rows[{layer}] index outside its {rows.numel()} table rows")
+                pool = self.rows[layer if self.rows.shape[0] > 1 else 0]
+                if not torch.equal(torch.where(local >= 0, rows[local.clamp(min=0)], -1), pool):
+                    raise ValueError(f"sink plan local_rows[{layer}] do not name the plan's pool rows")
 
 
 # ------------------------------------------------------------------------------------------------ builders
@@ -198,6 +230,21 @@ def remove_rows(rows: np.ndarray, forget_rows: np.ndarray) -> np.ndarray:
     return np.where(compact == big, -1, compact)
 
 
+def compact_rows_numpy(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(U, K) pool rows, -1 padded -> (distinct rows (R,) ascending, local (U, K) indices into them, -1 padded)."""
+    valid = rows >= 0
+    distinct, inverse = np.unique(rows[valid], return_inverse=True)
+    local = np.full(rows.shape, -1, dtype=np.int64)
+    local[valid] = inverse
+    return distinct.astype(np.int64), local
+
+
+def _compact(rows: np.ndarray) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """(L', U, K) pool rows -> per layer the distinct rows, and (L', U, K) local indices."""
+    parts = [compact_rows_numpy(layer_rows) for layer_rows in rows]
+    return tuple(p[0] for p in parts), np.stack([p[1] for p in parts]) if parts else rows.copy()
+
+
 def _masks(rows: np.ndarray, num_pool: int) -> np.ndarray:
     """(L', U, K) rows -> (L', U, P) bool."""
     out = np.zeros(rows.shape[:2] + (num_pool + 1,), dtype=bool)
@@ -205,19 +252,37 @@ def _masks(rows: np.ndarray, num_pool: int) -> np.ndarray:
     return out[..., :num_pool]
 
 
+def _t(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _every_row(cfg: NullConfig) -> tuple[torch.Tensor, ...]:
+    """A compact plan of the dense or masked kind uses every pool row (a whole table: expected mode)."""
+    return (torch.arange(cfg.n_sink, dtype=torch.int64),)
+
+
 def _as_plan(kind: str, cfg: NullConfig, shape: tuple[int, int], offsets, seg_source, sources, token_source,
-             rows: np.ndarray, single_source_rows: bool, block_m: int, forget_applied: tuple[int, ...] = ()) -> SinkPlan:
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
-    common = dict(num_rows=shape[0], row_len=shape[1], single_source_rows=single_source_rows, offsets=t(offsets),
-                  seg_source=t(seg_source), sources=t(sources), forget_applied=forget_applied)
+             rows: np.ndarray, single_source_rows: bool, block_m: int, forget_applied: tuple[int, ...] = (),
+             compact: bool = False) -> SinkPlan:
+    common = dict(num_rows=shape[0], row_len=shape[1], single_source_rows=single_source_rows, offsets=_t(offsets),
+                  seg_source=_t(seg_source), sources=_t(sources), forget_applied=forget_applied)
     if kind == "masked":
-        return SinkPlan("masked", token_source=t(token_source), masks=t(_masks(rows, cfg.n_sink)), **common)
-    return SinkPlan("gathered", rows=t(rows), tiles=tile_plan_numpy(offsets, seg_source, len(sources), block_m),
-                    **common)
+        if compact:
+            raise ValueError("sink_path 'masked' computes every pool unit: it needs the whole (P, D) tables, not "
+                             "the compact rows of a model whose sink rows live outside it (use sink_path 'gathered')")
+        return SinkPlan("masked", token_source=_t(token_source), masks=_t(_masks(rows, cfg.n_sink)), **common)
+    extra = {}
+    if compact:
+        table_rows, local = _compact(rows)
+        extra = dict(table_rows=tuple(_t(r) for r in table_rows), local_rows=_t(local))
+    return SinkPlan("gathered", rows=_t(rows), tiles=tile_plan_numpy(offsets, seg_source, len(sources), block_m),
+                    **common, **extra)
 
 
-def plan_for_batch(source_ids: np.ndarray, cfg: NullConfig, assignment, block_m: int = PLAN_BLOCK_M) -> SinkPlan:
-    """Training mode: every token uses its own source's rows. `source_ids` (B, T) of the model's input tokens."""
+def plan_for_batch(source_ids: np.ndarray, cfg: NullConfig, assignment, block_m: int = PLAN_BLOCK_M,
+                   compact: bool = False) -> SinkPlan:
+    """Training mode: every token uses its own source's rows. `source_ids` (B, T) of the model's input tokens;
+    `compact`: also the distinct rows per layer and the local indices (module docstring)."""
     source_ids = np.asarray(source_ids)
     if source_ids.ndim != 2:
         raise ValueError(f"source_ids must be (B, T), got shape {source_ids.shape}")
@@ -227,7 +292,7 @@ def plan_for_batch(source_ids: np.ndarray, cfg: NullConfig, assignment, block_m:
     offsets, seg_source, sources, token_source = segments_numpy(source_ids)
     rows = _rows(assignment, sources, cfg)
     return _as_plan(cfg.sink_path, cfg, source_ids.shape, offsets, seg_source, sources, token_source, rows,
-                    _single(source_ids), block_m)
+                    _single(source_ids), block_m, compact=compact)
 
 
 def _single(source_ids: np.ndarray) -> bool:
@@ -235,8 +300,9 @@ def _single(source_ids: np.ndarray) -> bool:
 
 
 def plan_for_mode(mode: SinkMode, shape: tuple[int, int], cfg: NullConfig, assignment,
-                  block_m: int = PLAN_BLOCK_M, forgotten: Iterable[int] = ()) -> SinkPlan:
-    """A deployment mode (every token uses one source's rows, or none, or all) for a (B, T) batch.
+                  block_m: int = PLAN_BLOCK_M, forgotten: Iterable[int] = (), compact: bool = False) -> SinkPlan:
+    """A deployment mode (every token uses one source's rows, or none, or all) for a (B, T) batch; `compact` as
+    in `plan_for_batch` (the dense and masked kinds of `expected` then name every pool row).
 
     `forgotten`: the deployment's forget set in force. Their sinks are never activated, whatever the mode asks:
     `sink_on` a forgotten source and `sink_off` routed to one are refused; `sink_off` removes their rows from the
@@ -254,16 +320,17 @@ def plan_for_mode(mode: SinkMode, shape: tuple[int, int], cfg: NullConfig, assig
     if cfg.n_sink == 0:
         return SinkPlan("none", num_rows, row_len, single_source_rows=True, forget_applied=tuple(forgotten))
     if mode.kind == "expected":
+        every = _every_row(cfg) if compact else ()
         if not forgotten:
-            return SinkPlan("dense", num_rows, row_len, sink_scale=cfg.p_mem, single_source_rows=True)
+            return SinkPlan("dense", num_rows, row_len, sink_scale=cfg.p_mem, single_source_rows=True,
+                            table_rows=every)
         gone = _rows(assignment, np.asarray(forgotten, dtype=np.int64), cfg)  # (L', F, K)
         keep = ~_masks(gone, cfg.n_sink).any(axis=1, keepdims=True)  # (L', 1, P): every row but the forgotten
-        t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
         return SinkPlan("masked", num_rows, row_len, sink_scale=cfg.p_mem, single_source_rows=True,
-                        offsets=t(np.arange(num_rows + 1, dtype=np.int64) * row_len),
-                        seg_source=t(np.zeros(num_rows, dtype=np.int64)), sources=t(np.zeros(1, dtype=np.int64)),
-                        token_source=t(np.zeros(num_rows * row_len, dtype=np.int64)), masks=t(keep),
-                        forget_applied=tuple(forgotten))
+                        offsets=_t(np.arange(num_rows + 1, dtype=np.int64) * row_len),
+                        seg_source=_t(np.zeros(num_rows, dtype=np.int64)), sources=_t(np.zeros(1, dtype=np.int64)),
+                        token_source=_t(np.zeros(num_rows * row_len, dtype=np.int64)), masks=_t(keep),
+                        forget_applied=tuple(forgotten), table_rows=every)
     ids = np.array([mode.source_id, *mode.forget_ids], dtype=np.int64)
     check_source_ids(ids, cfg)
     forget = np.asarray(sorted(set(mode.forget_ids) | set(forgotten)), dtype=np.int64)
@@ -272,8 +339,8 @@ def plan_for_mode(mode: SinkMode, shape: tuple[int, int], cfg: NullConfig, assig
     seg_source = np.zeros(num_rows, dtype=np.int64)
     token_source = np.zeros(num_rows * row_len, dtype=np.int64)
     rows = _rows(assignment, sources, cfg, forget)
-    return _as_plan(cfg.sink_path, cfg, shape, offsets, seg_source, sources, token_source, rows, True, block_m,
-                    tuple(forgotten))
+    return _as_plan("gathered" if compact else cfg.sink_path, cfg, shape, offsets, seg_source, sources,
+                    token_source, rows, True, block_m, tuple(forgotten), compact=compact)
 
 
 def active_rows(plan: SinkPlan, layer: int = 0, num_pool: int | None = None) -> set[int]:

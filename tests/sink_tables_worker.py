@@ -47,6 +47,37 @@ def train_steps(tables: ShardedSinkTables, start: int, stop: int) -> list[float]
     return losses
 
 
+def snapshot(tables: ShardedSinkTables) -> list[torch.Tensor]:
+    """Copies of this rank's rows and of its rows' optimizer state (every state tensor of every table)."""
+    out = [view.clone() for _, _, view in tables.local_shards()]
+    for per_param in tables.module.fused_optimizer.state_dict()["state"].values():
+        for state in per_param.values():
+            out += [shard.tensor.clone() for shard in state.local_shards()]
+    return out
+
+
+def skipped_steps() -> dict:
+    """update_at_step tables: a step that one rank flags bad, and one with a NaN gradient on one rank only, leave
+    every rank's rows and state exactly as they were; a good step moves them."""
+    rank = dist.get_rank()
+    tables = ShardedSinkTables(tables_config(update_at_step=True))
+    rows = [torch.tensor([1, 7, 30]), torch.tensor([2, 9, 33, 60])]
+    result = {}
+
+    def step(skip: bool, nan: bool) -> tuple[float, bool]:
+        before = snapshot(tables)
+        values = tables.lookup(rows)
+        loss = sum((v * (1 + rank)).square().sum() for v in values)
+        (loss * float("nan") if nan else loss).backward()
+        flag = tables.step(skip=torch.tensor(skip))
+        return flag.item(), all(torch.equal(a, b) for a, b in zip(before, snapshot(tables)))
+
+    result["flagged"] = step(skip=rank == 1, nan=False)
+    result["nan_on_rank_0"] = step(skip=False, nan=rank == 0)
+    result["good"] = step(skip=False, nan=False)
+    return result
+
+
 def own_rows(tables: ShardedSinkTables) -> list:
     return [[layer, start, view.tolist()] for layer, start, view in tables.local_shards()]
 
@@ -62,6 +93,7 @@ def equivalence() -> dict:
         "rowwise_adagrad_shared": ({"layout": "shared"}, None),
         "rowwise_adagrad_accum2": ({"grad_accum": 2}, None),
         "sgd_shared_accum2": ({"optimizer": "sgd", "layout": "shared", "grad_accum": 2}, None),
+        "sgd_update_at_step": ({"optimizer": "sgd", "update_at_step": True}, None),  # what the trainer runs
     }
     out = {name: train_steps(ShardedSinkTables(tables_config(**changes), grad_scale=scale), 0, STEPS)
            for name, (changes, scale) in variants.items()}
@@ -76,7 +108,7 @@ def equivalence() -> dict:
 
 def main_mode(out: Path) -> dict:
     rank = dist.get_rank()
-    result = {"equivalence": equivalence()}
+    result = {"equivalence": equivalence(), "skipped_steps": skipped_steps()}
     cfg = tables_config()
     straight = ShardedSinkTables(cfg)
     export_tables(straight, out / "init_w2.safetensors")

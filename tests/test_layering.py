@@ -17,7 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 FOLDERS = {"nulls_dist": "nulls_dist", "kernels": "nulls_dist.kernels", "launch": "nulls_dist.launch",
            "data_pipeline": "nulls_dist.data_pipeline", "conf": "nulls_dist.conf"}
-MODEL_FILES = ("config", "sink_config", "sinks", "sink_hash", "sink_plan", "attention", "model",
+MODEL_FILES = ("config", "sink_config", "sinks", "sink_hash", "sink_plan", "sink_store", "attention", "model",
                "litgpt_io", "forget_budget")
 STDLIB = set(sys.stdlib_module_names)
 # Packages of nulls_dist that are entry points or benchmarks: they may wire whole components together.

@@ -187,6 +187,23 @@ def check_compact_gradients_match_dense():
         assert_scaled_close(full, ref, FP32_REL_TOL, name)
 
 
+def check_gathered_rows_match_the_whole_tables():
+    """The op on a batch's gathered rows (what a model with sharded or memory-mapped sink tables passes: the
+    distinct rows (R, D) and each source's indices into them) equals the op on the whole (P, D) tables."""
+    x, offsets, seg_source, source_rows, wg, wu, wd, dy = packed_batch(21, *CASES["D13-P53-K37-multi-chunk"])
+    valid = source_rows >= 0
+    rows, inverse = torch.unique(source_rows[valid], return_inverse=True)  # (R,) and each slot's index
+    local = torch.full_like(source_rows, -1)
+    local[valid] = inverse
+    fn = lambda *a: _kernels().sink_mlp_triton(*a, blocks=SMALL_BLOCKS)  # noqa: E731
+    whole = run_op(fn, x, offsets, seg_source, source_rows, wg, wu, wd, dy)
+    gathered = run_op(fn, x, offsets, seg_source, local, wg[rows], wu[rows], wd[rows], dy)
+    for name, a, b in zip(NAMES[:2], gathered[:2], whole[:2]):
+        assert_scaled_close(a, b, FP32_REL_TOL, name)
+    for name, a, b in zip(NAMES[2:], gathered[2:], whole[2:]):
+        assert_scaled_close(a, b[rows], FP32_REL_TOL, name)
+
+
 def check_sources_without_rows_duplicate_rows_empty_segment():
     x, offsets, seg_source, source_rows, wg, wu, wd, dy = packed_batch(11, *CASES["prime-D7-P31-K5"])
     source_rows[1] = -1  # a source with no active row: its tokens get y = 0
@@ -241,6 +258,7 @@ INTERP_CHECKS = {
     "default_blocks_and_segments_longer_than_a_tile": check_default_blocks_and_segments_longer_than_a_tile,
     "gradients_are_bit_identical_across_runs": check_gradients_are_bit_identical_across_runs,
     "compact_gradients_match_dense": check_compact_gradients_match_dense,
+    "gathered_rows_match_the_whole_tables": check_gathered_rows_match_the_whole_tables,
     "sources_without_rows_duplicate_rows_empty_segment": check_sources_without_rows_duplicate_rows_empty_segment,
     "no_active_rows_gives_zeros": check_no_active_rows_gives_zeros,
     "dispatch_triton_on_interpreter": check_dispatch_triton_on_interpreter,

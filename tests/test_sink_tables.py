@@ -70,6 +70,7 @@ def reference():
     ("rowwise_adagrad_accum2", "rowwise_adagrad", {"grad_accum": 2}),
     ("sgd_shared_accum2", "sgd", {"grad_accum": 2}),
     ("sgd_torchrec_sums", "sgd", {}),  # TorchRec's GRADIENT_DIVISION off: the scale makes up the 1/W itself
+    ("sgd_update_at_step", "sgd", {}),  # deferred to step() at grad_accum 1, as the trainer runs the tables
 ])
 def test_sharded_losses_equal_the_dense_reference(runs, reference, variant, optimizer, changes):
     sharded = runs["main"][0]["equivalence"][variant]
@@ -77,6 +78,16 @@ def test_sharded_losses_equal_the_dense_reference(runs, reference, variant, opti
     assert len(sharded) == STEPS and rel_diff(sharded, dense) < RTOL
     assert sharded == runs["main"][1]["equivalence"][variant]  # every rank reports the same global loss
     assert sharded[-1] < sharded[0]
+
+
+@pytest.mark.distributed
+def test_a_step_bad_on_any_rank_changes_no_row_and_no_state_on_every_rank(runs):
+    """update_at_step: `step(skip=...)` applies zero gradients when one rank flags the step or one rank's summed
+    gradients are not finite (a zero gradient is an exact no-op for every rule); the flag is global."""
+    for rank_result in runs["main"]:
+        steps = rank_result["skipped_steps"]
+        assert steps["flagged"] == [1.0, True] and steps["nan_on_rank_0"] == [1.0, True]
+        assert steps["good"] == [0.0, False]
 
 
 @pytest.mark.distributed

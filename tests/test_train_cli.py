@@ -125,3 +125,4 @@ def test_cfg_job_shows_what_a_prepared_dataset_fixes(tmp_path):
     assert doc["effective"]["data"]["from_manifest"] == ["data.packing.context_length: config 128 -> manifest 256"]
     assert doc["effective"]["step"]["grad_accum"] == 3 and doc["effective"]["step"]["global_batch"] == 6
     assert doc["effective"]["model"]["vocab_size"] == 4096 and doc["effective"]["resume"] is None
+    assert doc["effective"]["sink_tables"]["mode"] == "dense"  # mode auto: 448 rows per layer, below 2**20

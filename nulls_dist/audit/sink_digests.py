@@ -18,7 +18,8 @@ with no sinks has sha256 of the empty string.
 So the digest commits to a source's rows in every layer (change any layer's gate, up or down row of one of its
 units and it changes), but with a shared mask a source costs one hash over K * 32 bytes instead of L * K
 row digests: the L-layer work is done once per pool unit (P hashes over L * 3 * n_embd floats in all, streamed
-one layer at a time, so at most one layer's three tables are copied at once).
+in blocks of UNIT_BLOCK units, one layer at a time, so at most UNIT_BLOCK rows of one layer's three tables are
+copied at once: a memory-mapped `WeightsFile` of 2**24-row tables is digested in bounded memory).
 
 Manifest version 1 hashed L * K_max per-row digests per source (-1 padding as zero digests); its digests are
 not comparable with these, and readers refuse version-1 manifests (`manifest.read_index`).
@@ -32,17 +33,19 @@ import numpy as np
 import torch
 
 from nulls_dist.deploy.checkpoint_io import sink_table_keys
+from nulls_dist.formats.weights import read_rows
 
 DIGEST_BYTES = 32
 DEFINITION = "nulls-sink-digest-2"  # named in the manifest index; change it with any change above
+# Pool units hashed per block: UNIT_BLOCK x 3 x n_embd floats of one layer are in memory at once (768 MB at the
+# paper's n_embd=960), whatever the pool size.
+UNIT_BLOCK = 65536
 
 
 def _layer_rows(state_dict: Mapping[str, torch.Tensor], layer: int, units: np.ndarray) -> np.ndarray:
-    """(n,) pool units -> (n, 3D) little-endian float32 rows gate | up | down of one layer."""
-    index = torch.from_numpy(units)
-    tables = [state_dict[k].detach() for k in sink_table_keys(layer)]
-    every = len(units) == tables[0].shape[0]  # units are unique and sorted: all of them, in order
-    parts = [(t if every else t[index]).to(torch.float32).numpy() for t in tables]
+    """(n,) sorted distinct pool units -> (n, 3D) little-endian float32 rows gate | up | down of one layer (read
+    through the memory map of a lazy state dict: only those rows)."""
+    parts = [read_rows(state_dict, k, units).detach().to(torch.float32).numpy() for k in sink_table_keys(layer)]
     return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype="<f4")  # (n, 3D)
 
 
@@ -57,18 +60,20 @@ def key_digests(state_dict: Mapping[str, torch.Tensor], n_layer: int, n_sink: in
     table = np.zeros((num_keys + 1, DIGEST_BYTES), dtype=np.uint8)
     if not len(units):
         return table
-    if layers_share_sinks:
-        hashers = [hashlib.sha256() for _ in range(len(units))]
+    for lo in range(0, len(units), UNIT_BLOCK):
+        block = units[lo: lo + UNIT_BLOCK]
+        if layers_share_sinks:
+            hashers = [hashlib.sha256() for _ in range(len(block))]
+            for layer in range(n_layer):
+                rows = _layer_rows(state_dict, layer, block)  # (n, 3D)
+                for h, row in zip(hashers, rows):
+                    h.update(row)
+            table[block] = np.frombuffer(b"".join(h.digest() for h in hashers), np.uint8).reshape(-1, DIGEST_BYTES)
+            continue
         for layer in range(n_layer):
-            rows = _layer_rows(state_dict, layer, units)  # (n, 3D)
-            for h, row in zip(hashers, rows):
-                h.update(row)
-        table[units] = np.frombuffer(b"".join(h.digest() for h in hashers), np.uint8).reshape(-1, DIGEST_BYTES)
-        return table
-    for layer in range(n_layer):
-        rows = _layer_rows(state_dict, layer, units)
-        digests = b"".join(hashlib.sha256(row).digest() for row in rows)
-        table[layer * n_sink + units] = np.frombuffer(digests, np.uint8).reshape(-1, DIGEST_BYTES)
+            rows = _layer_rows(state_dict, layer, block)
+            digests = b"".join(hashlib.sha256(row).digest() for row in rows)
+            table[layer * n_sink + block] = np.frombuffer(digests, np.uint8).reshape(-1, DIGEST_BYTES)
     return table
 
 

@@ -6,7 +6,8 @@
   so successive requests compose and an older certificate still verifies against a later forget set.
 - `mask` (the paper's method) changes no weight: deployment activates the routed source's sinks minus the
   union of the forgotten sources' sinks. `hard` writes a new deployed checkpoint whose forgotten sink rows are
-  zero in every layer (gate, up and down tables); every source sharing such a row loses capacity.
+  zero in every layer (gate, up and down tables); every source sharing such a row loses capacity. A run trained
+  with sharded sink tables is copied block by block and its rows' optimizer state is zeroed too (`hard.py`).
 - The certificate lists the request's sources and their sink indices, the checkpoint / manifest / forget-set
   digests, the method, the UTC time and the collateral of the cumulative forget set: every other trained
   source that shares a forgotten sink, in a Parquet sidecar beside the certificate (`collateral.py`) that the
@@ -32,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from nulls_dist.audit.hard import write_hard_lazy
 from nulls_dist.deploy.checkpoint_io import LoadedCheckpoint, save_deployed, sink_table_keys
 from nulls_dist.deploy.forget import base_checkpoint_sha256
 from nulls_dist.formats.weights import state_dict_digest
@@ -280,11 +282,15 @@ def unlearn(ckpt: LoadedCheckpoint, manifest_dir: str | Path, requests: list[str
                        "each in the Parquet sidecar `file` (beside this certificate), `top` by shared rows",
             **summary}
         if method == "hard":
-            state = zero_rows(ckpt.state_dict, union)
             meta = {**ckpt.meta, "unlearning": {"method": "hard", "base_checkpoint_sha256": base,
                                                 "forget_set_sha256": forget["sha256"], "time_utc": cert["time_utc"]}}
-            save_deployed(output_checkpoint, state, meta)
-            cert["output_checkpoint"] = {"path": str(output_checkpoint), "sha256": state_dict_digest(state)}
+            if ckpt.lazy:  # sharded-table run: streamed copy; rows and their optimizer state zeroed (hard.py)
+                output_sha = write_hard_lazy(ckpt, union, output_checkpoint, meta)
+            else:
+                state = zero_rows(ckpt.state_dict, union)
+                save_deployed(output_checkpoint, state, meta)
+                output_sha = state_dict_digest(state)
+            cert["output_checkpoint"] = {"path": str(output_checkpoint), "sha256": output_sha}
             cert["collateral"]["meaning"] += " (hard: each loses `shared_rows` sink rows of capacity)"
         cert["certificate_sha256"] = json_sha256(cert)
         if signing_key is not None:

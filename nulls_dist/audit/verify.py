@@ -34,7 +34,7 @@ import torch
 
 from nulls_dist.sinks import SinkAssignment
 from nulls_dist.deploy.checkpoint_io import LoadedCheckpoint, sink_table_keys
-from nulls_dist.formats.weights import state_dict_digest
+from nulls_dist.formats.weights import read_rows, state_dict_digest
 from nulls_dist.formats.digests import file_sha256, json_sha256
 from nulls_dist.audit.collateral import COLLATERAL_SCHEMA, forget_sinks, read_sidecar, recompute_digest
 from nulls_dist.audit.retained import RetainedShareOptions, survivors_retained_share
@@ -205,9 +205,8 @@ def verify(cert: dict[str, Any], ckpt: LoadedCheckpoint, forget: dict[str, Any],
         forgotten = forgotten or [[] for _ in range(cfg.n_layer)]
         nonzero = []
         for layer, rows in enumerate(forgotten):
-            index = torch.tensor(rows, dtype=torch.int64)
             for key in sink_table_keys(layer):
-                if index.numel() and ckpt.state_dict[key][index].abs().sum() != 0:
+                if rows and read_rows(ckpt.state_dict, key, rows).abs().sum() != 0:  # those rows only
                     nonzero.append(key)
         _check(checks, "forgotten_rows_zero", not nonzero, f"non-zero rows in {nonzero}" if nonzero else "")
         covered = all(set(lists[layer]) <= set(forgotten[layer]) for lists in per_layer.values() if lists

@@ -142,7 +142,13 @@ def effective_config(raw: dict[str, Any]) -> dict[str, Any]:
         layout = StreamLayout(streams, global_batch, ds.micro_batch, world, 0, cfg.data.num_workers)
         effective["step"] = {"world_size": world, "global_batch": global_batch, "num_streams": streams,
                              "grad_accum": layout.grad_accum, "micro_batch": ds.micro_batch}
-        effective["model"] = build_model_config(cfg, handle).to_dict()
+        model_cfg = build_model_config(cfg, handle)
+        effective["model"] = model_cfg.to_dict()
+        from nulls_dist.train.table_sinks import uses_sharded_tables
+
+        sharded = uses_sharded_tables(cfg, model_cfg)
+        effective["sink_tables"] = {"mode": "sharded" if sharded else "dense", "rows_per_layer": model_cfg.n_sink,
+                                    "table_bytes": model_cfg.n_layer * model_cfg.n_sink * 3 * model_cfg.n_embd * 4}
     else:
         effective["data"] = {"manifest": str(manifest_path), "prepared": False,
                              "note": "no dataset yet: the pipeline will prepare it with the data.* values above"}

@@ -8,11 +8,18 @@
 
 `state_dict_digest` (in `formats.weights`) is the content digest every certificate refers to: a training
 checkpoint and its deployed copy have the same digest.
+
+A checkpoint of a run whose sink rows were trained in row-sharded tables (its meta's `sink_tables` record,
+docs/sink_tables.md) is opened lazily: `state_dict` is a `formats.weights.WeightsFile` (tensors read on demand,
+rows through a memory map, the digest streamed), and `build_model` builds the model with external sink storage
+whose `SinkRowStore` reads only the rows the requests use: generating for one source reads that source's rows,
+never the whole tables.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +28,7 @@ import torch
 
 from nulls_dist.config import NullConfig
 from nulls_dist.formats import checkpoint as layout
-from nulls_dist.formats.weights import load_weights, save_weights
+from nulls_dist.formats.weights import WeightsError, WeightsFile, load_weights, save_weights
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +37,7 @@ log = logging.getLogger(__name__)
 class LoadedCheckpoint:
     """A consolidated checkpoint: fp32 weights, its meta and where it came from."""
 
-    state_dict: dict[str, torch.Tensor]
+    state_dict: Mapping[str, torch.Tensor]  # a dict, or a lazy WeightsFile (sharded-table runs)
     meta: dict[str, Any]
     path: Path
     kind: str  # "training" | "deployed"
@@ -38,6 +45,11 @@ class LoadedCheckpoint:
     @property
     def model_config(self) -> NullConfig:
         return model_config_from_meta(self.meta, self.path)
+
+    @property
+    def lazy(self) -> bool:
+        """The weights are read on demand (a sharded-table run's checkpoint): see the module docstring."""
+        return isinstance(self.state_dict, WeightsFile)
 
 
 def model_config_from_meta(meta: dict[str, Any], where: Path | str = layout.META_NAME) -> NullConfig:
@@ -82,16 +94,26 @@ def load_checkpoint(path: str | Path, tag: str | None = None) -> LoadedCheckpoin
     path = Path(path)
     if layout.is_deployed(path):
         meta = layout.read_meta(path)
-        return LoadedCheckpoint(load_weights(path / layout.WEIGHTS_NAME), meta, path, "deployed")
+        return LoadedCheckpoint(_weights(path / layout.WEIGHTS_NAME, meta), meta, path, "deployed")
     tag_dir = training_tag_dir(path, tag)
     meta = layout.read_meta(tag_dir)
     weights = tag_dir / layout.WEIGHTS_NAME
     if not weights.is_file():
         raise ValueError(f"{tag_dir} has no {layout.WEIGHTS_NAME} (not written by this version of nulls-train): "
                          "nulls_dist tools never unpickle DeepSpeed's files, which could run code")
-    state = {k: v.to(torch.float32) for k, v in load_weights(weights).items()}
-    log.info("loaded %s (%d tensors)", tag_dir, len(state))
+    state = _weights(weights, meta)
+    log.info("%s %s (%d tensors)", "opened" if isinstance(state, WeightsFile) else "loaded", tag_dir, len(state))
     return LoadedCheckpoint(state, meta, tag_dir, "training")
+
+
+def _weights(path: Path, meta: dict[str, Any]) -> Mapping[str, torch.Tensor]:
+    """The weights of a checkpoint: lazily for a sharded-table run (float32 on disk, as the trainer writes), else
+    loaded in float32."""
+    if layout.sharded_sink_tables(meta) is not None:
+        if not path.is_file():
+            raise WeightsError(f"weights file not found: {path}")
+        return WeightsFile(path)
+    return {k: v.to(torch.float32) for k, v in load_weights(path).items()}
 
 
 def save_deployed(out_dir: str | Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
@@ -110,9 +132,17 @@ def sink_table_keys(layer: int) -> tuple[str, str, str]:
 
 
 def build_model(ckpt: LoadedCheckpoint, device: str | torch.device = "cpu"):
-    """A NullTransformer in eval mode holding the checkpoint's weights."""
+    """A NullTransformer in eval mode holding the checkpoint's weights; for a lazy checkpoint, every weight but
+    the sink tables, whose rows its `SinkRowStore` reads when a plan needs them."""
     from nulls_dist.model import NullTransformer
+    from nulls_dist.sink_store import SinkRowStore
 
-    model = NullTransformer(ckpt.model_config)
-    model.load_state_dict(ckpt.state_dict)
+    if not ckpt.lazy:
+        model = NullTransformer(ckpt.model_config)
+        model.load_state_dict(ckpt.state_dict)
+        return model.to(device).eval()
+    cfg = ckpt.model_config
+    model = NullTransformer(cfg, sink_storage="external")
+    model.load_state_dict({key: ckpt.state_dict[key] for key in model.state_dict()})
+    model.attach_sink_store(SinkRowStore(cfg, ckpt.state_dict))
     return model.to(device).eval()

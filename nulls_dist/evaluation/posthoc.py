@@ -52,7 +52,13 @@ def finetune(model, texts: list[np.ndarray], modes: list[SinkMode], loss: str, c
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     torch.manual_seed(cfg.seed)
-    tuned = copy.deepcopy(model).train()
+    tuned = copy.deepcopy(model)
+    if getattr(tuned, "sink_store", None) is not None:
+        # external sink rows (a sharded-table run): make_plan reads each mode's rows into the store now, so they
+        # are parameters when the optimizer is built (a store in training mode refuses to read new rows)
+        for mode in dict.fromkeys(modes):
+            tuned.make_plan(None, mode, (1, 1))
+    tuned.train()
     ref = model.eval() if loss == "npo" else None
     items = [(w, mode) for text, mode in zip(texts, modes) for w in windows([text], cfg.window)]
     if not items:

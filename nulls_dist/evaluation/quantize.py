@@ -109,6 +109,11 @@ def quantize_model(model: nn.Module, bits: int, group_size: int | None = None, e
     in place (module docstring); the norms and the original model are left as they are. Deployment modes,
     routing and forget sets apply to the copy unchanged."""
     _check(bits, group_size)
+    if getattr(model, "external_sinks", False):
+        # its sink rows are a cache of a file (nulls_dist/sink_store.py), filled as plans ask: quantizing the rows
+        # read so far would leave every later one at full precision
+        raise ValueError("quantize_model needs the sink tables inside the model: load the checkpoint whole "
+                         "(NullTransformer(cfg) + load_state_dict), not with external sink storage")
     out = copy.deepcopy(model)
     params = dict(out.named_parameters())
     for name in quantized_parameters(out, embeddings):

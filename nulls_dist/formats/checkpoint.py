@@ -21,7 +21,17 @@ Training run:
                                     every file above -- its presence and those sizes mark a complete tag
 
 The sink-table directory is read back by any world size: DCP reassembles each rank's row range from the saved
-chunks (resharding), so `sink_tables.json`'s world size is a record, not a requirement.
+chunks (resharding), so `sink_tables.json`'s world size is a record, not a requirement. A tag that has one is
+complete only when `sink_tables.json` is too (every file it lists has its size). The tag's `model.safetensors`
+of such a run is still the whole model: the dense weights plus the sink tables under their parameter names,
+written in place by every rank (the export below), so every tool reads it as any other checkpoint; the meta's
+`sink_tables` record (`sharded_sink_tables`) tells the tools to read its tables row by row.
+
+Table names and rows: layout `per_layer` keeps layer l's rows in table `layer_<l>` (row u = unit u), `shared`
+keeps every layer in table `sinks` (row l * rows + u): `sink_table_name`, `sink_table_row`. DCP's keys are
+`tables.embeddings.<table>.weight` and, for each optimizer state tensor of a table, a key under
+`optimizer.state.embeddings.<table>.weight.` (`SINK_TABLES_*_KEY`). DCP's `.metadata` is a pickle: it is read
+back only through a restricted unpickler that builds the classes of `DCP_METADATA_GLOBALS` and nothing else.
 
 Sink-table export (`export_tables`): one safetensors file, `sink_tables.safetensors`, holding three float32
 (R, D) tensors per layer under the model's own parameter names (`transformer.h.<i>.mlp.sink_gate`, `sink_up`,
@@ -58,6 +68,27 @@ SINK_TABLES_META_NAME = "sink_tables.json"
 SINK_TABLES_FORMAT = "nulls-sink-tables"
 SINK_EXPORT_NAME = "sink_tables.safetensors"
 SINK_PARTS = ("gate", "up", "down")  # the order of the three D-wide blocks of one table row
+SINK_TABLES_WEIGHT_KEY = "tables.embeddings.{table}.weight"  # a table's rows in the DCP checkpoint
+SINK_TABLES_STATE_PREFIX = "optimizer.state.embeddings.{table}.weight."  # + each optimizer state tensor's name
+# The only globals DCP's `.metadata` pickle names (torch 2.13, listed with pickletools over the trainer's
+# checkpoints): its metadata dataclasses, torch.Size, dtypes (any `torch.<dtype>`), layouts and memory formats
+# by name, and the checkpoint path.
+DCP_METADATA_GLOBALS = (
+    ("torch.distributed.checkpoint.metadata", "Metadata"),
+    ("torch.distributed.checkpoint.metadata", "TensorStorageMetadata"),
+    ("torch.distributed.checkpoint.metadata", "BytesStorageMetadata"),
+    ("torch.distributed.checkpoint.metadata", "TensorProperties"),
+    ("torch.distributed.checkpoint.metadata", "ChunkStorageMetadata"),
+    ("torch.distributed.checkpoint.metadata", "MetadataIndex"),
+    ("torch.distributed.checkpoint.metadata", "StorageMeta"),
+    ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+)
+DCP_METADATA_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool")
 
 
 class CheckpointError(ValueError):
@@ -92,6 +123,23 @@ def sink_table_key(layer: int, part: str) -> str:
     if part not in SINK_PARTS:
         raise ValueError(f"part must be one of {SINK_PARTS}, got {part!r}")
     return f"transformer.h.{layer}.mlp.sink_{part}"
+
+
+def sink_table_name(layout: str, layer: int) -> str:
+    """The TorchRec table that holds `layer`'s rows."""
+    return f"layer_{layer}" if layout == "per_layer" else "sinks"
+
+
+def sink_table_row(layout: str, layer: int, unit, rows_per_layer: int):
+    """The table row of pool unit `unit` (int or integer array) of `layer`."""
+    return unit if layout == "per_layer" else unit + layer * rows_per_layer
+
+
+def sharded_sink_tables(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The `sink_tables` record of a checkpoint's meta when its sink rows were trained in row-sharded tables
+    (layout, num_layers, rows, dim, optimizer), else None."""
+    record = meta.get("sink_tables")
+    return record if isinstance(record, dict) and record.get("mode") == "sharded" else None
 
 
 def has_checkpoints(run_dir: str | os.PathLike) -> bool:
@@ -146,6 +194,11 @@ def incomplete_reason(tag_dir: str | os.PathLike) -> str | None:
             return f"{path} is missing"
         if path.stat().st_size != size:
             return f"{path} has {path.stat().st_size} bytes, the meta recorded {size}"
+    if f"{SINK_TABLES_DIR}/{SINK_TABLES_META_NAME}" in files:
+        try:
+            read_sink_tables_meta(sink_tables_dir(tag_dir))  # its own list: DCP's hidden `.metadata` too
+        except CheckpointError as exc:
+            return str(exc)
     return None
 
 

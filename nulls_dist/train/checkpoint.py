@@ -39,9 +39,10 @@ from nulls_dist.formats.weights import save_weights
 
 log = logging.getLogger(__name__)
 
-# Keys of nulls_meta.json that must match for a resume (the weights' meaning and the data); the schedule,
-# logging and the world size may change (docs/training.md, "Resuming").
-COMPAT_KEYS = ("model", "sinks", "data_manifest_sha256", "exclude_sources")
+# Keys of nulls_meta.json that must match for a resume (the weights' meaning, the data, and where the sink rows
+# live: a dense run and a sharded-table run hold different optimizer states); the schedule, logging and the world
+# size may change (docs/training.md, "Resuming").
+COMPAT_KEYS = ("model", "sinks", "data_manifest_sha256", "exclude_sources", "sink_tables")
 # Model fields that do not change the weights' meaning: the execution path and the preset's label.
 MODEL_FIELDS_IGNORED = ("sink_path", "name", "extra")
 # The only classes DeepSpeed's checkpoint pickles contain besides tensors and containers (listed with
@@ -256,9 +257,11 @@ class Checkpointer:
             dist.barrier()
 
     def save(self, engine, step: int, meta: dict[str, Any], rank_state: dict[str, Any],
-             loader_state: dict[str, Any] | None = None) -> Path:
+             loader_state: dict[str, Any] | None = None, sink_tables=None) -> Path:
         """Write tag `step`; `rank_state` is this rank's JSON-ready state, `loader_state` (rank 0's argument
-        counts) the world-size independent loader position."""
+        counts) the world-size independent loader position. `sink_tables` (train.table_sinks.TableSinks): the
+        run's sharded sink tables, saved into the tag, and written with the dense weights as the tag's
+        `model.safetensors` (a collective), before the meta and `latest`."""
         tag = layout.tag_for(step)
         tag_dir = self.dir / tag
         if self.rank == 0:
@@ -280,10 +283,12 @@ class Checkpointer:
         tag_dir.mkdir(parents=True, exist_ok=True)
         atomic.write_json(layout.rank_state_file(tag_dir, self.rank), {**rank_state, "rank": self.rank,
                                                                        "step": step})
-        if self.rank == 0:
+        if sink_tables is not None:
+            sink_tables.save(tag_dir, weights if self.rank == 0 else None)
+        elif self.rank == 0:
             save_weights(tag_dir / layout.WEIGHTS_NAME, weights)
-            if loader_state is not None:
-                atomic.write_json(tag_dir / layout.LOADER_STATE_NAME, loader_state)
+        if self.rank == 0 and loader_state is not None:
+            atomic.write_json(tag_dir / layout.LOADER_STATE_NAME, loader_state)
         self._barrier()  # every rank's files are on disk
         if self.rank == 0:
             layout.write_meta(tag_dir, {**meta, "step": step, "world_size": self.world_size})

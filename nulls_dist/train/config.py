@@ -16,6 +16,13 @@ DEVICES = ("auto", "cpu", "cuda")
 SINK_PATHS = ("gathered", "masked")
 RESUME_KEYWORDS = ("auto", "never")
 ATTENTION_IMPLS = ("auto", "sdpa", "flex")
+SINK_TABLE_MODES = ("dense", "sharded", "auto")
+SINK_TABLE_LAYOUTS = ("per_layer", "shared")  # train/sink_tables.py explains both
+SINK_TABLE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")  # what fbgemm-gpu-cpu runs exactly on the CPU
+# sink_tables.mode=auto shards a pool of at least this many rows per layer: the forget budget's range starts at
+# 2**20 (docs/nulls_facts.md), and there dense ZeRO already spends 4.3x the table per rank and ~200x the sparse
+# step time on the 2-core box (docs/sink_tables.md, "Benchmark")
+SINK_TABLES_AUTO_MIN_ROWS = 2**20
 
 
 def _check(condition: bool, name: str, value: Any, expected: str) -> None:
@@ -116,6 +123,40 @@ class DeepSpeedSection:
 
 
 @dataclass
+class SinkTablesSection:
+    """Where the sink rows live (docs/sink_tables.md): `dense` = model parameters in the DeepSpeed engine (AdamW,
+    like every other weight); `sharded` = TorchRec tables row-wise sharded over the ranks beside the engine,
+    updated by fbgemm's exact sparse `optimizer` at `lr` (times the dense schedule's warmup/cosine multiplier
+    when `follow_schedule`); `auto` = sharded when the pool has at least `auto_min_rows` rows per layer."""
+
+    mode: str = "auto"
+    auto_min_rows: int = SINK_TABLES_AUTO_MIN_ROWS
+    layout: str = "per_layer"
+    optimizer: str = "rowwise_adagrad"
+    lr: float = 0.01
+    follow_schedule: bool = True
+    eps: float = 1e-8
+    init_std: float = 0.02
+
+    def validate(self) -> None:
+        _check(self.mode in SINK_TABLE_MODES, "sink_tables.mode", self.mode, f"one of {SINK_TABLE_MODES}")
+        _positive_int("sink_tables.auto_min_rows", self.auto_min_rows)
+        _check(self.layout in SINK_TABLE_LAYOUTS, "sink_tables.layout", self.layout, f"one of {SINK_TABLE_LAYOUTS}")
+        _check(self.optimizer in SINK_TABLE_OPTIMIZERS, "sink_tables.optimizer", self.optimizer,
+               f"one of {SINK_TABLE_OPTIMIZERS}")
+        # row-wise Adagrad's first step moves a row by about lr (docs/sink_tables.md): above 1 nothing trains
+        _finite("sink_tables.lr", self.lr, 1e-12, 1.0, "a finite number in (0, 1]")
+        _check(isinstance(self.follow_schedule, bool), "sink_tables.follow_schedule", self.follow_schedule,
+               "true or false")
+        _finite("sink_tables.eps", self.eps, 1e-30, 1.0, "a finite number in (0, 1]")
+        _finite("sink_tables.init_std", self.init_std, 0.0, 1.0, "a finite number in [0, 1]")
+
+    def sharded(self, rows_per_layer: int) -> bool:
+        """Whether a pool of `rows_per_layer` rows lives in sharded tables under this section."""
+        return self.mode == "sharded" or (self.mode == "auto" and rows_per_layer >= self.auto_min_rows)
+
+
+@dataclass
 class LoggingConfig:
     """Where metrics go: wandb (offline by default), the run's JSONL file, the console."""
 
@@ -186,6 +227,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sink_tables: SinkTablesSection = field(default_factory=SinkTablesSection)
 
     def validate(self) -> None:
         _positive_int("train.max_steps", self.max_steps)
@@ -204,7 +246,8 @@ class TrainConfig:
         _check(isinstance(self.skip_nonfinite_steps, bool), "train.skip_nonfinite_steps", self.skip_nonfinite_steps,
                "true or false")
         _check(isinstance(self.sync_debug, bool), "train.sync_debug", self.sync_debug, "true or false")
-        for section in (self.model, self.data, self.optim, self.deepspeed, self.logging, self.checkpoint, self.eval):
+        for section in (self.model, self.data, self.optim, self.deepspeed, self.logging, self.checkpoint, self.eval,
+                        self.sink_tables):
             section.validate()
         _check(self.optim.warmup_steps <= self.max_steps, "optim.warmup_steps", self.optim.warmup_steps,
                f"at most train.max_steps={self.max_steps}")
@@ -233,10 +276,10 @@ def train_config_from_dict(raw: dict[str, Any]) -> TrainConfig:
     """Typed, validated `TrainConfig` from the resolved root config as plain containers.
 
     Layout (conf/nulls_train.yaml): `train` (run fields), `model`, `data` (pipeline config), `data_loader`,
-    `optim`, `deepspeed`, `logging`, `checkpoint`, `eval`.
+    `optim`, `deepspeed`, `logging`, `checkpoint`, `eval`, `sink_tables`.
     """
     known = {"train", "model", "data", "data_loader", "optim", "deepspeed", "logging", "checkpoint", "eval",
-             "experiment"}
+             "sink_tables", "experiment"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"unknown top-level config key(s) {unknown}; known: {sorted(known)}")
@@ -245,7 +288,7 @@ def train_config_from_dict(raw: dict[str, Any]) -> TrainConfig:
     if "exclude_sources" in train:
         loader["exclude_sources"] = list(train.pop("exclude_sources") or [])
     run_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {
-        "model", "data", "optim", "deepspeed", "logging", "checkpoint", "eval"}
+        "model", "data", "optim", "deepspeed", "logging", "checkpoint", "eval", "sink_tables"}
     unknown = sorted(set(train) - run_fields)
     if unknown:
         raise ValueError(f"unknown field(s) {[f'train.{k}' for k in unknown]}; known: {sorted(run_fields)}")
@@ -258,6 +301,7 @@ def train_config_from_dict(raw: dict[str, Any]) -> TrainConfig:
         logging=_section(LoggingConfig, raw.get("logging"), "logging"),
         checkpoint=_section(CheckpointConfig, raw.get("checkpoint"), "checkpoint"),
         eval=_section(EvalConfig, raw.get("eval"), "eval"),
+        sink_tables=_section(SinkTablesSection, raw.get("sink_tables"), "sink_tables"),
     )
     cfg.validate()
     return cfg

@@ -49,25 +49,28 @@ def open_data(data_dir: str | Path, exclude_source_ids: tuple[int, ...] = ()) ->
     )
 
 
-def plan_builder(model_cfg: NullConfig, assignment):
-    """A picklable function (B, T) source ids -> SinkPlan, run in the loader's worker processes."""
-    return functools.partial(plan_for_batch, cfg=model_cfg, assignment=assignment)
+def plan_builder(model_cfg: NullConfig, assignment, compact: bool = False):
+    """A picklable function (B, T) source ids -> SinkPlan, run in the loader's worker processes; `compact`: the
+    plans also carry each layer's distinct rows and local indices (sharded sink tables: no host work in the
+    step)."""
+    return functools.partial(plan_for_batch, cfg=model_cfg, assignment=assignment, compact=compact)
 
 
 def build_train_loader(data: DataHandle, cfg: TrainConfig, layout: StreamLayout, model_cfg: NullConfig,
-                       assignment, pin_memory: bool = False) -> StepLoader:
+                       assignment, pin_memory: bool = False, compact: bool = False) -> StepLoader:
     """This rank's step loader over the training split (every shard verified up front for small datasets)."""
     return build_step_loader(data.shard_dir, layout, seed=cfg.seed, exclude_source_ids=data.exclude_source_ids,
-                             vocab_size=model_cfg.padded_vocab_size, plan_builder=plan_builder(model_cfg, assignment),
-                             pin_memory=pin_memory, verify=cfg.data.verify_shards)
+                             vocab_size=model_cfg.padded_vocab_size,
+                             plan_builder=plan_builder(model_cfg, assignment, compact), pin_memory=pin_memory,
+                             verify=cfg.data.verify_shards)
 
 
 def build_eval_batches(data: DataHandle, cfg: TrainConfig, model_cfg: NullConfig,
-                       assignment) -> tuple[list[dict], list[dict]]:
+                       assignment, compact: bool = False) -> tuple[list[dict], list[dict]]:
     """The first `eval.num_batches` micro-batches of trained and of held-out sources (seeded, never reshuffled):
     every evaluation of a run, and of its resumption, sees the same tokens. Every rank reads the same batches
     (a held-out split may have fewer shards than ranks); the evaluator averages over ranks anyway."""
-    builder = plan_builder(model_cfg, assignment)
+    builder = plan_builder(model_cfg, assignment, compact)
     trained = fixed_batches(data.shard_dir, schema.SPLIT_TRAIN, cfg.deepspeed.micro_batch, cfg.eval.num_batches,
                             cfg.seed + 1, data.exclude_source_ids, model_cfg.padded_vocab_size, builder)
     heldout = []

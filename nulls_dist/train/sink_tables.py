@@ -35,13 +35,17 @@ so the total is `grad_scale` either way. (Row-wise Adagrad is invariant to a con
 SGD is not, and neither is anything that reads the gradient's size.)
 
 Gradient accumulation (`SinkTablesConfig.grad_accum`, = the trainer's `deepspeed.grad_accum`):
-- 1: the update is fused into backward: each lookup's backward sends the rows' gradients to their owners, which
-  update them at once. A second training lookup before `step()` is refused (it would be a second update).
-- G > 1: exact accumulation. A training lookup returns detached leaf tensors (no TorchRec graph); backward only
+- 1 (and `update_at_step` off): the update is fused into backward: each lookup's backward sends the rows'
+  gradients to their owners, which update them at once. A second training lookup before `step()` is refused (it
+  would be a second update).
+- G > 1, or `update_at_step` (what the trainer uses, at any G): exact accumulation, applied in `step()`. A training lookup returns detached leaf tensors (no TorchRec graph); backward only
   fills their `.grad`; `step()` sums every micro-batch's gradients per row and applies them in ONE fused
   update, through one more (collective) lookup of the step's union of rows. Every micro-batch sees the rows as
   they were at the start of the step, as the dense weights do. Costs one extra lookup per step and keeps the
-  micro-batches' looked-up rows and their gradients until `step()`.
+  micro-batches' looked-up rows and their gradients until `step()`. `step(skip=flag)` applies zero gradients
+  instead when any rank's flag is set or any rank's summed gradients are not finite (one all-reduce of a device
+  scalar; no host read): a zero gradient leaves a row and its Adagrad state exactly as they were, so a step that
+  DeepSpeed skips for a non-finite gradient is skipped by the tables too.
 Lookups with grad disabled (evaluation) never update anything.
 
 What the trainer calls (every call except the static ones is a collective: every rank calls it, in the same
@@ -64,15 +68,23 @@ K rows per source (-1 padded).
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-LAYOUTS = ("per_layer", "shared")
-OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
+from nulls_dist.formats.checkpoint import sink_table_name
+from nulls_dist.model import split_sink_rows
+from nulls_dist.sink_plan import compact_rows_numpy
+
+from nulls_dist.train.config import SINK_TABLE_LAYOUTS as LAYOUTS
+from nulls_dist.train.config import SINK_TABLE_OPTIMIZERS as OPTIMIZERS
+
 # Rows per deterministic init block: each block has its own generator, so any row range is filled by generating
 # whole blocks. 4096 rows bound the temporary at 4096 * 3D floats (47 MB at the paper's D=960).
 INIT_BLOCK_ROWS = 4096
@@ -102,6 +114,7 @@ class SinkTablesConfig:
     init_std: float = 0.02
     seed: int = 0
     grad_accum: int = 1
+    update_at_step: bool = False  # apply the step's summed gradients in step() even when grad_accum == 1
 
     def __post_init__(self) -> None:
         _check(_is_int(self.num_layers) and self.num_layers > 0, "num_layers", self.num_layers, "a positive integer")
@@ -116,6 +129,12 @@ class SinkTablesConfig:
                    and value >= 0, name, value, "a finite non-negative number")
         _check(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "a non-negative integer")
         _check(_is_int(self.grad_accum) and self.grad_accum > 0, "grad_accum", self.grad_accum, "a positive integer")
+        _check(isinstance(self.update_at_step, bool), "update_at_step", self.update_at_step, "true or false")
+
+    @property
+    def deferred(self) -> bool:
+        """Training lookups return leaves whose gradients `step()` applies (module docstring)."""
+        return self.grad_accum > 1 or self.update_at_step
 
     @property
     def row_dim(self) -> int:
@@ -147,20 +166,32 @@ def init_rows(cfg: SinkTablesConfig, layer: int, start: int, stop: int) -> torch
 
 def split_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(R_l, 3D) looked-up rows -> the gate, up and down (R_l, D) views `sink_mlp` takes as w_gate, w_up, w_down
-    (column slices: no copy; gradients flow back into the rows)."""
-    dim = rows.shape[1] // 3
-    return rows[:, :dim], rows[:, dim: 2 * dim], rows[:, 2 * dim:]
+    (column slices: no copy; gradients flow back into the rows). The model's own split."""
+    return split_sink_rows(rows)
 
 
 def compact_rows(source_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(U, K) pool rows (-1 padded) -> (rows (R_l,) the distinct rows ascending, local (U, K) indices into `rows`,
-    -1 padded): look up `rows`, call `sink_mlp` with `local` on the compact tables. Host sync (boolean mask):
-    meant for the loader's workers."""
-    valid = source_rows >= 0
-    rows, inverse = torch.unique(source_rows[valid], return_inverse=True)
-    local = torch.full_like(source_rows, -1)
-    local[valid] = inverse
-    return rows, local
+    -1 padded): look up `rows`, call `sink_mlp` with `local` on the compact tables. A host computation: the
+    loader's workers build it into every compact sink plan (`sink_plan.compact_rows_numpy`, which this wraps)."""
+    rows, local = compact_rows_numpy(source_rows.detach().cpu().numpy().astype(np.int64))
+    return torch.from_numpy(rows).to(source_rows.device), torch.from_numpy(local).to(source_rows.device)
+
+
+class _LibraryInfoFilter(logging.Filter):
+    """Drops fbgemm's INFO lines (it logs every loaded .so and every table's arguments through the root logger,
+    on every rank); its warnings and errors pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or f"{os.sep}fbgemm_gpu{os.sep}" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+    """Keep TorchRec's and fbgemm's INFO chatter out of the run's log (idempotent)."""
+    root = logging.getLogger()
+    if not any(isinstance(f, _LibraryInfoFilter) for f in root.filters):
+        root.addFilter(_LibraryInfoFilter())
+    logging.getLogger("torchrec").setLevel(logging.WARNING)
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -185,6 +216,7 @@ class ShardedSinkTables:
                  process_group: dist.ProcessGroup | None = None, grad_scale: float | None = None) -> None:
         # TorchRec and fbgemm load here, not at import: they take seconds, and the pure helpers above (init_rows,
         # compact_rows, the config) serve the reference tests and the loader without them
+        quiet_library_logs()
         from fbgemm_gpu.split_embedding_configs import EmbOptimType
         from torchrec import EmbeddingCollection, EmbeddingConfig
         from torchrec.distributed.embedding import EmbeddingCollectionSharder
@@ -200,10 +232,10 @@ class ShardedSinkTables:
         self.world_size = dist.get_world_size(self.process_group)
         self.grad_scale = 1.0 / self.world_size if grad_scale is None else float(grad_scale)
         if cfg.layout == "per_layer":
-            self.table_names = [f"layer_{layer}" for layer in range(cfg.num_layers)]
+            self.table_names = [sink_table_name(cfg.layout, layer) for layer in range(cfg.num_layers)]
             rows_per_table = cfg.rows
         else:
-            self.table_names = ["sinks"]
+            self.table_names = [sink_table_name(cfg.layout, 0)]
             rows_per_table = cfg.num_layers * cfg.rows
         # meta: no process ever allocates a whole table; sharding allocates each rank's rows only
         collection = EmbeddingCollection(device=torch.device("meta"), tables=[
@@ -289,7 +321,7 @@ class ShardedSinkTables:
                     raise ValueError(f"rows of layer {layer} must be distinct")
         if not torch.is_grad_enabled():
             return self._lookup(rows_per_layer)
-        if self.cfg.grad_accum == 1:
+        if not self.cfg.deferred:
             if self._looked_up:
                 raise RuntimeError("a second training lookup before step() with sink_tables.grad_accum=1 would "
                                    "update the rows twice in one step; set grad_accum to the micro-batches "
@@ -301,13 +333,19 @@ class ShardedSinkTables:
         self._pending.append(([r.to(self.device) for r in rows_per_layer], leaves))
         return leaves
 
-    def step(self) -> None:
-        """End of an optimizer step, after the last micro-batch's backward: with grad_accum > 1 applies the
-        step's summed gradients (one fused update; a collective); with grad_accum == 1 the rows were updated in
-        backward and this only closes the step."""
+    def step(self, skip: torch.Tensor | None = None) -> torch.Tensor | None:
+        """End of an optimizer step, after the last micro-batch's backward: deferred (grad_accum > 1 or
+        update_at_step) applies the step's summed gradients (one fused update; a collective); otherwise the rows
+        were updated in backward and this only closes the step.
+
+        `skip` (deferred only): a device bool scalar, this rank's "the step is bad" (non-finite loss, DeepSpeed's
+        overflow). Returns the step's global bad flag (float32 device scalar: 1 when any rank skipped or had
+        non-finite summed gradients, which were then applied as zeros), or None when not deferred."""
         self._looked_up = False
-        if self.cfg.grad_accum == 1:
-            return
+        if not self.cfg.deferred:
+            if skip is not None:
+                raise ValueError("step(skip=...) needs deferred updates (grad_accum > 1 or update_at_step)")
+            return None
         pending, self._pending = self._pending, []
         union, grads = [], []
         for layer in range(self.cfg.num_layers):
@@ -322,8 +360,15 @@ class ShardedSinkTables:
                     total[at] += leaves[layer].grad
             union.append(rows)
             grads.append(total)
+        bad = torch.zeros((), dtype=torch.float32, device=self.device) if skip is None else \
+            skip.to(device=self.device, dtype=torch.float32).reshape(())
+        for total in grads:
+            bad = torch.maximum(bad, (~torch.isfinite(total)).any().to(torch.float32))
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.process_group)
+        grads = [torch.where(bad > 0, torch.zeros_like(total), total) for total in grads]
         with torch.enable_grad():
             torch.autograd.backward(self._lookup(union), grads)
+        return bad
 
     # ------------------------------------------------------------------------------------------ internals
     def _lookup(self, rows_per_layer: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -12,6 +12,10 @@ The step is GPU-shaped (docs/training.md, "The hot path"):
   check); `train.nonfinite_steps_to_stop` consecutive ones end the run with an error, and no checkpoint is ever
   written of a state with non-finite weights or right after a bad step.
 
+Large sink pools (`sink_tables`, docs/sink_tables.md) keep the sink rows in row-sharded TorchRec tables beside
+the engine (`train/table_sinks.py`): each micro-batch looks up its compact plan's rows, the forward runs on them,
+and the tables apply the step's summed gradients after the engine's step (skipped with it when the step is bad).
+
 Shape legend: B micro-batch rows, T context length from the data (the model sees T-1 inputs), V vocabulary.
 """
 from __future__ import annotations
@@ -39,6 +43,7 @@ from nulls_dist.train.data import DataHandle, build_eval_batches, build_train_lo
 from nulls_dist.train.distributed import DistEnv
 from nulls_dist.train.ds_config import build_ds_config, lr_scheduler_factory, restore_schedule
 from nulls_dist.train.signals import REQUEUE_EXIT_CODE, StopFlag
+from nulls_dist.train.table_sinks import TableSinks, uses_sharded_tables
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +142,8 @@ class Trainer:
         self.model_cfg = build_model_config(cfg, self.data)
         self.resume_point, self.saved_meta = plan_resume(cfg, self.run_dir)
         self.layout = stream_layout(cfg, env, data, self.saved_meta)
-        model = NullTransformer(self.model_cfg).to(device)
+        self.sharded = uses_sharded_tables(cfg, self.model_cfg)
+        model = NullTransformer(self.model_cfg, sink_storage="external" if self.sharded else "dense").to(device)
         model.attention_impl = cfg.attention
         model.set_debug_checks(cfg.debug_checks)
         if cfg.deepspeed.activation_checkpointing:
@@ -156,10 +162,18 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=self.ds_config,
             lr_scheduler=lr_scheduler_factory(cfg), dist_init_required=False)
+        self.tables: TableSinks | None = None
+        if self.sharded:  # beside the engine, not in it: the model holds no sink parameters
+            self.tables = TableSinks(cfg, self.model_cfg, device, env.world_size, self.layout.grad_accum)
+            if env.is_main:
+                log.info("sink tables: %d layers x %d rows x 3 x %d, %.2f GB in all, row-wise sharded over %d "
+                         "rank(s), %s lr %g (%s layout)", self.model_cfg.n_layer, self.model_cfg.n_sink,
+                         self.model_cfg.n_embd, self.tables.table_bytes() / 1e9, env.world_size,
+                         cfg.sink_tables.optimizer, cfg.sink_tables.lr, cfg.sink_tables.layout)
         if cfg.compile:
             self.engine.compile(compile_kwargs={"dynamic": True})
         self.loader = build_train_loader(self.data, cfg, self.layout, self.model_cfg, self.sink_assignment,
-                                         pin_memory=device.type == "cuda")
+                                         pin_memory=device.type == "cuda", compact=self.sharded)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep_last_k, env.rank, env.world_size)
         self.step = 0
         self.tokens_seen = 0
@@ -185,13 +199,15 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "seq_len": self.seq_len,
             "loader": {"num_streams": self.layout.num_streams, "global_batch": self.layout.global_batch},
+            "sink_tables": self.tables.describe() if self.tables is not None else None,
         }
 
     def _callbacks(self) -> list[cb.Callback]:
         cfg = self.cfg
         items: list[cb.Callback] = [cb.SinkStats(), cb.SpeedMonitor(self.device)]  # speed reads sink stats
         if cfg.eval.num_batches > 0:
-            trained, heldout = build_eval_batches(self.data, cfg, self.model_cfg, self.sink_assignment)
+            trained, heldout = build_eval_batches(self.data, cfg, self.model_cfg, self.sink_assignment,
+                                                  compact=self.sharded)
             items.append(cb.Evaluator(cfg.eval.every_n_steps, trained, heldout))
         if self.env.is_main:
             if cfg.logging.jsonl:
@@ -254,9 +270,10 @@ class Trainer:
             mode = mode_for(batch)
             plan = batch["plan"] if mode.kind == "train" else self.engine.module.make_plan(
                 None, mode, tuple(batch["input_ids"].shape))
+            rows = self.tables.rows_for(plan) if self.tables is not None else None  # no grad: no update
             batch = to_device({**batch, "plan": plan}, self.device)
             total += self.engine(batch["input_ids"], source_ids=batch["source_ids"], mode=mode, plan=batch["plan"],
-                                 labels=batch["labels"]).to(torch.float64)
+                                 labels=batch["labels"], sink_rows=rows).to(torch.float64)
             count += batch["num_targets"]
         self.engine.train()
         both = torch.stack([total, torch.tensor(float(count), device=self.device, dtype=torch.float64)])
@@ -278,6 +295,8 @@ class Trainer:
         if point is None:
             return
         saved, blob = self.checkpointer.load(self.engine, point, self.meta())
+        if self.tables is not None:  # rows and optimizer state, resharded onto this world size when it changed
+            self.tables.load(point.tag_dir)
         loader_state = layout_fmt.read_json(point.tag_dir / layout_fmt.LOADER_STATE_NAME, "loader state")
         self.loader.load_state_dict(loader_state)
         self.step, self.tokens_seen = int(saved["step"]), int(saved["tokens_seen"])
@@ -299,14 +318,16 @@ class Trainer:
         return bool(ok.item())
 
     def _save(self, reduced: dict[str, float]) -> None:
-        if reduced["streak"] > 0 or not self._weights_finite():
+        finite = self._weights_finite() and (self.tables is None or self.tables.all_finite())  # both collectives
+        if reduced["streak"] > 0 or not finite:
             raise DivergenceError(f"refusing to checkpoint step {self.step}: the last step's loss or gradient was "
                                   "not finite, or the weights are not; no good checkpoint was touched")
         states = [self.loader.state_dict()]
         if self.env.world_size > 1:
             states = [None] * self.env.world_size
             dist.all_gather_object(states, self.loader.state_dict())
-        self.checkpointer.save(self.engine, self.step, self.meta(), {"rng": rng_state()}, merge_states(states))
+        self.checkpointer.save(self.engine, self.step, self.meta(), {"rng": rng_state()}, merge_states(states),
+                               sink_tables=self.tables)
 
     def _train_step(self, micro_batches: list[dict[str, Any]]) -> None:
         engine = self.engine
@@ -315,17 +336,22 @@ class Trainer:
         # DeepSpeed divides by the accumulation steps and averages over ranks: undo both, divide by the count
         scale = (self.env.world_size * len(micro_batches)) / count.clamp(min=1.0)
         self.last_sources = micro_batches[0]["plan"].sources if "plan" in micro_batches[0] else None
+        if self.tables is not None:
+            self.tables.begin_step(self.step)
         step_loss = torch.zeros((), device=self.device, dtype=torch.float32)
         for micro in micro_batches:
             batch = to_device(micro, self.device)
+            rows = self.tables.rows_for(micro["plan"]) if self.tables is not None else None  # [(R_l, 3D)]
             loss_sum = engine(batch["input_ids"], source_ids=batch["source_ids"], mode=SinkMode.train(),
-                              plan=batch.get("plan"), labels=batch["labels"])
+                              plan=batch.get("plan"), labels=batch["labels"], sink_rows=rows)
             engine.backward(loss_sum * scale)
             engine.step()
             step_loss = step_loss + loss_sum.detach()
         bad = ~torch.isfinite(step_loss)
         if getattr(engine.optimizer, "overflow", False):  # DeepSpeed skipped the step: a non-finite gradient
             bad = torch.ones_like(bad)
+        if self.tables is not None:  # the rows' update, skipped on every rank when the step is bad on any
+            bad = self.tables.end_step(bad)
         self._bad_streak = torch.where(bad, self._bad_streak + 1, torch.zeros_like(self._bad_streak))
         self._worst_streak = torch.maximum(self._worst_streak, self._bad_streak)
         self._window_loss += torch.where(bad, 0.0, step_loss.to(torch.float64))
@@ -365,6 +391,8 @@ class Trainer:
             "train/tokens_seen": self.tokens_seen,
             "train/nonfinite_streak": reduced["streak"],
         }
+        if self.tables is not None:
+            metrics["train/sink_lr"] = self.tables.lr
         self._reset_window()
         return metrics
 
