@@ -19,6 +19,10 @@ Training run:
                                         save time and the size of every file above, `.metadata` included
             nulls_meta.json         written LAST: config, model, sinks, data digests, step, and the size of
                                     every file above -- its presence and those sizes mark a complete tag
+        .universal/<tag>/           only while a resume on another world size runs (or after it crashed):
+                                    DeepSpeed's universal checkpoint of <tag>, `zero/<param>/{fp32,exp_avg,
+                                    exp_avg_sq,step}.pt` + `mp_rank_00_model_states.pt`
+    <run_dir>/checkpoints.old-<UTC time>/   a run's earlier checkpoints moved aside by `checkpoint.start_over`
 
 The sink-table directory is read back by any world size: DCP reassembles each rank's row range from the saved
 chunks (resharding), so `sink_tables.json`'s world size is a record, not a requirement.
@@ -29,6 +33,11 @@ Sink-table export (`export_tables`): one safetensors file, `sink_tables.safetens
 
 Deployed checkpoint (`nulls-unlearn --method hard`, exports): a directory holding `model.safetensors` and
 `nulls_meta.json` (meta last).
+
+A tag or deployed checkpoint that `nulls-unlearn purge` rewrote records it in its meta under `purge`
+(`PURGE_KEY`): `source_ids` (every source purged so far), `original_sha256` (the weights' content digest before
+the first purge: forget sets and manifests keep citing it), and `history`. A purged training checkpoint
+resumes only with those sources in `train.exclude_sources` (`purged_sources`), so they are not trained again.
 
 A tag is complete when its meta exists, parses, and every file it lists has the recorded size. `latest` must name
 a tag of this very directory (`step_` + 8 digits, no path). `resolve_latest` falls back to the newest complete tag
@@ -58,6 +67,9 @@ SINK_TABLES_META_NAME = "sink_tables.json"
 SINK_TABLES_FORMAT = "nulls-sink-tables"
 SINK_EXPORT_NAME = "sink_tables.safetensors"
 SINK_PARTS = ("gate", "up", "down")  # the order of the three D-wide blocks of one table row
+UNIVERSAL_DIR = ".universal"  # hidden from the tag listing: a temporary conversion, never a checkpoint
+OLD_CHECKPOINTS_PREFIX = CHECKPOINTS_DIR + ".old-"  # checkpoint.start_over moves a run's checkpoints aside here
+PURGE_KEY = "purge"
 
 
 class CheckpointError(ValueError):
@@ -92,6 +104,20 @@ def sink_table_key(layer: int, part: str) -> str:
     if part not in SINK_PARTS:
         raise ValueError(f"part must be one of {SINK_PARTS}, got {part!r}")
     return f"transformer.h.{layer}.mlp.sink_{part}"
+
+
+def purged_sources(meta: dict[str, Any]) -> list[int]:
+    """The source ids `nulls-unlearn purge` removed from a checkpoint (its meta's `purge.source_ids`)."""
+    return sorted(int(s) for s in (meta.get(PURGE_KEY) or {}).get("source_ids", []))
+
+
+def run_checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
+    """Every checkpoints directory of a run: `checkpoints/` and the `checkpoints.old-*` ones set aside."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.iterdir() if p.is_dir() and
+                  (p.name == CHECKPOINTS_DIR or p.name.startswith(OLD_CHECKPOINTS_PREFIX)))
 
 
 def has_checkpoints(run_dir: str | os.PathLike) -> bool:
