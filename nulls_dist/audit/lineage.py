@@ -232,8 +232,6 @@ def discover(run_dir: str | Path | None, paths: list[str | Path], deepspeed: Dee
             if art.path not in seen:
                 lineage.artifacts.append(art)
                 seen.add(art.path)
-    if not lineage.artifacts:
-        raise ValueError("no artifact to purge: pass --run RUN_DIR and/or artifact paths")
     return lineage
 
 

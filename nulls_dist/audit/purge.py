@@ -326,6 +326,8 @@ def purge(run_dir: str | Path | None, paths: list[str | Path], manifest_dir: str
     for line in recovered:
         log.warning("%s", line)
     lineage = L.discover(run_dir, paths, deepspeed)
+    if not lineage.artifacts:
+        raise ValueError("no artifact to purge: pass --run RUN_DIR and/or artifact paths")
     _check_outputs(certificate_path, lineage)
     for art in lineage.artifacts:
         art.whole = art.whole or _foreign(art, index)

@@ -42,7 +42,7 @@ def _nonzero(art: L.Artifact, cfg, union: np.ndarray, deepspeed: L.DeepSpeedFile
     rows = {k: (0, v) for k, v in L.sink_rows(union).items()}
     out: dict[str, Any] = {}
     if art.kind == L.EXPORT:
-        state, _ = readexport_artifact(art.path)
+        state, _ = read_export(art.path)
         found = nonzero_state_rows(state, export_row_map(list(state), cfg, union))
         return {art.path.name: found} if found else {}
     for rel in art.of_role("weights"):
