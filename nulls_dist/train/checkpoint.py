@@ -12,6 +12,9 @@ warning naming it); if the directory holds checkpoints but none is complete, or 
 points elsewhere while the directory has checkpoints of its own, the run refuses to start unless
 `checkpoint.start_over=true`, which moves the old checkpoints aside (nothing is deleted).
 
+A checkpoint that `nulls-unlearn purge` rewrote (its meta lists `purge.source_ids`) resumes only when the run
+excludes those sources too (`check_compatible`), so forgotten text is never trained again.
+
 DeepSpeed's own files are pickles; the trainer reads them back only through `weights_only_loads()`, torch's
 restricted unpickler with the few DeepSpeed classes those files hold allowed, so a crafted file cannot run code.
 """
