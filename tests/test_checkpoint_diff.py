@@ -79,6 +79,8 @@ def test_a_purge_diff_is_exactly_the_forgotten_rows_and_names_the_forget_set(pai
     assert diff["auc"] > 0.99 and diff["candidates_recall"] == 1.0  # every forgotten source has all sinks changed
     assert set(FORGET) <= {t["source_id"] for t in diff["top"] if t["score"] == 1.0}
     assert alone["auc"] == diff["auc"]  # a purge's zero rows are a fingerprint by themselves
+    assert diff["histogram"]["forgotten"][-1] == len(FORGET) and sum(diff["histogram"]["others"]) == \
+        diff["num_sources"] - len(FORGET)
     knowledge = result["knowledge"]
     assert knowledge["grafted_equals_before"]
     forget = knowledge["sink_on_unique_forget"]
@@ -105,7 +107,8 @@ def test_nulls_unlearn_diff_writes_json_and_markdown(pair, tmp_path, capsys):
     assert printed["headline"]["exact"] is True and printed["headline"]["auc"] > 0.99
     assert json.loads((out / "diff.json").read_text())["rows"]["exact"] is True
     assert (out / "diff.md").read_text().startswith("## Two checkpoints")
-    assert sorted(p.name for p in out.iterdir()) == ["diff.json", "diff.md"]  # no temporaries left
+    assert sorted(p.name for p in out.iterdir()) == ["diff.json", "diff.md", "diff.png"]  # no temporaries left
+    assert (out / "diff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit) as exc:
         unlearn_main(["diff", "--before", str(pair["before"].path), "--after", str(pair["after"].path),
                       "--manifest", str(pair["manifest"]), "--probes", str(PROBES)])

@@ -30,7 +30,7 @@ from nulls_dist.audit.purge import purge  # noqa: E402
 from nulls_dist.audit.purge_verify import verify_purge  # noqa: E402
 from nulls_dist.cli.unlearn import main as unlearn_main  # noqa: E402
 from nulls_dist.deploy.checkpoint_io import load_checkpoint  # noqa: E402
-from nulls_dist.formats.digests import file_sha256  # noqa: E402
+from nulls_dist.formats.digests import file_sha256, json_sha256  # noqa: E402
 from nulls_dist.formats.forget_set import load_forget_set  # noqa: E402
 from nulls_dist.formats.weights import load_weights, save_weights  # noqa: E402
 from nulls_dist.train.checkpoint import weights_only_loads  # noqa: E402
@@ -347,11 +347,20 @@ def test_verify_catches_a_restored_row(runs, tmp_path, capsys):
 def test_remove_mode_deletes_every_artifact(runs, tmp_path):
     info = runs[1]
     run = copy_run(info["run"], tmp_path / "run")
-    cert = _purge(run, info, tmp_path / "purge.json", remove=True)
+    key = b"a signing key of 32 random bytes"
+    cert = _purge(run, info, tmp_path / "purge.json", remove=True, signing_key=key)
     assert {a["action"] for a in cert["artifacts"]} == {"removed"} and len(cert["artifacts"]) == 3
     assert not any((run / "checkpoints").glob("step_*")) and not (run / "checkpoints" / "latest").exists()
     assert all(f["old_sha256"] and f["new_sha256"] is None for a in cert["artifacts"] for f in a["files"])
-    assert verify_purge(cert, load_forget_set(info["forget"]), DeepSpeedRows(), certificate_dir=tmp_path)["ok"]
+    forget = load_forget_set(info["forget"])
+    report = verify_purge(cert, forget, DeepSpeedRows(), certificate_dir=tmp_path, signing_key=key)
+    assert report["ok"] and "checked with the key" in report["assurance"]
+    forged = {**cert, "mode": "rewrite"}
+    forged["certificate_sha256"] = json_sha256({k: v for k, v in forged.items()
+                                                if k not in ("certificate_sha256", "signature")})
+    failed = {c["check"] for c in verify_purge(forged, forget, DeepSpeedRows(), certificate_dir=tmp_path,
+                                                 signing_key=key)["checks"] if not c["ok"]}
+    assert failed == {"signature"}  # resealed by a forger: only the key tells
 
 
 def test_an_interrupted_swap_is_finished_by_the_next_purge(runs, tmp_path):

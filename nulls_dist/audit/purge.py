@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -225,8 +226,6 @@ def _rewrite_directory(art: L.Artifact, cfg: NullConfig, union: np.ndarray, forg
                 try:
                     (staged / rel).hardlink_to(art.path / rel)  # unchanged: the same bytes, no copy
                 except OSError:
-                    import shutil
-
                     shutil.copy2(art.path / rel, staged / rel)
             files.setdefault(rel, {"zeroed": {}, "roles": []})
         if art.meta is not None:
@@ -238,8 +237,6 @@ def _rewrite_directory(art: L.Artifact, cfg: NullConfig, union: np.ndarray, forg
                        else file_sha256(staged / rel)) for rel in files}
         atomic.replace_directory(staged, art.path)
     except BaseException:
-        import shutil
-
         shutil.rmtree(staged, ignore_errors=True)
         raise
     entries = [{"file": rel, "old_sha256": before.get(rel), "new_sha256": after[rel],
@@ -314,6 +311,79 @@ def _repoint_latest(ckpt_dirs: list[Path]) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------------ purge
+@dataclasses.dataclass
+class _Step:
+    """What purge will do to one artifact (planned before anything is written)."""
+
+    art: L.Artifact
+    cfg: NullConfig
+    union: np.ndarray  # (L, P) bool: its forgotten rows
+    remove: bool  # the whole artifact goes
+    drop: list[str]  # files of it that go (unrewritable, --remove-unrewritable)
+
+
+def _plan(lineage: L.Lineage, index: dict[str, Any], manifest_dir: Path, manifest_union: np.ndarray,
+          ids: list[int], deepspeed: L.DeepSpeedFiles, remove: bool, remove_unrewritable: bool) -> list[_Step]:
+    """Every artifact's step, each parsed as it will be rewritten; ValueError (nothing written) for problems."""
+    for art in lineage.artifacts:
+        art.whole = art.whole or _foreign(art, index)
+    base = _base_meta(lineage, index)
+    if base is None and any(a.meta is None for a in lineage.artifacts):
+        raise ValueError(f"no training tag or deployed checkpoint with the sink assignment of the manifest "
+                         f"{manifest_dir} among the artifacts: the model of "
+                         f"{[str(a.path) for a in lineage.artifacts if a.meta is None][:3]} is unknown; pass --run")
+    problems = lineage.problems()
+    if problems and not remove_unrewritable:
+        raise ValueError(f"{len(problems)} thing(s) purge cannot rewrite (nothing was written; pass "
+                         f"--remove-unrewritable to remove them): " + "; ".join(problems))
+    steps = []
+    for art in lineage.artifacts:
+        cfg = L.artifact_model(art, base)
+        union = forgotten_union(cfg, ids)
+        if art.meta is not None and art.meta.get("sinks") == index["strategy"] and \
+                not np.array_equal(union, manifest_union):
+            raise ValueError(f"{art.path}: the forgotten rows under its sink assignment differ from the manifest's "
+                             f"({manifest_dir}); the manifest does not describe this checkpoint")
+        whole = remove or art.whole is not None
+        if not whole:
+            _validate(art, cfg, union, deepspeed)
+        steps.append(_Step(art, cfg, union, whole, [] if whole else sorted(art.problems)))
+    return steps
+
+
+def _apply(step: _Step, forget: dict[str, Any], deepspeed: L.DeepSpeedFiles) -> dict[str, Any]:
+    """Carry out one step; returns the artifact's certificate entry."""
+    art = step.art
+    entry = {"path": str(art.path), "kind": art.kind, "model": dataclasses.asdict(step.cfg),
+             "forgotten_rows_per_layer": [int(n) for n in step.union.sum(axis=1)]}
+    if step.remove:
+        rels = sorted(set(art.files) | set(art.problems)) if art.path.is_dir() else [art.path.name]
+        root = art.path if art.path.is_dir() else art.path.parent
+        entry.update(action="removed", reason=art.whole or "--remove", zeroed={},
+                     files=[{"file": rel, "old_sha256": file_sha256(root / rel), "new_sha256": None,
+                             "action": "removed", "zeroed": {}, "roles": []} for rel in rels])
+        log.info("removing %s (%s)", art.path, entry["reason"])
+        atomic.remove_path(art.path)
+        return entry
+    for rel in step.drop:
+        log.warning("removing %s: %s", art.path / rel, art.problems[rel])
+    log.info("purging %s (%s)", art.path, art.kind)
+    body = _rewrite_export(art, step.cfg, step.union) if art.kind == L.EXPORT else \
+        _rewrite_directory(art, step.cfg, step.union, forget, deepspeed, step.drop)
+    entry.update(action="rewritten" if body["zeroed"] else "unchanged", **body)
+    return entry
+
+
+def _remove_strays(lineage: L.Lineage) -> list[dict[str, Any]]:
+    out = []
+    for path in sorted(lineage.strays):
+        out.append({"path": str(path), "reason": lineage.strays[path],
+                    "old_sha256": file_sha256(path) if path.is_file() else None})
+        log.warning("removing %s: %s", path, lineage.strays[path])
+        atomic.remove_path(path)
+    return out
+
+
 def purge(run_dir: str | Path | None, paths: list[str | Path], manifest_dir: str | Path,
           forget_set_path: str | Path, certificate_path: str | Path, deepspeed: L.DeepSpeedFiles,
           remove: bool = False, remove_unrewritable: bool = False, signing_key: bytes | None = None) -> dict[str, Any]:
@@ -329,63 +399,17 @@ def purge(run_dir: str | Path | None, paths: list[str | Path], manifest_dir: str
     if not lineage.artifacts:
         raise ValueError("no artifact to purge: pass --run RUN_DIR and/or artifact paths")
     _check_outputs(certificate_path, lineage)
-    for art in lineage.artifacts:
-        art.whole = art.whole or _foreign(art, index)
-    base = _base_meta(lineage, index)
-    if base is None and any(a.meta is None for a in lineage.artifacts):
-        raise ValueError(f"no training tag or deployed checkpoint with the sink assignment of the manifest "
-                         f"{manifest_dir} among the artifacts: the model of "
-                         f"{[str(a.path) for a in lineage.artifacts if a.meta is None][:3]} is unknown; pass --run")
-    problems = lineage.problems()
-    if problems and not remove_unrewritable:
-        raise ValueError(f"{len(problems)} thing(s) purge cannot rewrite (nothing was written; pass "
-                         f"--remove-unrewritable to remove them): " + "; ".join(problems))
     ids = forget["source_ids"]
     manifest_union = forget_sinks(manifest_dir, ids).union
-    plan = []  # (artifact, model config, union, removed whole?, files dropped)
-    for art in lineage.artifacts:
-        cfg = L.artifact_model(art, base)
-        union = forgotten_union(cfg, ids)
-        if art.meta is not None and art.meta.get("sinks") == index["strategy"] and \
-                not np.array_equal(union, manifest_union):
-            raise ValueError(f"{art.path}: the forgotten rows under its sink assignment differ from the manifest's "
-                             f"({manifest_dir}); the manifest does not describe this checkpoint")
-        whole_removal = remove or (art.whole is not None)
-        if not whole_removal:
-            _validate(art, cfg, union, deepspeed)
-        plan.append((art, cfg, union, whole_removal, sorted(art.problems) if not whole_removal else []))
-    stray_removals = sorted(lineage.strays) if remove_unrewritable else []
+    steps = _plan(lineage, index, manifest_dir, manifest_union, ids, deepspeed, remove, remove_unrewritable)
 
     shared = bool(index["layers_share_sinks"])
     forgotten = [np.nonzero(layer)[0].tolist() for layer in (manifest_union[:1] if shared else manifest_union)]
     sidecar = sidecar_path(certificate_path)
     tmp_sidecar, collateral = write_collateral(manifest_dir, forget_sinks(manifest_dir, ids), sidecar)
     try:
-        entries = []
-        for art, cfg, union, whole_removal, drop in plan:
-            entry = {"path": str(art.path), "kind": art.kind, "model": dataclasses.asdict(cfg),
-                     "forgotten_rows_per_layer": [int(n) for n in union.sum(axis=1)]}
-            if whole_removal:
-                rels = sorted(set(art.files) | set(art.problems)) if art.path.is_dir() else [art.path.name]
-                root = art.path if art.path.is_dir() else art.path.parent
-                entry.update(action="removed", reason=art.whole or "--remove",
-                             files=[{"file": rel, "old_sha256": file_sha256(root / rel), "new_sha256": None,
-                                     "action": "removed", "zeroed": {}, "roles": []} for rel in rels], zeroed={})
-                log.info("removing %s (%s)", art.path, entry["reason"])
-                atomic.remove_path(art.path)
-            else:
-                for rel in drop:
-                    log.warning("removing %s: %s", art.path / rel, art.problems[rel])
-                log.info("purging %s (%s)", art.path, art.kind)
-                body = _rewrite_export(art, cfg, union) if art.kind == L.EXPORT else \
-                    _rewrite_directory(art, cfg, union, forget, deepspeed, drop)
-                entry.update(action="rewritten" if body["zeroed"] else "unchanged", **body)
-            entries.append(entry)
-        removed_strays = []
-        for path in stray_removals:
-            removed_strays.append({"path": str(path), "reason": lineage.strays[path],
-                                   "old_sha256": file_sha256(path) if path.is_file() else None})
-            atomic.remove_path(path)
+        entries = [_apply(step, forget, deepspeed) for step in steps]
+        removed_strays = _remove_strays(lineage) if remove_unrewritable else []
         latest = _repoint_latest(layout.run_checkpoint_dirs(lineage.run_dir)) if lineage.run_dir else []
         cert: dict[str, Any] = {
             "format": PURGE_CERTIFICATE_FORMAT, "version": PURGE_CERTIFICATE_VERSION, "time_utc": _now(),

@@ -15,7 +15,8 @@ What is measured (`compare_checkpoints`):
   the masks), of `after`, and of `after` with the changed rows grafted back from `before`; collateral sources'
   facts in Sink-On of both show what survivors lose.
 
-`markdown_section(result)` renders it for the evaluation report; `write_diff` writes `diff.json` + `diff.md`.
+`markdown_section(result)` renders it for the evaluation report; `write_diff` writes `diff.json`, `diff.md` and
+`diff.png` (the attackers' score histograms, forgotten sources against the others).
 
 Shapes: L layers, P sink-pool rows per layer, S trained sources, K sinks per source.
 """
@@ -40,6 +41,7 @@ from nulls_dist.model import SinkMode
 
 MAX_PROBES = 64  # per group: the forward passes dominate the comparison's time on a CPU
 TOP_CANDIDATES = 20
+HISTOGRAM_EDGES = np.linspace(0.0, 1.0, 21)  # the attacker's score (a share of sinks) in 20 bins; 1.0 in the last
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -86,12 +88,15 @@ def _share(sinks: np.ndarray, flags: np.ndarray) -> np.ndarray:
 def _ranking(scores: np.ndarray, ids: np.ndarray, forget: set[int] | None, titles: list[str]) -> dict[str, Any]:
     order = np.lexsort((np.random.default_rng(0).permutation(len(ids)), -scores))  # ties: a seeded shuffle
     candidates = ids[scores >= 1.0]
+    member = np.isin(ids, sorted(forget or ()))
     out: dict[str, Any] = {
         "num_sources": int(len(ids)), "num_all_sinks_flagged": int(len(candidates)),
         "top": [{"source_id": int(ids[i]), "title": titles[i], "score": float(scores[i])}
-                for i in order[:TOP_CANDIDATES]]}
+                for i in order[:TOP_CANDIDATES]],
+        "histogram": {"edges": HISTOGRAM_EDGES.tolist(),
+                      "forgotten": np.histogram(scores[member], HISTOGRAM_EDGES)[0].tolist(),
+                      "others": np.histogram(scores[~member], HISTOGRAM_EDGES)[0].tolist()}}
     if forget:
-        member = np.isin(ids, sorted(forget))
         k = int(member.sum())
         hits = int(np.isin(candidates, sorted(forget)).sum())
         out.update({
@@ -254,10 +259,40 @@ def _meaning(result: dict[str, Any]) -> str:
     return text + " Whoever keeps the before checkpoint keeps what was forgotten: purge every copy."
 
 
+def plot_scores(result: dict[str, Any], path: str | Path) -> Path:
+    """`diff.png`: the attacker's scores of forgotten sources against all others, for both attackers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
+    for ax, (name, label) in zip(axes, (("diff", "holding before and after: rows changed"),
+                                        ("after_only", "holding after only: rows exactly zero"))):
+        hist = result["identification"][name]["histogram"]
+        edges = np.asarray(hist["edges"])
+        width = np.diff(edges)
+        ax.bar(edges[:-1], hist["others"], width=width, align="edge", color="tab:blue", alpha=0.6,
+               label="other trained sources")
+        ax.bar(edges[:-1], hist["forgotten"], width=width, align="edge", color="tab:red", alpha=0.8,
+               label="forgotten sources")
+        ax.set_yscale("symlog")
+        ax.set_xlabel("share of the source's sinks flagged")
+        ax.set_title(label, fontsize=10)
+    axes[0].set_ylabel("sources")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
 def write_diff(result: dict[str, Any], out_dir: str | Path) -> dict[str, str]:
-    """`diff.json` and `diff.md` in `out_dir`, each written atomically."""
+    """`diff.json`, `diff.md` and `diff.png` in `out_dir`, each written atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out_dir / "diff.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
-    atomic.write_text(out_dir / "diff.md", markdown_section(result))
-    return {"json": str(out_dir / "diff.json"), "markdown": str(out_dir / "diff.md")}
+    atomic.write_text(out_dir / "diff.md", markdown_section(result) + "\n![the attacker's scores](diff.png)\n")
+    plot_scores(result, out_dir / "diff.png")
+    return {"json": str(out_dir / "diff.json"), "markdown": str(out_dir / "diff.md"), "png": str(out_dir / "diff.png")}
