@@ -21,7 +21,7 @@ from unlearn_helpers import ID_OFFSET, NUM_TRAIN, make_checkpoint_with_manifest 
 from nulls_dist.audit.unlearn import resolve_sources, sign, unlearn  # noqa: E402
 from nulls_dist.audit.verify import load_certificate, verify_paths  # noqa: E402
 from nulls_dist.cli.manifest import check_data_belongs  # noqa: E402
-from nulls_dist.deploy.checkpoint_io import build_model, load_checkpoint  # noqa: E402
+from nulls_dist.deploy.checkpoint_io import build_model  # noqa: E402
 from nulls_dist.deploy.forget import apply_forget_set  # noqa: E402
 from nulls_dist.formats.digests import file_sha256, json_sha256  # noqa: E402
 from nulls_dist.formats.forget_set import forget_set_hash, load_forget_set  # noqa: E402

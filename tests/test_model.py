@@ -174,9 +174,9 @@ def test_bad_inputs_raise_value_error():
 
 def test_preset_parameter_counts():
     def expected(cfg):
-        D, I, V = cfg.n_embd, cfg.intermediate_size, cfg.padded_vocab_size
+        D, units, V = cfg.n_embd, cfg.intermediate_size, cfg.padded_vocab_size
         attn = D * (cfg.n_head + 2 * cfg.n_query_groups) * cfg.head_size + cfg.n_head * cfg.head_size * D
-        return 2 * V * D + D + cfg.n_layer * (attn + 3 * D * I + 2 * D)
+        return 2 * V * D + D + cfg.n_layer * (attn + 3 * D * units + 2 * D)
 
     for name in ("debug", "paper_wiki_1b", "paper_hp"):
         cfg = NullConfig.from_preset(name)

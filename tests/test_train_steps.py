@@ -11,40 +11,17 @@ checking what a step means:
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from train_helpers import prepare_synthwiki
-
-REPO = Path(__file__).resolve().parent.parent
-BASE = ["experiment=demo", "logging.wandb_mode=disabled", "logging.log_every=1", "eval.num_batches=0",
-        "optim.warmup_steps=1", "train.cpu_threads=1", "data_loader.prepare_if_missing=false",
-        "deepspeed.zero_stage=1", "data_loader.num_streams=4", "deepspeed.global_batch=8"]
+from train_helpers import nulls_train, prepare_synthwiki
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     return prepare_synthwiki(tmp_path_factory.mktemp("synthwiki"))
-
-
-def nulls_train(data_dir: Path, run_dir: Path, ranks: int, *overrides: str) -> subprocess.CompletedProcess:
-    from nulls_dist.train.distributed import free_port
-
-    args = [*BASE, f"data.output_dir={data_dir}", f"train.run_dir={run_dir}", *overrides]
-    if ranks == 1:
-        cmd = [sys.executable, "-m", "nulls_dist.cli.train", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), "-m", "nulls_dist.cli.train", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
-    assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
 
 
 def losses(run_dir: Path) -> dict[int, float]:

@@ -1,5 +1,9 @@
-"""Shared by the trainer tests: compose the real `nulls-train` config (conf/) with overrides, and prepare the
-bundled SynthWiki shards once into a directory through the data pipeline."""
+"""Shared by the trainer tests: compose the real `nulls-train` config (conf/) with overrides, prepare the
+bundled SynthWiki shards once into a directory through the data pipeline, and run the real `nulls-train` console
+entry point (1 process, or 2 gloo ranks under torchrun)."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_module
@@ -23,3 +27,28 @@ def prepare_synthwiki(out_dir: Path) -> Path:
     raw = compose_raw([f"data.output_dir={out_dir}"])
     run_stages(data_config_from_dict(raw["data"]), ["all"])
     return out_dir
+
+
+REPO = Path(__file__).resolve().parent.parent
+# whole-run settings of the step tests: the demo model and data, ZeRO-1, one thread, a step of 8 samples
+RUN_BASE = ["experiment=demo", "logging.wandb_mode=disabled", "logging.log_every=1", "eval.num_batches=0",
+            "optim.warmup_steps=1", "train.cpu_threads=1", "data_loader.prepare_if_missing=false",
+            "deepspeed.zero_stage=1", "data_loader.num_streams=4", "deepspeed.global_batch=8"]
+
+
+def nulls_train(data_dir: Path, run_dir: Path, ranks: int, *overrides: str, check: bool = True,
+                base: tuple[str, ...] = tuple(RUN_BASE)) -> subprocess.CompletedProcess:
+    """`nulls-train` on `ranks` processes (torchrun for 2); asserts success unless `check=False`."""
+    from nulls_dist.train.distributed import free_port
+
+    args = [*base, f"data.output_dir={data_dir}", f"train.run_dir={run_dir}", *overrides]
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "nulls_dist.cli.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
+               "127.0.0.1", "--master_port", str(free_port()), "-m", "nulls_dist.cli.train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
+    if check:
+        assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc

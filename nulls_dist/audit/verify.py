@@ -58,43 +58,43 @@ def _per_layer(lists: list, shared: bool, n_layer: int) -> list[list[int]] | Non
     return lists
 
 
-def _check(checks: list[dict], name: str, ok: bool, detail: str = "") -> None:
+def add_check(checks: list[dict], name: str, ok: bool, detail: str = "") -> None:
     checks.append({"check": name, "ok": bool(ok), "detail": detail})
 
 
-def _check_collateral(checks: list[dict], cert: dict[str, Any], certificate_dir: Path,
+def check_collateral(checks: list[dict], cert: dict[str, Any], certificate_dir: Path,
                       manifest_dir: str | Path | None) -> None:
     summary = cert["collateral"]
     if "file" not in summary:
-        _check(checks, "collateral_sidecar", False, f"no sidecar (certificate version {cert.get('version')})")
+        add_check(checks, "collateral_sidecar", False, f"no sidecar (certificate version {cert.get('version')})")
         return
     path = certificate_dir / summary["file"]
     if not path.is_file():
-        _check(checks, "collateral_sidecar", False, f"missing {path}")
+        add_check(checks, "collateral_sidecar", False, f"missing {path}")
         return
     got = file_sha256(path)
-    _check(checks, "collateral_sha256", got == summary["sha256"], f"got {got}, certified {summary['sha256']}")
+    add_check(checks, "collateral_sha256", got == summary["sha256"], f"got {got}, certified {summary['sha256']}")
     try:
         pf = pq.ParquetFile(path)
         schema_ok = pf.schema_arrow.names == COLLATERAL_SCHEMA.names
         rows = pf.metadata.num_rows
         content = read_sidecar(path, cert["forget_set"]["source_ids"]) if schema_ok else None
     except (pa.ArrowException, OSError) as exc:
-        _check(checks, "collateral_readable", False, str(exc))
+        add_check(checks, "collateral_readable", False, str(exc))
         return
-    _check(checks, "collateral_schema", schema_ok, f"columns {pf.schema_arrow.names}")
-    _check(checks, "collateral_rows", rows == summary["num_rows"] == summary["num_sources"],
+    add_check(checks, "collateral_schema", schema_ok, f"columns {pf.schema_arrow.names}")
+    add_check(checks, "collateral_rows", rows == summary["num_rows"] == summary["num_sources"],
            f"{rows} rows, certified {summary['num_rows']}")
     if content is None:
         return
     recounted = {k: summary.get(k) for k in content["summary"]}
-    _check(checks, "collateral_summary", content["summary"] == recounted, "count, total and top-N from the rows")
+    add_check(checks, "collateral_summary", content["summary"] == recounted, "count, total and top-N from the rows")
     bad = {k: v for k, v in content["invalid_rows"].items() if v}
-    _check(checks, "collateral_rows_valid", not bad, f"invalid rows {bad}" if bad else "")
-    _check(checks, "collateral_content_sha256", content["content_sha256"] == summary["content_sha256"])
+    add_check(checks, "collateral_rows_valid", not bad, f"invalid rows {bad}" if bad else "")
+    add_check(checks, "collateral_content_sha256", content["content_sha256"] == summary["content_sha256"])
     if manifest_dir is not None:
         expected = recompute_digest(manifest_dir, cert["forget_set"]["source_ids"])
-        _check(checks, "collateral_matches_manifest", expected == content["content_sha256"],
+        add_check(checks, "collateral_matches_manifest", expected == content["content_sha256"],
                "recomputed from the manifest for the certified forget set")
 
 
@@ -106,7 +106,7 @@ def _check_retained_share(checks: list[dict], cert: dict[str, Any], manifest_dir
         unchecked.append(f"survivors' retained share (certificate version {cert.get('version')} predates it)")
         return
     if not isinstance(certified, dict) or certified.get("method") not in ("exact", "sampled"):
-        _check(checks, "survivors_retained_share", False, "missing or without a method")
+        add_check(checks, "survivors_retained_share", False, "missing or without a method")
         return
     if manifest_dir is None:
         unchecked.append("the survivors' retained share (no --manifest)")
@@ -118,12 +118,12 @@ def _check_retained_share(checks: list[dict], cert: dict[str, Any], manifest_dir
                                     sample_size=int(certified.get("sample_size", 1)), seed=int(certified.get("seed", 0)))
     got = survivors_retained_share(manifest_dir, forget_sinks(manifest_dir, cert["forget_set"]["source_ids"]), opts)
     wrong = sorted(k for k in set(got) | set(certified) if got.get(k) != certified.get(k))
-    _check(checks, "survivors_retained_share", not wrong,
+    add_check(checks, "survivors_retained_share", not wrong,
            f"differs in {wrong}: recomputed {[got.get(k) for k in wrong]}" if wrong else
            f"{certified['method']}, recomputed from the manifest for the certified forget set")
 
 
-def _signature(checks: list[dict], cert: dict[str, Any], signing_key: bytes | None) -> str:
+def check_signature(checks: list[dict], cert: dict[str, Any], signing_key: bytes | None) -> str:
     """Check the signature when a key is given; returns what the verdict assures."""
     signature = cert.get("signature")
     if signing_key is None:
@@ -132,15 +132,15 @@ def _signature(checks: list[dict], cert: dict[str, Any], signing_key: bytes | No
                     "certificate and reseal it (sign certificates with --signing-key)")
         return f"signed ({signature.get('alg')}, key {signature.get('key_id')}) but not checked: no key given"
     if signature is None:
-        _check(checks, "signature", False, "the certificate is not signed")
+        add_check(checks, "signature", False, "the certificate is not signed")
         return "unsigned"
     want = sign(cert, signing_key)
-    _check(checks, "signature", hmac.compare_digest(str(signature.get("value", "")), want["value"]) and
+    add_check(checks, "signature", hmac.compare_digest(str(signature.get("value", "")), want["value"]) and
            signature.get("key_id") == key_id(signing_key), f"{signature.get('alg')}, key {signature.get('key_id')}")
     return f"signed ({want['alg']}, key {want['key_id']}) and checked with the key"
 
 
-def _certified_state(forget: dict[str, Any], certified_sha: str) -> list[int] | None:
+def certified_state(forget: dict[str, Any], certified_sha: str) -> list[int] | None:
     """The forget set's sources after the history entry whose hash is the certified one (None if absent)."""
     replay: set[int] = set()
     for entry in forget["history"]:
@@ -158,29 +158,29 @@ def verify(cert: dict[str, Any], ckpt: LoadedCheckpoint, forget: dict[str, Any],
     the checkpoint's rows and, with `manifest_dir`, the manifest's records) and compared."""
     checks: list[dict] = []
     body = {k: v for k, v in cert.items() if k not in ("certificate_sha256", "signature")}
-    _check(checks, "certificate_sha256", json_sha256(body) == cert.get("certificate_sha256"))
-    assurance = _signature(checks, cert, signing_key)
+    add_check(checks, "certificate_sha256", json_sha256(body) == cert.get("certificate_sha256"))
+    assurance = check_signature(checks, cert, signing_key)
 
     recomputed = forget_set_hash(forget["source_ids"], forget["checkpoint_sha256"], forget["manifest_sha256"])
-    _check(checks, "forget_set_sha256", recomputed == forget["sha256"], f"recomputed {recomputed}")
-    state = _certified_state(forget, cert["forget_set"]["sha256"])
-    _check(checks, "forget_set_history", state is not None,
+    add_check(checks, "forget_set_sha256", recomputed == forget["sha256"], f"recomputed {recomputed}")
+    state = certified_state(forget, cert["forget_set"]["sha256"])
+    add_check(checks, "forget_set_history", state is not None,
            "the certified forget set is this forget set or an earlier state of it")
-    _check(checks, "certified_forget_set_recomputes", state == sorted(cert["forget_set"]["source_ids"]),
+    add_check(checks, "certified_forget_set_recomputes", state == sorted(cert["forget_set"]["source_ids"]),
            "the certified source_ids are the forget set's state at the certified hash")
     certified = {s["source_id"] for s in cert["sources"]} | set(cert["forget_set"]["source_ids"])
     missing = sorted(certified - set(forget["source_ids"]))
-    _check(checks, "forget_set_contains_sources", not missing, f"missing {missing}" if missing else "")
-    _check(checks, "forget_set_checkpoint", forget["checkpoint_sha256"] == cert["checkpoint"]["base_sha256"])
+    add_check(checks, "forget_set_contains_sources", not missing, f"missing {missing}" if missing else "")
+    add_check(checks, "forget_set_checkpoint", forget["checkpoint_sha256"] == cert["checkpoint"]["base_sha256"])
 
     digest = state_dict_digest(ckpt.state_dict)
     expected = cert["output_checkpoint"]["sha256"] if cert["method"] == "hard" else cert["checkpoint"]["sha256"]
-    _check(checks, "checkpoint_sha256", digest == expected, f"got {digest}, certified {expected}")
+    add_check(checks, "checkpoint_sha256", digest == expected, f"got {digest}, certified {expected}")
 
     cfg = ckpt.model_config
     shared = bool(cert.get("layers_share_sinks", False))
     n_layer = cert.get("n_layer", cfg.n_layer)  # version 2 certificates do not name it
-    _check(checks, "sink_layout_matches_model", shared == (not cfg.sink_layer_specific) and n_layer == cfg.n_layer,
+    add_check(checks, "sink_layout_matches_model", shared == (not cfg.sink_layer_specific) and n_layer == cfg.n_layer,
            f"certificate layers_share_sinks={shared}, n_layer={n_layer}; model sink_layer_specific="
            f"{cfg.sink_layer_specific}, n_layer={cfg.n_layer}")
     per_layer = {s["source_id"]: _per_layer(s["sinks"], shared, cfg.n_layer) for s in cert["sources"]}
@@ -191,28 +191,28 @@ def verify(cert: dict[str, Any], ckpt: LoadedCheckpoint, forget: dict[str, Any],
             rows = assignment.rows(torch.tensor([sid]), layer)[0]
             if lists is None or rows[rows >= 0].tolist() != lists[layer]:
                 wrong.append((sid, layer))
-    _check(checks, "certified_sinks_match_assignment", not wrong, f"mismatch at {wrong[:5]}" if wrong else "")
+    add_check(checks, "certified_sinks_match_assignment", not wrong, f"mismatch at {wrong[:5]}" if wrong else "")
     if cert["method"] == "mask" and digest == cert["checkpoint"]["base_sha256"] and not wrong:
         got = sink_digests.recompute_hex(ckpt.state_dict, cfg.n_layer, cfg.n_sink, shared,
                                          [s["sinks"] for s in cert["sources"]])
         bad = [s["source_id"] for s, h in zip(cert["sources"], got) if h != s["sink_digest"]]
-        _check(checks, "certified_sink_digest", not bad, f"differs for {bad[:5]}" if bad else
+        add_check(checks, "certified_sink_digest", not bad, f"differs for {bad[:5]}" if bad else
                f"{len(got)} sources, recomputed from the checkpoint ({sink_digests.DEFINITION})")
 
     if cert["method"] == "hard":
         forgotten = _per_layer(cert["forgotten_rows"], shared, cfg.n_layer)
-        _check(checks, "forgotten_rows_layout", forgotten is not None, f"{cfg.n_layer} layers")
+        add_check(checks, "forgotten_rows_layout", forgotten is not None, f"{cfg.n_layer} layers")
         forgotten = forgotten or [[] for _ in range(cfg.n_layer)]
         nonzero = []
         for layer, rows in enumerate(forgotten):
             for key in sink_table_keys(layer):
                 if rows and read_rows(ckpt.state_dict, key, rows).abs().sum() != 0:  # those rows only
                     nonzero.append(key)
-        _check(checks, "forgotten_rows_zero", not nonzero, f"non-zero rows in {nonzero}" if nonzero else "")
+        add_check(checks, "forgotten_rows_zero", not nonzero, f"non-zero rows in {nonzero}" if nonzero else "")
         covered = all(set(lists[layer]) <= set(forgotten[layer]) for lists in per_layer.values() if lists
                       for layer in range(cfg.n_layer))
-        _check(checks, "forgotten_rows_cover_sources", covered)
-    _check(checks, "strategy_recomputes", cert.get("strategy") == assignment.describe(),
+        add_check(checks, "forgotten_rows_cover_sources", covered)
+    add_check(checks, "strategy_recomputes", cert.get("strategy") == assignment.describe(),
            "the certified strategy is the checkpoint's sink assignment")
     union = [set() for _ in range(cfg.n_layer)]
     for sid in cert["forget_set"]["source_ids"]:
@@ -220,23 +220,23 @@ def verify(cert: dict[str, Any], ckpt: LoadedCheckpoint, forget: dict[str, Any],
             rows = assignment.rows(torch.tensor([int(sid)]), layer)[0]
             union[layer] |= set(rows[rows >= 0].tolist())
     certified_union = _per_layer(cert["forgotten_rows"], shared, cfg.n_layer)
-    _check(checks, "forgotten_rows_recompute", certified_union is not None and all(
+    add_check(checks, "forgotten_rows_recompute", certified_union is not None and all(
         sorted(union[layer]) == sorted(certified_union[layer]) for layer in range(cfg.n_layer)),
         "the union of the certified forget set's sinks in every layer, from the assignment")
     unchecked = []
     if manifest_dir is not None:
         got = manifest_digest(manifest_dir)
-        _check(checks, "manifest_sha256", got == cert["manifest"]["sha256"], f"got {got}")
+        add_check(checks, "manifest_sha256", got == cert["manifest"]["sha256"], f"got {got}")
         records = {r["source_id"]: r for r in read_records(manifest_dir, [s["source_id"] for s in cert["sources"]],
                                                            ["title", "tokens", "sink_digest"]).to_pylist()}
         wrong = [s["source_id"] for s in cert["sources"] if s["source_id"] not in records or
                  (records[s["source_id"]]["title"], records[s["source_id"]]["tokens"],
                   records[s["source_id"]]["sink_digest"].hex()) != (s["title"], s["tokens"], s["sink_digest"])]
-        _check(checks, "sources_match_manifest", not wrong,
+        add_check(checks, "sources_match_manifest", not wrong,
                f"title, tokens or sink digest differ for {wrong[:5]}" if wrong else "titles, tokens, sink digests")
     else:
         unchecked.append("titles, tokens and the manifest digest (no --manifest)")
-    _check_collateral(checks, cert, Path(certificate_dir), manifest_dir)
+    check_collateral(checks, cert, Path(certificate_dir), manifest_dir)
     _check_retained_share(checks, cert, manifest_dir, unchecked)
     return {"ok": all(c["ok"] for c in checks), "method": cert["method"], "assurance": assurance,
             "unchecked": unchecked, "checks": checks}

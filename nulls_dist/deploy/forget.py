@@ -8,13 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from nulls_dist.deploy.checkpoint_io import LoadedCheckpoint
+from nulls_dist.formats.checkpoint import PURGE_KEY
 from nulls_dist.formats.forget_set import check_belongs_to, load_forget_set
 from nulls_dist.formats.weights import state_dict_digest
 
 
 def base_checkpoint_sha256(ckpt: LoadedCheckpoint) -> str:
-    """The trained checkpoint a (possibly hard-unlearned) checkpoint derives from: what forget sets cite."""
-    return ckpt.meta.get("unlearning", {}).get("base_checkpoint_sha256") or state_dict_digest(ckpt.state_dict)
+    """The trained checkpoint a (possibly hard-unlearned or purged) checkpoint derives from: what forget sets
+    and manifests cite (a purge records the digest the weights had before it: `formats.checkpoint.PURGE_KEY`)."""
+    return (ckpt.meta.get("unlearning", {}).get("base_checkpoint_sha256")
+            or (ckpt.meta.get(PURGE_KEY) or {}).get("original_sha256") or state_dict_digest(ckpt.state_dict))
 
 
 def apply_forget_set(model, ckpt: LoadedCheckpoint, forget_set_path: str | Path,

@@ -19,6 +19,10 @@ Training run:
                                         save time and the size of every file above, `.metadata` included
             nulls_meta.json         written LAST: config, model, sinks, data digests, step, and the size of
                                     every file above -- its presence and those sizes mark a complete tag
+        .universal/<tag>/           only while a resume on another world size runs (or after it crashed):
+                                    DeepSpeed's universal checkpoint of <tag>, `zero/<param>/{fp32,exp_avg,
+                                    exp_avg_sq,step}.pt` + `mp_rank_00_model_states.pt`
+    <run_dir>/checkpoints.old-<UTC time>/   a run's earlier checkpoints moved aside by `checkpoint.start_over`
 
 The sink-table directory is read back by any world size: DCP reassembles each rank's row range from the saved
 chunks (resharding), so `sink_tables.json`'s world size is a record, not a requirement. A tag that has one is
@@ -39,6 +43,11 @@ Sink-table export (`export_tables`): one safetensors file, `sink_tables.safetens
 
 Deployed checkpoint (`nulls-unlearn --method hard`, exports): a directory holding `model.safetensors` and
 `nulls_meta.json` (meta last).
+
+A tag or deployed checkpoint that `nulls-unlearn purge` rewrote records it in its meta under `purge`
+(`PURGE_KEY`): `source_ids` (every source purged so far), `original_sha256` (the weights' content digest before
+the first purge: forget sets and manifests keep citing it), and `history`. A purged training checkpoint
+resumes only with those sources in `train.exclude_sources` (`purged_sources`), so they are not trained again.
 
 A tag is complete when its meta exists, parses, and every file it lists has the recorded size. `latest` must name
 a tag of this very directory (`step_` + 8 digits, no path). `resolve_latest` falls back to the newest complete tag
@@ -89,6 +98,9 @@ DCP_METADATA_GLOBALS = (
     ("pathlib", "PurePosixPath"),
 )
 DCP_METADATA_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool")
+UNIVERSAL_DIR = ".universal"  # hidden from the tag listing: a temporary conversion, never a checkpoint
+OLD_CHECKPOINTS_PREFIX = CHECKPOINTS_DIR + ".old-"  # checkpoint.start_over moves a run's checkpoints aside here
+PURGE_KEY = "purge"
 
 
 class CheckpointError(ValueError):
@@ -140,6 +152,18 @@ def sharded_sink_tables(meta: dict[str, Any]) -> dict[str, Any] | None:
     (layout, num_layers, rows, dim, optimizer), else None."""
     record = meta.get("sink_tables")
     return record if isinstance(record, dict) and record.get("mode") == "sharded" else None
+def purged_sources(meta: dict[str, Any]) -> list[int]:
+    """The source ids `nulls-unlearn purge` removed from a checkpoint (its meta's `purge.source_ids`)."""
+    return sorted(int(s) for s in (meta.get(PURGE_KEY) or {}).get("source_ids", []))
+
+
+def run_checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
+    """Every checkpoints directory of a run: `checkpoints/` and the `checkpoints.old-*` ones set aside."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.iterdir() if p.is_dir() and
+                  (p.name == CHECKPOINTS_DIR or p.name.startswith(OLD_CHECKPOINTS_PREFIX)))
 
 
 def has_checkpoints(run_dir: str | os.PathLike) -> bool:

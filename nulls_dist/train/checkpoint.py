@@ -12,6 +12,9 @@ warning naming it); if the directory holds checkpoints but none is complete, or 
 points elsewhere while the directory has checkpoints of its own, the run refuses to start unless
 `checkpoint.start_over=true`, which moves the old checkpoints aside (nothing is deleted).
 
+A checkpoint that `nulls-unlearn purge` rewrote (its meta lists `purge.source_ids`) resumes only when the run
+excludes those sources too (`check_compatible`), so forgotten text is never trained again.
+
 DeepSpeed's own files are pickles; the trainer reads them back only through `weights_only_loads()`, torch's
 restricted unpickler with the few DeepSpeed classes those files hold allowed, so a crafted file cannot run code.
 """
@@ -134,6 +137,14 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], where: Path
         elif key == "sinks" and old != new:
             diffs += [f"sinks.{f}: checkpoint {(old or {}).get(f)!r} != run {(new or {}).get(f)!r}"
                       for f in sorted(set(old or {}) | set(new or {})) if (old or {}).get(f) != (new or {}).get(f)]
+        elif key == "exclude_sources" and layout.purged_sources(saved):
+            # a purged checkpoint's forgotten sources must never be trained again: the run has to exclude them
+            purged = layout.purged_sources(saved)
+            wanted = sorted(set(old or []) | set(purged))
+            if sorted(new or []) != wanted:
+                diffs.append(f"exclude_sources: the checkpoint was purged of sources {purged} (nulls-unlearn purge) "
+                             f"and excluded {sorted(old or [])}; resume with train.exclude_sources={wanted} so "
+                             f"that they are not trained again (run: {sorted(new or [])})")
         elif old != new:
             diffs.append(f"{key}: checkpoint {old!r} != run {new!r}")
     if diffs:
@@ -204,13 +215,13 @@ def move_aside(run_dir: str | Path) -> Path | None:
     if not own.exists():
         return None
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    target = own.with_name(f"{layout.CHECKPOINTS_DIR}.old-{stamp}")
+    target = own.with_name(f"{layout.OLD_CHECKPOINTS_PREFIX}{stamp}")
     own.rename(target)
     return target
 
 
 # ------------------------------------------------------------------------------------------------ resharding
-UNIVERSAL_DIR = ".universal"  # hidden from the tag listing: a temporary conversion, never a checkpoint
+UNIVERSAL_DIR = layout.UNIVERSAL_DIR
 
 
 def convert_to_universal(tag_dir: Path, out_dir: Path) -> Path:

@@ -298,6 +298,11 @@ class Trainer:
         if self.tables is not None:  # rows and optimizer state, resharded onto this world size when it changed
             self.tables.load(point.tag_dir)
         loader_state = layout_fmt.read_json(point.tag_dir / layout_fmt.LOADER_STATE_NAME, "loader state")
+        if layout_fmt.purged_sources(saved):
+            # the checkpoint was purged and `load` checked that this run excludes exactly the saved exclusion plus
+            # the purged sources; exclusion only removes labels (the sample order is the same), so the data
+            # position carries over under this run's exclusion
+            loader_state = {**loader_state, "exclude_sha256": self.loader.streams.identity()["exclude_sha256"]}
         self.loader.load_state_dict(loader_state)
         self.step, self.tokens_seen = int(saved["step"]), int(saved["tokens_seen"])
         if blob is None:  # another world size: no per-rank RNG to restore; reseed deterministically
