@@ -34,7 +34,7 @@ from nulls_dist.attention import AttentionMask, attend, build_mask, same_source_
 from nulls_dist.config import NullConfig
 from nulls_dist.kernels.sink_mlp import sink_mlp
 from nulls_dist.sink_plan import (MODE_KINDS, SinkMode, SinkPlan, plan_for_batch, plan_for_mode,
-                                  remove_rows)
+                                  plan_for_routes, remove_rows)
 from nulls_dist.sinks import SinkAssignment
 
 __all__ = ["MODE_KINDS", "SINK_STORAGES", "KVCache", "NullTransformer", "SinkMode", "SinkPlan",
@@ -103,6 +103,15 @@ class KVCache:
         end = first_pos + source_ids.shape[1]
         self.source_ids[:, first_pos:end] = source_ids
         return self.source_ids[:, :end]  # (B, L)
+
+    def take_rows(self, index: torch.Tensor) -> "KVCache":
+        """A new cache holding rows `index` (B',) of this one, in that order, repeats allowed: one cached prefix
+        continued by several suffixes (the worst-case routing attack scores every candidate after one prompt)."""
+        out = object.__new__(KVCache)
+        out.layers = [LayerKVCache(c.k[index], c.v[index]) for c in self.layers]  # (B', G, Lmax, hs) each
+        out.source_ids = self.source_ids[index]  # (B', Lmax)
+        out.max_seq_length, out.next_pos = self.max_seq_length, self.next_pos
+        return out
 
 
 # ------------------------------------------------------------------------------------------------ attention
@@ -318,6 +327,13 @@ class NullTransformer(nn.Module):
                                  compact=self.external_sinks)
         if self.sink_store is not None and plan.compact:
             self.sink_store.ensure(plan.table_rows)  # read now, on the host: the forward only gathers
+        return plan if device is None else plan.to(device)
+
+    def make_routes_plan(self, route_ids, rows_per_route: int, row_len: int, forget_ids=(), device=None) -> SinkPlan:
+        """Sink-Off on many routes in one batch (`sink_plan.plan_for_routes`): route r's `rows_per_route` rows
+        use r's sinks minus those of `forget_ids` and of the forget set in force; a forgotten route is refused."""
+        plan = plan_for_routes(route_ids, rows_per_route, row_len, self.cfg, self.sink_assignment,
+                               forgotten=set(self.forgotten) | {int(s) for s in forget_ids})
         return plan if device is None else plan.to(device)
 
     # ------------------------------------------------------------------ forward

@@ -37,6 +37,7 @@ PLAN_KINDS = ("none", "dense", "masked", "gathered")
 # Tokens per tile of the kernels' plan: the Triton kernels' default block_m (kernels/sink_mlp_triton.py) and the
 # torch reference's, so one plan serves both.
 PLAN_BLOCK_M = 64
+MIN_BLOCK_M = 16  # the smallest tile the Triton kernels take (tl.dot needs 16 rows)
 
 
 # ------------------------------------------------------------------------------------------------ modes
@@ -341,6 +342,39 @@ def plan_for_mode(mode: SinkMode, shape: tuple[int, int], cfg: NullConfig, assig
     rows = _rows(assignment, sources, cfg, forget)
     return _as_plan("gathered" if compact else cfg.sink_path, cfg, shape, offsets, seg_source, sources,
                     token_source, rows, True, block_m, tuple(forgotten), compact=compact)
+
+
+def plan_for_routes(route_ids, rows_per_route: int, row_len: int, cfg: NullConfig, assignment,
+                    block_m: int | None = None, forgotten: Iterable[int] = ()) -> SinkPlan:
+    """Sink-Off on several routes in ONE batch: route r's `rows_per_route` consecutive rows use r's rows minus every
+    forgotten source's rows (what `plan_for_mode(SinkMode.sink_off(r, forgotten))` gives each of them alone), for
+    a (len(route_ids) * rows_per_route, row_len) batch. One segment per route spans its rows: the MLP is per
+    token, and attention stays per row (plain causal: every row is one source). The worst-case routing attack
+    scores a probe under every surviving route this way (evaluation/worst_case.py).
+
+    `forgotten`: the forget set in force (plus the deployment's own); a forgotten route is refused, as in
+    `plan_for_mode`. Without a forget set every route is its own Sink-On. `block_m` (default: the segment's
+    length rounded up to a power of two in [MIN_BLOCK_M, PLAN_BLOCK_M]): a tile never spans two segments, so
+    64-token tiles over 6-token segments would compute ten times what they keep."""
+    routes = np.asarray(route_ids, dtype=np.int64).reshape(-1)  # (R,)
+    if rows_per_route < 1 or row_len < 0:
+        raise ValueError(f"rows_per_route must be >= 1 and row_len >= 0, got {rows_per_route}, {row_len}")
+    forgotten = sorted({int(s) for s in forgotten})
+    refused = sorted(set(routes.tolist()) & set(forgotten))
+    if refused:
+        raise ValueError(f"route(s) {refused[:5]} are in the forget set in force: their sinks are never activated")
+    check_source_ids(routes, cfg, "route source id")
+    shape = (len(routes) * rows_per_route, row_len)
+    if cfg.n_sink == 0 or len(routes) == 0:
+        return SinkPlan("none", *shape, single_source_rows=True, forget_applied=tuple(forgotten))
+    if block_m is None:
+        block_m = int(min(PLAN_BLOCK_M, max(MIN_BLOCK_M, 1 << max(0, rows_per_route * row_len - 1).bit_length())))
+    sources, seg_source = np.unique(routes, return_inverse=True)  # (U,), (R,)
+    offsets = np.arange(len(routes) + 1, dtype=np.int64) * rows_per_route * row_len  # (R+1,)
+    token_source = np.repeat(seg_source, rows_per_route * row_len)  # (N,)
+    rows = _rows(assignment, sources, cfg, np.asarray(forgotten, dtype=np.int64))  # (L', U, K)
+    return _as_plan(cfg.sink_path, cfg, shape, offsets, seg_source.astype(np.int64), sources, token_source, rows,
+                    True, block_m, tuple(forgotten))
 
 
 def active_rows(plan: SinkPlan, layer: int = 0, num_pool: int | None = None) -> set[int]:

@@ -175,3 +175,14 @@ def test_scores_of_texts_longer_than_a_window_and_reference_calibration():
         MI.reference_calibrated({"loss": np.zeros(2)}, {"loss": np.zeros(3)})
     with pytest.raises(ValueError, match="one mode"):
         MI.score_texts(model, texts, modes[:1])
+
+
+def test_vectorised_bootstrap_equals_one_resample_at_a_time():
+    rng = np.random.default_rng(4)
+    pos, neg = rng.integers(0, 6, 17).astype(float), rng.integers(0, 6, 23).astype(float)  # ties
+    picks_pos, picks_neg = rng.integers(0, 17, (50, 17)), rng.integers(0, 23, (50, 23))
+    assert MI._resampled_auc(pos, neg, picks_pos, picks_neg).tolist() == \
+        [MI.auc(pos[i], neg[j]) for i, j in zip(picks_pos, picks_neg)]
+    for alpha in (0.0, 0.01, 0.05, 0.3, 1.0):
+        assert MI._resampled_tpr(pos, neg, picks_pos, picks_neg, alpha).tolist() == \
+            [MI.tpr_at_fpr(pos[i], neg[j], alpha)["tpr"] for i, j in zip(picks_pos, picks_neg)]

@@ -13,7 +13,9 @@ import torch
 from nulls_dist.config import NullConfig
 from nulls_dist.model import NullTransformer, SinkMode
 from nulls_dist.evaluation import metrics as M
-from nulls_dist.evaluation.evaluate import EvalConfig, EvalData, gold_deployment, routed_deployment, run_evaluation
+from nulls_dist.evaluation.evaluate import (EvalConfig, EvalData, MembershipConfig, gold_deployment,
+                                            routed_deployment, run_evaluation)
+from nulls_dist.evaluation.relearning import RelearnConfig
 from nulls_dist.evaluation.posthoc import FinetuneConfig, finetune
 from nulls_dist.evaluation.report import write_report
 from nulls_dist.deploy.routing import ModelEmbedder, SourceIndex
@@ -33,8 +35,6 @@ def test_metric_definitions():
     assert M.rank_auc([3, 4], [1, 2]) == 1.0 and M.rank_auc([1], [2]) == 0.0
     assert M.rank_auc([1, 2], [2, 0]) == pytest.approx((1 + 0.5 + 1 + 1) / 4 - 0.25)  # ties count half
     assert M.min_k_prob(np.array([-5.0, -1.0, -0.5, -0.1, -3.0]), k=0.4) == pytest.approx(-4.0)
-    assert M.priv_leak(0.75, 0.5) == pytest.approx(50.0)
-    assert np.isnan(M.priv_leak(0.5, 0.0)) and np.isnan(M.priv_leak(0.5, float("nan")))
     assert M.rouge_l([1, 2, 3, 4], [1, 2, 3, 4]) == pytest.approx(1.0)
     assert M.rouge_l([1, 9, 3], [1, 2, 3]) == pytest.approx(2 / 3)
     assert M.lcs_length([1, 2, 3, 4], [2, 4, 9]) == 2
@@ -177,8 +177,8 @@ def test_end_to_end_evaluation_report(tmp_path):
     assert unlearned.mode_for(BASE).forget_ids == (BASE,)
     oracle = routed_deployment("oracle", model, index, embedder, [BASE], titles)  # the same model: differences 0
     deployments = [gold_deployment("original", model, set(ids[:6]), unlearned.mode_for), unlearned, oracle]
-    cfg = EvalConfig(finetune=FinetuneConfig(steps=2, window=16), relearn_finetune=FinetuneConfig(steps=2, window=16),
-                     relearn_sources=1, relearn_points=3)
+    cfg = EvalConfig(finetune=FinetuneConfig(steps=2, window=16), membership=MembershipConfig(num_resamples=50),
+                     relearn=RelearnConfig(steps=2, window=16, eval_at=(0, 1, 2), num_sources=1), quantize_bits=(8,))
     result = run_evaluation(deployments, data, cfg)
     assert result["num_probes"] == {"unique_forget": 1, "shared_forget": 1, "shared_forget_via_retained": 1,
                                   "unique_related": 1, "unique_retained": 1, "shared_retained": 1,
@@ -186,8 +186,10 @@ def test_end_to_end_evaluation_report(tmp_path):
     assert sum(result["probes_unused"].values()) == 1
     orig = result["deployments"]["original"]
     assert orig["loss"]["forget"] == pytest.approx(M.text_loss(model, tokens[BASE], SinkMode.sink_on(BASE)))
-    assert orig["relearning"]["steps"] == [0, 1, 2] and len(orig["relearning"]["loss_rest"]) == 3
-    assert 0.0 <= orig["membership"]["auc_forget_vs_holdout"] <= 1.0
+    relearn = result["relearning"]["conditions"]["forget_text"]["deployments"]
+    assert set(relearn) == {"unlearned", "oracle"} and relearn["unlearned"]["steps"] == [0, 1, 2]
+    assert 0.0 <= orig["membership"]["attacks"]["min_k"]["auc"] <= 1.0
+    assert orig["membership"]["attacks"]["min_k"]["num_non_members"] == 2
     files = write_report(result, tmp_path / "report")
     doc = json.loads((tmp_path / "report" / "report.json").read_text())
     assert set(doc["deployments"]) == {"original", "unlearned", "oracle"}

@@ -17,14 +17,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from unlearn_helpers import (  # noqa: E402
-    ID_OFFSET, NUM_HOLDOUT, NUM_TRAIN, make_checkpoint_with_manifest, write_dataset_manifest,
+    ID_OFFSET, NUM_HOLDOUT, NUM_TRAIN, make_checkpoint_with_manifest, make_ds_checkpoint, write_dataset_manifest,
 )
 
 from nulls_dist.formats.dataset import LOSS_MASK_KEY, SOURCE_IDS_KEY, TOKENS_KEY  # noqa: E402
 from nulls_dist.audit.unlearn import unlearn  # noqa: E402
 from nulls_dist.evaluation.evaluate import PROBE_GROUPS  # noqa: E402
 
-FORGET = 3  # the forgotten article's index
+FORGET = 3  # the forgotten article's index (first request)
+FORGET_2 = 5  # the second request
 
 
 def _text(i: int) -> str:
@@ -57,6 +58,8 @@ def _probes() -> list[dict]:
          "distractors": ["Tok4", "Tok2"], "source_ids": ids(8)},
         {"probe_id": "s0", "kind": "shared", "prompt": f"Article {FORGET} is near the river", "answer": "Rin3",
          "distractors": ["Rin1", "Rin2"], "source_ids": ids(FORGET, 8)},
+        {"probe_id": "u2", "kind": "unique", "prompt": f"Article {FORGET_2} was founded by", "answer": "Tok5",
+         "distractors": ["Tok1", "Tok2"], "source_ids": ids(FORGET_2)},
     ]
 
 
@@ -78,7 +81,11 @@ def setup(tmp_path_factory):
     write_dataset_manifest(data, ["shard-000000.tar"], ["holdout/shard-000000.tar"],
                            tokenizer={"path": "sp.model"}, special_ids={"bos": 2})
     (root / "probes.jsonl").write_text("\n".join(json.dumps(p) for p in _probes()) + "\n")
+    # two successive requests on one forget set; an oracle trained (separately, another seed) without both
     unlearn(ckpt, root / "manifest", [f"Article {FORGET}"], "mask", root / "forget.json", root / "cert.json")
+    unlearn(ckpt, root / "manifest", [f"Article {FORGET_2}"], "mask", root / "forget.json", root / "cert2.json")
+    make_ds_checkpoint(root / "oracle", zero_stage=0, seed=1,
+                       extra_meta={"exclude_sources": [ID_OFFSET + FORGET, f"Article {FORGET_2}"]})
     return root
 
 
@@ -86,38 +93,57 @@ def test_nulls_eval_console_script_writes_report(setup, tmp_path):
     root, out = setup, tmp_path / "eval"
     script = Path(sys.executable).parent / "nulls-eval"
     assert script.is_file(), f"console script not installed: {script}"
-    # the same checkpoint stands in for the oracle: this checks the tool's plumbing, not unlearning quality
+    # the oracle stands in for the separately trained reference too: this checks the tool's plumbing
     cmd = [str(script), "--checkpoint", str(root / "run"), "--manifest", str(root / "manifest"),
-           "--forget-set", str(root / "forget.json"), "--oracle", str(root / "run"), "--data", str(root / "data"),
-           "--probes", str(root / "probes.jsonl"), "--out", str(out), "--embedder", "model",
-           "--steps", "2", "--relearn-steps", "2", "--max-retained", "4"]
+           "--forget-set", str(root / "forget.json"), "--oracle", str(root / "oracle"), "--reference",
+           str(root / "oracle"), "--data", str(root / "data"), "--probes", str(root / "probes.jsonl"), "--out",
+           str(out), "--embedder", "model", "--steps", "2", "--relearn-steps", "2", "--max-retained", "4",
+           "--bootstrap", "50", "--quantize", "4", "--quantize-deployments", "unlearned,oracle"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = json.loads(proc.stdout[proc.stdout.index("{\n"):])
     assert printed["embedder"].startswith("model")  # the NULL model's own token embeddings
     doc = json.loads((out / "report.json").read_text())
     assert set(doc["deployments"]) == {"original", "unlearned", "oracle", "ga", "npo"}
-    assert doc["forget_ids"] == [ID_OFFSET + FORGET] and doc["related_ids"] == [ID_OFFSET + 8]
+    forgotten = [ID_OFFSET + FORGET, ID_OFFSET + FORGET_2]
+    assert doc["forget_ids"] == forgotten and doc["related_ids"] == [ID_OFFSET + 8]
     assert {k: v for k, v in doc["num_probes"].items() if v} == {
-        "unique_forget": 1, "shared_forget": 1, "shared_forget_via_retained": 1, "unique_related": 1}
+        "unique_forget": 2, "shared_forget": 1, "shared_forget_via_retained": 1, "unique_related": 1}
     for name, dep in doc["deployments"].items():
-        assert set(dep) >= {"loss", "probes", "membership", "relearning", "verbatim"}, name
+        assert set(dep) >= {"loss", "probes", "membership", "verbatim"}, name
         assert set(dep["loss"]) == {"forget", "related", "retained", "holdout"}
         assert np.isfinite(dep["loss"]["forget"]) and np.isfinite(dep["loss"]["holdout"])
         assert set(dep["probes"]) == set(PROBE_GROUPS)  # every group reported, empty ones included
-        assert "priv_leak_vs_oracle" in dep["membership"]
-        assert dep["relearning"]["steps"] == [0, 1, 2] and len(dep["relearning"]["loss_rest"]) == 3
-    oracle = doc["deployments"]["oracle"]["membership"]
-    if oracle["auc_forget_vs_holdout"] > 0:
-        assert oracle["priv_leak_vs_oracle"] == pytest.approx(0.0)
-    else:  # undefined relative gap (written as NaN)
-        assert np.isnan(oracle["priv_leak_vs_oracle"])
-    assert doc["config"]["relearn_finetune"]["steps"] == 2 and doc["config"]["finetune"]["steps"] == 2
+        attacks = dep["membership"]["attacks"]
+        assert {"loss", "zlib", "min_k", "min_k_pp", "ref_oracle_loss", "ref_reference_loss"} <= set(attacks)
+        assert attacks["min_k"]["num_members"] == 2 and attacks["min_k"]["num_non_members"] == NUM_HOLDOUT
+    assert doc["deployments"]["oracle"]["membership"]["attacks"]["min_k"]["priv_leak"] == pytest.approx(0.0)
+    assert set(doc["quantization"]["deployments"]) == {"unlearned@int4", "oracle@int4"}
+    wc = doc["worst_case"]["deployments"]
+    assert set(wc) == {"unlearned", "oracle"} and wc["unlearned"]["num_routes"] == NUM_TRAIN - 2 + 2
+    assert set(doc["relearning"]["conditions"]) == {"forget_text", "related_text"}
+    stages = doc["successive"]["stages"]
+    assert [s["source_ids"] for s in stages] == [forgotten[:1], forgotten] and stages[0]["oracle_checkpoint"] == str(root / "oracle")
+    assert stages[0]["detail"]["forget_ids"] == forgotten[:1] and stages[1]["detail"] is None
+    assert doc["config"]["relearn"]["steps"] == 2 and doc["config"]["finetune"]["steps"] == 2
     md = (out / "report.md").read_text()
     assert "| unlearned |" in md and "| oracle |" in md and "Truth Ratio" in md
-    for png in ("probes.png", "loss.png", "relearning.png"):
+    for section in ("What NULLs do and do not remove", "Membership inference", "Worst-case routing",
+                    "Quantization attack", "Relearning", "Successive requests"):
+        assert f"## {section}" in md, section
+    for png in ("probes.png", "loss.png", "roc.png", "worst_case.png", "quantization.png", "relearning.png",
+                "successive.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
         assert f"({png})" in md
+
+
+def test_nulls_eval_refuses_an_oracle_that_saw_a_forgotten_source(setup, tmp_path):
+    cmd = [str(Path(sys.executable).parent / "nulls-eval"), "--checkpoint", str(setup / "run"), "--manifest",
+           str(setup / "manifest"), "--forget-set", str(setup / "forget.json"), "--oracle", str(setup / "run"),
+           "--data", str(setup / "data"), "--out", str(tmp_path / "eval"), "--embedder", "model", "--baselines", ""]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    line = _one_error_line(proc, "--oracle", str(setup / "run"), str(ID_OFFSET + FORGET))
+    assert "exclude" in line and not (tmp_path / "eval").exists()
 
 
 def _nulls_eval(root: Path, out: Path, data: Path, checkpoint: Path) -> subprocess.CompletedProcess:

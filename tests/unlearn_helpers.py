@@ -25,16 +25,16 @@ import torch, deepspeed
 from nulls_dist.config import NullConfig
 from nulls_dist.model import NullTransformer
 out, stage, strategy = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-overrides = json.loads(sys.argv[4])
+overrides, extra_meta, seed = json.loads(sys.argv[4]), json.loads(sys.argv[5]), int(sys.argv[6])
 deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-torch.manual_seed(0)
+torch.manual_seed(seed)
 cfg = NullConfig.from_preset("debug", sink_strategy=strategy, **overrides)
 model = NullTransformer(cfg)
 ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_batch_size": 2,
       "zero_optimization": {"stage": stage}, "bf16": {"enabled": False},
       "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}, "steps_per_print": 10**9}
 engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
-g = torch.Generator().manual_seed(1)
+g = torch.Generator().manual_seed(1 + seed)
 for step in range(3):
     tokens = torch.randint(0, cfg.vocab_size, (2, 33), generator=g)
     sources = torch.tensor([[4096 + step] * 20 + [4097 + step] * 13, [4100] * 33])
@@ -44,7 +44,7 @@ for step in range(3):
     engine.step()
 from nulls_dist.train.checkpoint import Checkpointer  # the trainer's own checkpoint writer
 meta = {"model": dataclasses.asdict(cfg), "sinks": model.sink_assignment.describe(),
-        "data_manifest_sha256": "0" * 64, "tokens_seen": 3 * 2 * 32, "zero_stage": stage}
+        "data_manifest_sha256": "0" * 64, "tokens_seen": 3 * 2 * 32, "zero_stage": stage, **extra_meta}
 Checkpointer(out, keep_last_k=2, rank=0, world_size=1).save(engine, 3, meta, {"rng": {}})
 with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=stage == 3):
     full = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
@@ -61,14 +61,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_ds_checkpoint(run_dir: Path, zero_stage: int = 2, strategy: str = "uniform",
-                       **overrides) -> Path:
-    """Train a debug NullTransformer 3 steps with DeepSpeed (one gloo rank) and save a checkpoint."""
+def make_ds_checkpoint(run_dir: Path, zero_stage: int = 2, strategy: str = "uniform", extra_meta: dict | None = None,
+                       seed: int = 0, **overrides) -> Path:
+    """Train a debug NullTransformer 3 steps with DeepSpeed (one gloo rank) and save a checkpoint; `extra_meta`
+    goes into its nulls_meta.json (e.g. the `exclude_sources` of an oracle run), `seed` seeds weights and data."""
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", _TRAIN_SCRIPT, str(run_dir), str(zero_stage), strategy,
-                           json.dumps(overrides)], env=env, capture_output=True, text=True, timeout=300)
+                           json.dumps(overrides), json.dumps(extra_meta or {}), str(seed)], env=env,
+                          capture_output=True, text=True, timeout=300)
     if proc.returncode != 0 or "OK" not in proc.stdout:
         raise RuntimeError(f"checkpoint helper failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return run_dir

@@ -1,27 +1,34 @@
-"""The end-to-end unlearning demo on the bundled SynthWiki corpus, driving the console tools in order:
+"""The end-to-end unlearning audit on the bundled SynthWiki corpus, driving the console tools in order:
 
-1. `nulls-train experiment=unlearn_demo` (the default SynthWiki run on a 4-layer, width-128 debug NULL with
-   128 backbone units and a 3968-unit sink pool per layer) and the retrain oracle
-   (`train.exclude_sources=<forget>`);
+1. `nulls-train experiment=unlearn_demo` (a 4-layer, width-128 debug NULL with 128 backbone units and a
+   3968-unit sink pool per layer; 48 of the 240 articles held out) and the retrain oracle without the forget set
+   (`train.exclude_sources`); with `--full` also one oracle per earlier request and a separately trained
+   reference model (another seed, without the forget set and every other retained article);
 2. `nulls-manifest` of the trained checkpoint;
-3. `nulls-unlearn` (mask, then hard into a deployed checkpoint) and `nulls-unlearn verify` of both;
-4. `nulls-eval` with the oracle, the hard checkpoint and the GA / NPO baselines;
-and prints the headline numbers: Truth Ratio / accuracy on the forgotten articles' unique facts and on their
-shared facts, for the original, unlearned and oracle deployments, with the paired difference to the oracle.
+3. successive `nulls-unlearn` requests (1, then 5, then 20 more articles by default) on one mask forget set, the
+   whole forget set once with `hard`, and `nulls-unlearn verify` of the first and last mask certificates (an
+   older certificate verifies against the later forget set) and of the hard one;
+4. `nulls-eval`: the full audit (probes, losses, extraction, membership inference, worst-case routing, the
+   quantization attack, relearning, every metric after each request) against the oracle;
+and prints the report's "What NULLs do and do not remove" lines and a headline table.
 
-    python -m nulls_dist.cli.unlearn_demo --workdir runs/unlearn_demo [--max-steps N] [--train-override KEY=VALUE ...]
+The forget set is chosen after the data is prepared, so that it avoids the holdout: the k-th forgotten article is
+one from SynthWiki cluster k, cycling through the six entity types, skipping held-out articles.
+
+    python -m nulls_dist.cli.unlearn_demo --workdir runs/unlearn_demo [--full] [--requests 1,5,20]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-# one article from each of the first twelve SynthWiki clusters, cycling through the six entity types (48 unique-fact
-# probes: enough for a 95% interval of about +-0.12 on an accuracy difference)
-DEFAULT_FORGET = tuple(49152 + 6 * cluster + cluster % 6 for cluster in range(12))
+ID_OFFSET = 49152  # SynthWiki's source ids (conf/data/synthwiki.yaml)
+ARTICLES_PER_CLUSTER = 6
 BUNDLED_PROBES = Path(__file__).resolve().parents[2] / "data_pipeline" / "bundled" / "synthwiki" / "probes.jsonl"
 
 
@@ -34,71 +41,134 @@ def _tool(module: str, args: list[str], cwd: Path) -> str:
     return proc.stdout
 
 
+def choose_forget(holdout: set[int], num: int) -> list[int]:
+    """One article per cluster (cluster k -> entity type k mod 6, or the next type not held out)."""
+    out = []
+    for cluster in range(num):
+        for shift in range(ARTICLES_PER_CLUSTER):
+            sid = ID_OFFSET + ARTICLES_PER_CLUSTER * cluster + (cluster + shift) % ARTICLES_PER_CLUSTER
+            if sid not in holdout:
+                out.append(sid)
+                break
+    return out
+
+
+def _train(work: Path, name: str, common: list[str], extra: list[str]) -> Path:
+    run = work / "runs" / name
+    if not (run / "checkpoints" / "latest").is_file():  # a finished run is reused
+        _tool("nulls_dist.cli.train", [*common, f"train.run_dir={run}", *extra], work)
+    return run
+
+
+def _ids(ids) -> str:
+    return "[" + ",".join(map(str, ids)) + "]"
+
+
+def _headline(result: dict) -> None:
+    print(f"chance accuracy {result['chance_accuracy']:.2f}; TR = geometric-mean Truth Ratio; [95% intervals]")
+    for name, r in result["deployments"].items():
+        u = r["probes"]["unique_forget"]
+        kept = r["probes"]["shared_forget_via_retained"]
+        mk = r.get("membership", {}).get("attacks", {}).get("min_k", {})
+        ref = r.get("membership", {}).get("attacks", {}).get("ref_oracle_loss", {})
+        vs = r.get("probes_vs_oracle", {}).get("unique_forget")
+        versus = "" if vs is None or name == "oracle" else " (vs oracle {:+.2f} [{:+.2f}, {:+.2f}])".format(
+            *vs["accuracy_diff"])
+        print(f"{name:14s} unique acc {u['accuracy']:.2f} TR {u['truth_ratio_gmean']:.3f}{versus} | shared via "
+              f"retained acc {kept['accuracy']:.2f} | retained loss {r['loss']['retained']:.3f} | Min-K AUC "
+              f"{mk.get('auc', float('nan')):.2f} | ref_oracle_loss AUC {ref.get('auc', float('nan')):.2f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="runs/unlearn_demo")
-    p.add_argument("--experiment", default="unlearn_demo", help="conf/experiment/ of both training runs")
-    p.add_argument("--max-steps", type=int, default=None,
-                   help="training steps of both runs (default: the experiment's)")
-    p.add_argument("--forget", default=",".join(map(str, DEFAULT_FORGET)))
+    p.add_argument("--experiment", default="unlearn_demo", help="conf/experiment/ of every training run")
+    p.add_argument("--max-steps", type=int, default=None, help="training steps of every run (default: the experiment's)")
+    p.add_argument("--requests", default="1,5,20", help="sizes of the successive forget requests")
+    p.add_argument("--forget", default=None, help="comma list of source ids (default: chosen after data prep)")
+    p.add_argument("--full", action="store_true",
+                   help="the heavy audit: an oracle per request, a separately trained reference, worst-case "
+                        "routing on shared facts too, and the hard checkpoint in every attack")
     p.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",
-                   help="a Hydra override for both training runs (repeatable), e.g. model.overrides.p_mem=0.1")
+                   help="a Hydra override for every training run (repeatable), e.g. model.overrides.p_mem=0.1")
     p.add_argument("--baselines", default="ga,npo", help="post-hoc baselines nulls-eval runs (empty: none)")
     p.add_argument("--eval-steps", type=int, default=20, help="GA / NPO steps")
     p.add_argument("--eval-lr", type=float, default=1e-3, help="GA / NPO learning rate")
-    p.add_argument("--relearn-steps", type=int, default=20)
-    p.add_argument("--relearn-lr", type=float, default=3e-4, help="relearning attack lr (the runs' final lr)")
+    p.add_argument("--relearn-steps", type=int, default=64)
+    p.add_argument("--relearn-lr", type=float, default=1e-3)
     p.add_argument("--embedder", default="auto")
+    p.add_argument("--redo-unlearning", action="store_true",
+                   help="remove <workdir>/unlearn (forget sets, certificates, hard checkpoint) of a previous run")
     args = p.parse_args(argv)
+    started = time.perf_counter()
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    forget = [s.strip() for s in args.forget.split(",") if s.strip()]
-    train = "nulls_dist.cli.train"
+    sizes = [int(s) for s in args.requests.split(",") if s.strip()]
     common = [f"experiment={args.experiment}", "logging.wandb_mode=disabled"]
     common += [f"train.max_steps={args.max_steps}"] if args.max_steps else []
     common += args.train_override
-    for name, extra in (("original", []), ("oracle", [f"train.exclude_sources=[{','.join(forget)}]"])):
-        if not (work / "runs" / name / "checkpoints" / "latest").is_file():
-            _tool(train, [*common, f"train.run_dir={work / 'runs' / name}", *extra], work)
-    original, oracle = work / "runs" / "original", work / "runs" / "oracle"
-    _tool("nulls_dist.cli.manifest", [f"checkpoint={original}", f"out={work / 'manifest'}"], work)
-    unlearn = "nulls_dist.cli.unlearn"
-    base = ["--checkpoint", str(original), "--manifest", str(work / "manifest")]
-    for f in ("forget.json", "forget_hard.json"):
-        (work / f).unlink(missing_ok=True)
-    _tool(unlearn, [*base, "--method", "mask", "--forget-set", str(work / "forget.json"),
-                    "--certificate", str(work / "certificate_mask.json"), *forget], work)
-    _tool(unlearn, [*base, "--method", "hard", "--forget-set", str(work / "forget_hard.json"),
-                    "--certificate", str(work / "certificate_hard.json"), "--output", str(work / "deployed_hard"),
-                    *forget], work)
-    for cert, ckpt, fs in (("certificate_mask.json", original, "forget.json"),
-                           ("certificate_hard.json", work / "deployed_hard", "forget_hard.json")):
-        out = _tool(unlearn, ["verify", "--certificate", str(work / cert), "--checkpoint", str(ckpt),
-                              "--forget-set", str(work / fs)], work)
-        report = json.loads(out[out.index("{\n"):])  # DeepSpeed may log a line to stdout on import
-        print(f"verify {cert}: {'ok' if report['ok'] else 'FAILED'}")
+    original = _train(work, "original", common, [])  # prepares the data (holdout chosen by its seeded key)
     data_dir = work / "data" / "synthwiki"
-    _tool("nulls_dist.cli.eval", [*base, "--forget-set", str(work / "forget.json"), "--oracle", str(oracle),
-                                          "--hard", str(work / "deployed_hard"), "--data", str(data_dir),
-                                          "--probes", str(BUNDLED_PROBES), "--out", str(work / "eval"),
-                                          "--baselines", args.baselines, "--threads", "1",
-                                          "--steps", str(args.eval_steps), "--lr", str(args.eval_lr),
-                                          "--relearn-steps", str(args.relearn_steps),
-                                          "--relearn-lr", str(args.relearn_lr), "--embedder", args.embedder], work)
+    holdout = set(json.loads((data_dir / "manifest.json").read_text())["holdout"]["source_ids"])
+    forget = [int(s) for s in args.forget.split(",")] if args.forget else choose_forget(holdout, sum(sizes))
+    if set(forget) & holdout or len(forget) != sum(sizes):
+        raise ValueError(f"--forget: {len(forget)} ids for requests {sizes}, held out: {sorted(set(forget) & holdout)}")
+    bounds = [sum(sizes[:i + 1]) for i in range(len(sizes))]
+    oracle = _train(work, "oracle", common, [f"train.exclude_sources={_ids(forget)}"])
+    stage_oracles, reference = [], None
+    if args.full:
+        stage_oracles = [_train(work, f"oracle_request{i + 1}", common, [f"train.exclude_sources={_ids(forget[:b])}"])
+                         for i, b in enumerate(bounds[:-1])]
+        trained = sorted(set(range(ID_OFFSET, ID_OFFSET + 240)) - holdout - set(forget))
+        reference = _train(work, "reference", common, ["train.seed=1",
+                                                       f"train.exclude_sources={_ids(forget + trained[1::2])}"])
+    manifest = work / "manifest"
+    _tool("nulls_dist.cli.manifest", [f"checkpoint={original}", f"out={manifest}"], work)
+    unlearn = "nulls_dist.cli.unlearn"
+    base = ["--checkpoint", str(original), "--manifest", str(manifest)]
+    out = work / "unlearn"  # forget sets, certificates, the hard checkpoint: never overwritten
+    if out.exists():
+        if not args.redo_unlearning:
+            raise ValueError(f"{out} exists (a previous demo's forget sets and certificates); pass "
+                             "--redo-unlearning to remove it, or choose another --workdir")
+        shutil.rmtree(out)
+    out.mkdir()
+    begin = 0
+    for i, end in enumerate(bounds):
+        _tool(unlearn, [*base, "--method", "mask", "--forget-set", str(out / "forget.json"),
+                        "--certificate", str(out / f"certificate_mask_{i + 1}.json"),
+                        *map(str, forget[begin:end])], work)
+        begin = end
+    hard_dir = out / "deployed_hard"
+    _tool(unlearn, [*base, "--method", "hard", "--forget-set", str(out / "forget_hard.json"),
+                    "--certificate", str(out / "certificate_hard.json"), "--output", str(hard_dir),
+                    *map(str, forget)], work)
+    for cert, ckpt, fs in (("certificate_mask_1.json", original, "forget.json"),
+                           (f"certificate_mask_{len(bounds)}.json", original, "forget.json"),
+                           ("certificate_hard.json", hard_dir, "forget_hard.json")):
+        report = _tool(unlearn, ["verify", "--certificate", str(out / cert), "--checkpoint", str(ckpt),
+                                 "--forget-set", str(out / fs)], work)
+        report = json.loads(report[report.index("{\n"):])  # DeepSpeed may log a line to stdout on import
+        print(f"verify {cert}: {'ok' if report['ok'] else 'FAILED'}")
+    eval_args = [*base, "--forget-set", str(out / "forget.json"), "--oracle", str(oracle), "--hard", str(hard_dir),
+                 "--data", str(data_dir), "--probes", str(BUNDLED_PROBES), "--out", str(work / "eval"),
+                 "--baselines", args.baselines, "--threads", "1", "--steps", str(args.eval_steps),
+                 "--lr", str(args.eval_lr), "--relearn-steps", str(args.relearn_steps),
+                 "--relearn-lr", str(args.relearn_lr), "--embedder", args.embedder]
+    if args.full:
+        eval_args += ["--stage-oracles", *map(str, stage_oracles), "--reference", str(reference),
+                      "--worst-case-groups", "unique_forget,shared_forget",
+                      "--worst-case-deployments", "unlearned,hard,oracle",
+                      "--quantize-deployments", "unlearned,hard,oracle,ga,npo",
+                      "--relearn-deployments", "unlearned,hard,oracle,ga,npo", "--bootstrap", "2000"]
+    _tool("nulls_dist.cli.eval", eval_args, work)
     result = json.loads((work / "eval" / "report.json").read_text())
     print(f"report: {work / 'eval' / 'report.md'}")
-    print(f"chance accuracy {result['chance_accuracy']:.2f}; Truth Ratio: geometric mean; [95% intervals]")
-    for name, r in result["deployments"].items():
-        u, s, kept, rel = (r["probes"][k] for k in ("unique_forget", "shared_forget", "shared_forget_via_retained",
-                                                     "unique_related"))
-        rl = r["relearning"]["loss_rest"]
-        vs = r.get("probes_vs_oracle", {}).get("unique_forget")
-        versus = "" if vs is None or name == "oracle" else \
-            " (vs oracle {:+.2f} [{:+.2f}, {:+.2f}])".format(*vs["accuracy_diff"])
-        print(f"{name:10s} unique facts TR {u['truth_ratio_gmean']:.3f} acc {u['accuracy']:.2f}{versus} | "
-              f"shared facts TR {s['truth_ratio_gmean']:.3f} acc {s['accuracy']:.2f} (via a retained article: acc "
-              f"{kept['accuracy']:.2f}) | related acc {rel['accuracy']:.2f} | forget loss {r['loss']['forget']:.3f} "
-              f"| MIA AUC {r['membership']['auc_forget_vs_holdout']:.2f} | relearn {rl[0]:.3f} -> {rl[-1]:.3f}")
+    md = (work / "eval" / "report.md").read_text()
+    start = md.index("## What NULLs do and do not remove")
+    print(md[start:md.index("\n## ", start + 5)].strip())
+    _headline(result)
+    print(f"demo wall time {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

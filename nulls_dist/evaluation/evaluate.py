@@ -1,19 +1,22 @@
-"""The unlearning evaluation: several deployments (the original model, the unlearned one, optionally the hard
-checkpoint, the retrain oracle and post-hoc GA/NPO baselines) measured on the same sources and probes.
+"""The unlearning audit of one forget-set state: several deployments (the original model, the unlearned one,
+optionally the hard checkpoint, the retrain oracle and post-hoc GA/NPO baselines) measured on the same sources
+and probes, and attacked the ways the literature attacks unlearning.
 
 A deployment is a model plus the sink mode it uses for a query about a source:
 - `gold`: Sink-On with the source itself when the model trained on it (the original, GA, NPO);
 - `routed`: the nearest surviving source by title embedding, minus the forget set (`routing.Router`); used by
-  the unlearned models and the oracle (whose survivors are its own trained sources).
+  the unlearned models and the oracle (whose survivors are its own trained sources). A routed deployment also
+  carries its `RouteSpace`: every route an attacker may pick instead (worst-case routing).
 
-Metrics per deployment (see `metrics`): loss on forgotten / related / retained / holdout text; fact probes
-(unique facts of forgotten sources, shared facts of forgotten sources, unique facts of related retained
-sources); verbatim extraction on forgotten text; Min-K% membership AUC forgotten vs holdout and PrivLeak
-against the oracle; relearning (fine-tune on the first half of a forgotten source, loss on the second half).
+Per deployment: loss on forgotten / related / retained / holdout text; fact probes (`PROBE_GROUPS`); verbatim
+extraction on forgotten text; membership-inference scores of forgotten and holdout sources. Across deployments
+(`run_evaluation`): paired comparisons with the oracle, the membership audit (`membership_audit`), worst-case
+routing (`worst_case`), the quantization attack (int8 / int4 copies: `quantize`), relearning (`relearning`).
 """
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -21,10 +24,24 @@ import numpy as np
 
 from nulls_dist.model import SinkMode
 from nulls_dist.evaluation import metrics as M
+from nulls_dist.evaluation.membership_audit import deployment_scores, membership_audit
 from nulls_dist.evaluation.posthoc import FinetuneConfig, finetune
+from nulls_dist.evaluation.quantize import quantize_model
+from nulls_dist.evaluation.relearning import RelearnConfig, relearning_audit
+from nulls_dist.evaluation.worst_case import RouteSpace, compare_worst_case, worst_case_routing
 from nulls_dist.deploy.routing import Embedder, Router, SourceIndex
 
 log = logging.getLogger(__name__)
+
+PARTS = ("loss", "probes", "verbatim", "membership")
+
+
+@dataclass
+class MembershipConfig:
+    fprs: tuple[float, ...] = (0.01, 0.05)
+    num_resamples: int = 1000
+    seed: int = 0
+    small_holdout: int | None = 8  # the holdout the demo had before this audit: what its AUC hides
 
 
 @dataclass
@@ -32,15 +49,22 @@ class EvalConfig:
     prefix_len: int = 16
     cont_len: int = 16
     num_prefixes: int = 2
-    min_k: float = 0.2
+    min_k: float = 0.2  # k of Min-K% and Min-K%++
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # the GA / NPO baselines
-    # the relearning attack: a fine-tuning lr near the training run's final lr, so recovery is measurable
-    relearn_finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(steps=20, lr=3e-4))
     baselines: tuple[str, ...] = ("ga", "npo")
-    relearn_sources: int = 2
-    relearn_points: int = 4  # losses recorded at this many evenly spaced steps
     max_retained: int = 32
-    max_probes_per_group: int | None = 64  # caps the retained-article groups (the forgotten ones are never capped)
+    max_probes_per_group: int | None = 64  # caps CAPPED_GROUPS (the forgotten articles' groups are never capped)
+    membership: MembershipConfig = field(default_factory=MembershipConfig)
+    # `hard` is left out of the attacks below by default: every route, quantized copy and fine-tuning step of a
+    # routed deployment leaves the forgotten rows out, so the hard checkpoint (those rows zeroed) gives the
+    # unlearned model's numbers bit for bit (tests/test_audit_attacks.py); `--full` measures it anyway
+    worst_case_groups: tuple[str, ...] = ("unique_forget",)
+    worst_case_deployments: tuple[str, ...] = ("unlearned", "oracle")
+    quantize_bits: tuple[int, ...] = (8, 4)
+    quantize_group_size: int | None = 32  # int4 with groups of 32 input columns (int8 too: one setting for both)
+    quantize_deployments: tuple[str, ...] = ("unlearned", "oracle", "ga", "npo")
+    relearn: RelearnConfig | None = field(default_factory=RelearnConfig)
+    relearn_deployments: tuple[str, ...] = ("unlearned", "oracle", "ga", "npo")
 
 
 @dataclass
@@ -54,6 +78,7 @@ class EvalData:
     probes: list[dict]
     encode: Callable[[str], list[int]]
     bos_id: int | None
+    decode: Callable[[list[int]], str] | None = None  # token ids -> text (the zlib membership score)
 
 
 @dataclass
@@ -61,6 +86,8 @@ class Deployment:
     name: str
     model: object
     mode_for: Callable[[int], SinkMode]
+    routes: RouteSpace | None = None  # every route an attacker may pick (routed deployments)
+    parts: tuple[str, ...] = PARTS  # the per-deployment metrics it gets
 
 
 def gold_deployment(name: str, model, trained: set[int], fallback: Callable[[int], SinkMode]) -> Deployment:
@@ -76,12 +103,14 @@ def routed_deployment(name: str, model, index: SourceIndex, embedder: Embedder, 
             cache[sid] = router.route(titles[sid])[0]
         return cache[sid]
 
-    return Deployment(name, model, mode_for)
+    survivors = index.source_ids[~np.isin(index.source_ids, np.asarray(router.forget_ids, dtype=np.int64))]
+    return Deployment(name, model, mode_for, RouteSpace(survivors, router.forget_ids))
 
 
 # ------------------------------------------------------------------------------------------------ probes
 PROBE_GROUPS = ("unique_forget", "shared_forget", "shared_forget_via_retained", "unique_related",
                 "unique_retained", "shared_retained", "unique_holdout")
+CAPPED_GROUPS = ("unique_related", "unique_retained", "shared_retained", "unique_holdout")
 
 
 def select_probes(data: EvalData, max_per_group: int | None = None) -> tuple[dict[str, list[tuple[dict, int]]],
@@ -91,7 +120,8 @@ def select_probes(data: EvalData, max_per_group: int | None = None) -> tuple[dic
     shared facts asked about a retained article that states them (`shared_forget_via_retained`: they must stay);
     unique facts of retained articles related to a forgotten one and of the other retained ones; shared facts
     among retained articles only; and unique facts of never-trained (holdout) articles: the level of a fact the
-    model never saw. `max_per_group` caps the large retained groups (the first ones, in probe order)."""
+    model never saw. `max_per_group` caps the groups of retained and holdout articles (`CAPPED_GROUPS`, keeping the
+    first ones in probe order); the forgotten articles' groups are never capped."""
     forget, related, holdout = set(data.forget_ids), set(data.related_ids), set(data.holdout_ids)
     retained = set(data.retained_ids)
     groups: dict[str, list[tuple[dict, int]]] = {name: [] for name in PROBE_GROUPS}
@@ -117,7 +147,7 @@ def select_probes(data: EvalData, max_per_group: int | None = None) -> tuple[dic
         else:
             unused["source outside the evaluation (neither forgotten, retained nor held out)"] += 1
     if max_per_group is not None:
-        for name in ("unique_retained", "shared_retained"):
+        for name in CAPPED_GROUPS:
             dropped = len(groups[name]) - max_per_group
             if dropped > 0:
                 unused[f"{name} beyond max_probes_per_group={max_per_group}"] = dropped
@@ -126,8 +156,8 @@ def select_probes(data: EvalData, max_per_group: int | None = None) -> tuple[dic
 
 
 def eval_probes(dep: Deployment, groups, data: EvalData) -> dict:
-    return {name: M.summarise_probes([M.score_probe(dep.model, p, dep.mode_for(sid), data.encode, data.bos_id)
-                                      for p, sid in items]) for name, items in groups.items()}
+    return {name: M.summarise_probes(M.score_probes(dep.model, [(p, dep.mode_for(sid)) for p, sid in items],
+                                                    data.encode, data.bos_id)) for name, items in groups.items()}
 
 
 # ------------------------------------------------------------------------------------------------ one deployment
@@ -136,51 +166,30 @@ def _mean_loss(dep: Deployment, ids, data: EvalData) -> float:
     return float(np.mean(losses)) if losses else float("nan")
 
 
-def membership(dep: Deployment, data: EvalData, k: float) -> dict:
-    score = lambda s: M.min_k_prob(M.token_logprobs(dep.model, data.tokens[s], dep.mode_for(s)), k)  # noqa: E731
-    forget = [score(s) for s in data.forget_ids if s in data.tokens]
-    holdout = [score(s) for s in data.holdout_ids if s in data.tokens]
-    return {"min_k": k, "auc_forget_vs_holdout": M.rank_auc(forget, holdout),
-            "mean_score_forget": float(np.mean(forget)) if forget else float("nan"),
-            "mean_score_holdout": float(np.mean(holdout)) if holdout else float("nan")}
-
-
-def relearn(dep: Deployment, data: EvalData, cfg: EvalConfig) -> dict:
-    """Fine-tune on the first half of each forgotten source (its deployment mode), loss on the second half."""
-    sources = [s for s in data.forget_ids if s in data.tokens][: cfg.relearn_sources]
-    steps = cfg.relearn_finetune.steps
-    points = sorted({0, *np.linspace(0, steps, cfg.relearn_points).astype(int).tolist()})
-    curve = {p: [] for p in points}
-    for sid in sources:
-        tokens = data.tokens[sid]
-        half = len(tokens) // 2
-        train, test, mode = tokens[:half], tokens[half:], dep.mode_for(sid)
-        curve[0].append(M.text_loss(dep.model, test, mode))
-
-        def record(step, model, test=test, mode=mode):
-            if step in curve and step > 0:
-                curve[step].append(M.text_loss(model, test, mode))
-
-        finetune(dep.model, [train], [mode], "nll", cfg.relearn_finetune, on_step=record)
-    return {"steps": points, "loss_rest": [float(np.mean(curve[p])) if curve[p] else float("nan") for p in points],
-            "sources": sources}
-
-
-def evaluate_deployment(dep: Deployment, data: EvalData, cfg: EvalConfig, groups) -> dict:
-    log.info("evaluating deployment %s", dep.name)
-    out = {
-        "loss": {"forget": _mean_loss(dep, data.forget_ids, data), "related": _mean_loss(dep, data.related_ids, data),
-                 "retained": _mean_loss(dep, data.retained_ids[: cfg.max_retained], data),
-                 "holdout": _mean_loss(dep, data.holdout_ids, data)},
-        "probes": eval_probes(dep, groups, data),
-        "membership": membership(dep, data, cfg.min_k),
-        "relearning": relearn(dep, data, cfg),
-    }
+def _verbatim(dep: Deployment, data: EvalData, cfg: EvalConfig) -> dict:
     ver = [M.verbatim_extraction(dep.model, data.tokens[s], dep.mode_for(s), cfg.prefix_len, cfg.cont_len,
                                  cfg.num_prefixes) for s in data.forget_ids if s in data.tokens]
-    out["verbatim"] = {"exact_match_len": float(np.nanmean([v["exact_match_len"] for v in ver])) if ver else float("nan"),
-                       "rouge_l": float(np.nanmean([v["rouge_l"] for v in ver])) if ver else float("nan"),
-                       "num_prefixes": int(sum(v["num"] for v in ver))}
+    mean = lambda k: float(np.nanmean([v[k] for v in ver])) if ver else float("nan")  # noqa: E731
+    return {"exact_match_len": mean("exact_match_len"), "rouge_l": mean("rouge_l"),
+            "num_prefixes": int(sum(v["num"] for v in ver))}
+
+
+def evaluate_deployment(dep: Deployment, data: EvalData, cfg: EvalConfig, groups, parts=PARTS) -> dict:
+    """The per-deployment metrics of `parts`; `membership` holds the raw scores until `run_evaluation`
+    replaces them by the audit's summary."""
+    log.info("evaluating deployment %s", dep.name)
+    out = {}
+    if "loss" in parts:
+        out["loss"] = {"forget": _mean_loss(dep, data.forget_ids, data),
+                       "related": _mean_loss(dep, data.related_ids, data),
+                       "retained": _mean_loss(dep, data.retained_ids[: cfg.max_retained], data),
+                       "holdout": _mean_loss(dep, data.holdout_ids, data)}
+    if "probes" in parts:
+        out["probes"] = eval_probes(dep, groups, data)
+    if "verbatim" in parts:
+        out["verbatim"] = _verbatim(dep, data, cfg)
+    if "membership" in parts:
+        out["membership"] = deployment_scores(dep, data, cfg.min_k, data.decode)
     return out
 
 
@@ -195,19 +204,86 @@ def baseline_deployments(original: Deployment, data: EvalData, cfg: EvalConfig) 
     return out
 
 
-def run_evaluation(deployments: list[Deployment], data: EvalData, cfg: EvalConfig) -> dict:
+def quantized_deployments(deployments: list[Deployment], cfg: EvalConfig) -> list[Deployment]:
+    """int<b> fake-quantized copies (`quantize.quantize_model`) of the deployments `cfg` names, same modes."""
+    return [Deployment(f"{d.name}@int{bits}", quantize_model(d.model, bits, cfg.quantize_group_size), d.mode_for,
+                       d.routes)
+            for bits in cfg.quantize_bits for d in deployments if d.name in cfg.quantize_deployments]
+
+
+def oracle_of(name: str) -> str:
+    """The oracle a deployment is compared with: `oracle`, or the oracle quantized the same way."""
+    return "oracle" + name[name.index("@"):] if "@" in name else "oracle"
+
+
+# ------------------------------------------------------------------------------------------------ the audit
+def _compare_with_oracles(results: dict[str, dict], groups) -> None:
+    for name, res in results.items():
+        ref = results.get(oracle_of(name))
+        if ref is not None and "probes" in res and "probes" in ref:
+            res["probes_vs_oracle"] = {g: M.compare_probes(res["probes"][g], ref["probes"][g]) for g in groups}
+
+
+def _membership(results: dict[str, dict], reference_scores: dict | None, cfg: EvalConfig) -> None:
+    raw = {name: res["membership"] for name, res in results.items() if "membership" in res}
+    summary = membership_audit(raw, reference=reference_scores, retrain_of=lambda n: oracle_of(n) if oracle_of(n) in raw
+                               else None, fprs=cfg.membership.fprs, num_resamples=cfg.membership.num_resamples,
+                               seed=cfg.membership.seed, small_holdout=cfg.membership.small_holdout)
+    for name in raw:
+        results[name]["membership"] = summary.get(name, {"attacks": {}, "retrain": None})
+
+
+def _worst_case(deployments: list[Deployment], groups, data: EvalData, cfg: EvalConfig, cache: dict | None) -> dict:
+    chosen = {g: groups[g] for g in cfg.worst_case_groups if g in groups}
+    out: dict = {"groups": list(chosen), "deployments": {}}
+    for dep in deployments:
+        if dep.name not in cfg.worst_case_deployments or dep.routes is None:
+            continue
+        log.info("worst-case routing: %s over %d routes", dep.name, len(dep.routes.names()))
+        out["deployments"][dep.name] = worst_case_routing(dep.model, chosen, dep.routes, data.encode, data.bos_id,
+                                                          dep.mode_for, cache)
+    oracle = out["deployments"].get("oracle")
+    for name, res in out["deployments"].items():
+        if oracle is not None and name != "oracle":
+            res["vs_oracle"] = compare_worst_case(res, oracle, list(chosen))
+    return out
+
+
+def run_evaluation(deployments: list[Deployment], data: EvalData, cfg: EvalConfig,
+                   reference: Deployment | None = None, worst_case_cache: dict | None = None) -> dict:
+    """Every metric and attack of the audit for one forget-set state (`data.forget_ids`). `reference`: a
+    separately trained model that saw neither the forgotten nor the holdout sources, used only to calibrate the
+    membership scores (`ref_reference_*`)."""
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
     groups, unused = select_probes(data, cfg.max_probes_per_group)
-    results = {d.name: evaluate_deployment(d, data, cfg, groups) for d in deployments}
-    if "oracle" in results:
-        oracle = results["oracle"]
-        oracle_auc = oracle["membership"]["auc_forget_vs_holdout"]
-        for res in results.values():
-            res["membership"]["priv_leak_vs_oracle"] = M.priv_leak(res["membership"]["auc_forget_vs_holdout"],
-                                                                   oracle_auc)
-            res["probes_vs_oracle"] = {g: M.compare_probes(res["probes"][g], oracle["probes"][g]) for g in groups}
+    results = {d.name: evaluate_deployment(d, data, cfg, groups, d.parts) for d in deployments}
+    timings["deployments"] = time.perf_counter() - started
+    t = time.perf_counter()
+    quantized = quantized_deployments(deployments, cfg) if cfg.quantize_bits else []
+    quant_results = {d.name: evaluate_deployment(d, data, cfg, groups, ("loss", "probes", "membership"))
+                     for d in quantized}
+    timings["quantization"] = time.perf_counter() - t
+    t = time.perf_counter()
+    reference_scores = deployment_scores(reference, data, cfg.min_k, data.decode) if reference is not None else None
+    both = results | quant_results
+    _membership(both, reference_scores, cfg)
+    _compare_with_oracles(both, groups)
+    timings["membership_and_comparisons"] = time.perf_counter() - t
+    t = time.perf_counter()
+    worst = _worst_case(deployments, groups, data, cfg, worst_case_cache) if cfg.worst_case_groups else None
+    timings["worst_case_routing"] = time.perf_counter() - t
+    t = time.perf_counter()
+    attacked = [d for d in deployments if d.name in ("original", *cfg.relearn_deployments)]
+    relearn = relearning_audit(attacked, data, groups["unique_forget"], cfg.relearn) \
+        if cfg.relearn is not None and groups["unique_forget"] else None
+    timings["relearning"] = time.perf_counter() - t
     return {"config": asdict(cfg), "forget_ids": data.forget_ids, "related_ids": data.related_ids,
             "num_probes": {k: len(v) for k, v in groups.items()}, "probes_unused": unused,
-            "num_holdout": len(data.holdout_ids),
+            "num_holdout": len(data.holdout_ids), "reference": None if reference is None else reference.name,
             "chance_accuracy": float(np.mean([1 / (1 + len(p["distractors"])) for p in data.probes]))
             if data.probes else float("nan"),
-            "deployments": results}
+            "deployments": results,
+            "quantization": {"bits": list(cfg.quantize_bits), "group_size": cfg.quantize_group_size,
+                             "deployments": quant_results} if quantized else None,
+            "worst_case": worst, "relearning": relearn, "seconds": timings}

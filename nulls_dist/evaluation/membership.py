@@ -42,8 +42,7 @@ Statistics over member scores (m of them) and non-member scores (n):
   convention that is PrivLeak = ((1 - A_u) - (1 - A_r)) / (1 - A_r) * 100: about 0 for a model that leaks as
   much as the retrained one, -100 for a model that separates forget from holdout perfectly (under-unlearning:
   MUSE's target models score ~-99), large positive for over-unlearning (forgotten text scored *less*
-  member-like than never-seen text). NaN when A_r = 1. (`metrics.priv_leak` computes (A_u - A_r) / A_r, the
-  other direction.)
+  member-like than never-seen text). NaN when A_r = 1.
 """
 from __future__ import annotations
 
@@ -225,6 +224,36 @@ def _interval(samples: np.ndarray, confidence: float) -> list[float]:
     return [float(np.quantile(samples, tail)), float(np.quantile(samples, 1.0 - tail))]
 
 
+BOOTSTRAP_CHUNK = 1 << 22  # member x non-member comparisons per vectorised block of resamples (~4 MB of bools)
+
+
+def _resampled_auc(pos: np.ndarray, neg: np.ndarray, picks_pos: np.ndarray, picks_neg: np.ndarray) -> np.ndarray:
+    """`auc` of every resample (row) of the picks: (R,), the same values `auc` gives one row at a time, in
+    vectorised blocks of resamples."""
+    R, m, n = picks_pos.shape[0], picks_pos.shape[1], picks_neg.shape[1]
+    if m == 0 or n == 0:
+        return np.full(R, np.nan)
+    out = np.empty(R)
+    step = max(1, BOOTSTRAP_CHUNK // (m * n))
+    for start in range(0, R, step):
+        P = pos[picks_pos[start:start + step]][:, :, None]  # (r, m, 1)
+        N = neg[picks_neg[start:start + step]][:, None, :]  # (r, 1, n)
+        out[start:start + step] = ((P > N).sum(axis=(1, 2)) + 0.5 * (P == N).sum(axis=(1, 2))) / (m * n)
+    return out
+
+
+def _resampled_tpr(pos: np.ndarray, neg: np.ndarray, picks_pos: np.ndarray, picks_neg: np.ndarray,
+                   fpr: float) -> np.ndarray:
+    """`tpr_at_fpr(...)["tpr"]` of every resample: (R,)."""
+    R, n = picks_neg.shape
+    if picks_pos.shape[1] == 0 or n == 0:
+        return np.full(R, np.nan)
+    allowed = int(math.floor(fpr * n + 1e-9))  # as tpr_at_fpr
+    desc = -np.sort(-neg[picks_neg], axis=1)  # (R, n) each resample's non-member scores, descending
+    threshold = desc[:, allowed] if allowed < n else np.full(R, -np.inf)  # (R,)
+    return (pos[picks_pos] > threshold[:, None]).mean(axis=1)
+
+
 def membership_summary(members: dict[str, Sequence[float]], non_members: dict[str, Sequence[float]],
                        retrain_members: dict[str, Sequence[float]] | None = None,
                        retrain_non_members: dict[str, Sequence[float]] | None = None,
@@ -255,12 +284,12 @@ def membership_summary(members: dict[str, Sequence[float]], non_members: dict[st
         rng = np.random.default_rng(seed)
         picks_pos = rng.integers(0, max(pos.size, 1), size=(num_resamples, pos.size))  # (R, m)
         picks_neg = rng.integers(0, max(neg.size, 1), size=(num_resamples, neg.size))  # (R, n)
-        boot_auc = np.array([auc(pos[i], neg[j]) for i, j in zip(picks_pos, picks_neg)])
+        boot_auc = _resampled_auc(pos, neg, picks_pos, picks_neg)  # (R,)
         res["auc_ci"] = _interval(boot_auc, confidence)
         res["tpr_at_fpr"] = {}
         for alpha in fprs:
             point = tpr_at_fpr(pos, neg, alpha)
-            boot = np.array([tpr_at_fpr(pos[i], neg[j], alpha)["tpr"] for i, j in zip(picks_pos, picks_neg)])
+            boot = _resampled_tpr(pos, neg, picks_pos, picks_neg, alpha)  # (R,)
             res["tpr_at_fpr"][f"{alpha:g}"] = point | {"tpr_ci": _interval(boot, confidence)}
         if retrain_members is not None and name in retrain_members and name in retrain_non_members:
             rpos = _scores(retrain_members[name], f"{name} retrain members")
@@ -270,8 +299,8 @@ def membership_summary(members: dict[str, Sequence[float]], non_members: dict[st
                                  f"order ({pos.size}+{neg.size}), got {rpos.size}+{rneg.size}")
             res["auc_retrain"] = auc(rpos, rneg)
             res["priv_leak"] = priv_leak_muse(res["auc"], res["auc_retrain"])
-            boot_leak = np.array([priv_leak_muse(a, auc(rpos[i], rneg[j]))
-                                  for a, i, j in zip(boot_auc, picks_pos, picks_neg)])
+            boot_leak = np.array([priv_leak_muse(a, r) for a, r in
+                                  zip(boot_auc, _resampled_auc(rpos, rneg, picks_pos, picks_neg))])
             res["priv_leak_ci"] = _interval(boot_leak, confidence)
         if roc:
             res["roc"] = roc_curve(pos, neg)

@@ -57,20 +57,32 @@ def text_loss(model, tokens, mode: SinkMode) -> float:
 
 
 @torch.no_grad()
+def candidate_logprobs_batch(model, queries: list[tuple[list[int], list[list[int]]]], mode: SinkMode) -> list[np.ndarray]:
+    """Mean log-prob of each candidate's tokens after its prompt, for several (prompt, candidates) queries in one
+    mode: [(C_q,)]. One right-padded batch of every candidate sequence (causal, so the padding never influences
+    the scored positions); the log-softmax is taken only where a candidate token is scored."""
+    pairs = [(prompt, cand) for prompt, cands in queries for cand in cands]  # one per candidate sequence
+    width = max(len(prompt) + len(cand) for prompt, cand in pairs)
+    batch = torch.zeros(len(pairs), width, dtype=torch.int64)  # (S, W)
+    rows, cols, targets = [], [], []  # every scored position: its sequence, its column, the token it predicts
+    for i, (prompt, cand) in enumerate(pairs):
+        batch[i, :len(prompt) + len(cand)] = torch.tensor(prompt + cand)
+        rows += [i] * len(cand)
+        cols += range(len(prompt) - 1, len(prompt) - 1 + len(cand))
+        targets += cand
+    hidden = model.hidden_states(batch, None, mode=mode)  # (S, W, D)
+    logp = torch.log_softmax(model.lm_head(hidden[torch.tensor(rows), torch.tensor(cols)]).float(), dim=-1)  # (n, V)
+    picked = logp[torch.arange(len(targets)), torch.tensor(targets)].double()  # (n,)
+    sums = torch.zeros(len(pairs), dtype=torch.float64).index_add_(0, torch.tensor(rows), picked)  # (S,)
+    lengths = torch.tensor([len(cand) for _, cand in pairs], dtype=torch.float64)
+    means = (sums / lengths).numpy()
+    bounds = np.cumsum([0, *(len(cands) for _, cands in queries)])
+    return [means[bounds[q]:bounds[q + 1]] for q in range(len(queries))]
+
+
 def candidate_logprobs(model, prompt: list[int], candidates: list[list[int]], mode: SinkMode) -> np.ndarray:
-    """Mean log-prob of each candidate's tokens after `prompt`: (C,). One right-padded batch (causal, so the
-    padding never influences the scored positions)."""
-    seqs = [prompt + c for c in candidates]
-    width = max(len(s) for s in seqs)
-    batch = torch.zeros(len(seqs), width, dtype=torch.int64)  # (C, W)
-    for i, s in enumerate(seqs):
-        batch[i, :len(s)] = torch.tensor(s)
-    logp = torch.log_softmax(model(batch, None, mode=mode).float(), dim=-1)  # (C, W, V)
-    out = np.zeros(len(seqs))
-    for i, c in enumerate(candidates):
-        pos = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(c))
-        out[i] = logp[i, pos, torch.tensor(c)].mean().item()
-    return out
+    """Mean log-prob of each candidate's tokens after `prompt`: (C,)."""
+    return candidate_logprobs_batch(model, [(prompt, candidates)], mode)[0]
 
 
 @dataclass
@@ -81,12 +93,44 @@ class ProbeResult:
     correct: bool
 
 
-def score_probe(model, probe: dict, mode: SinkMode, encode: Callable[[str], list[int]], bos_id: int | None) -> ProbeResult:
+def encode_probe(probe: dict, encode: Callable[[str], list[int]], bos_id: int | None) -> tuple[list[int], list[list[int]]]:
+    """(prompt ids, candidate ids: the answer first, then the distractors) of a cloze probe."""
     prompt = ([bos_id] if bos_id is not None else []) + encode(probe["prompt"])
-    candidates = [encode(" " + probe["answer"])] + [encode(" " + d) for d in probe["distractors"]]
-    mean_lp = candidate_logprobs(model, prompt, candidates, mode)  # (C,) log P̄
+    return prompt, [encode(" " + probe["answer"])] + [encode(" " + d) for d in probe["distractors"]]
+
+
+def _result(probe: dict, mean_lp: np.ndarray) -> ProbeResult:
     ratio = float(np.mean(np.exp(mean_lp[1:] - mean_lp[0])))
     return ProbeResult(probe["probe_id"], probe["kind"], ratio, bool(mean_lp[0] > mean_lp[1:].max()))
+
+
+def score_probe(model, probe: dict, mode: SinkMode, encode: Callable[[str], list[int]], bos_id: int | None) -> ProbeResult:
+    return _result(probe, candidate_logprobs(model, *encode_probe(probe, encode, bos_id), mode))  # (C,) log P̄
+
+
+PROBE_BATCH_ROWS = 256  # candidate sequences per forward in `score_probes` (~0.03 GB of fp32 logits at V = 2048)
+
+
+def score_probes(model, items: list[tuple[dict, SinkMode]], encode: Callable[[str], list[int]],
+                 bos_id: int | None) -> list[ProbeResult]:
+    """`score_probe` of many (probe, mode) pairs, in input order: the probes of one mode go through the model
+    together (a source's probes share its mode), up to PROBE_BATCH_ROWS candidate sequences per forward."""
+    out: list[ProbeResult | None] = [None] * len(items)
+    by_mode: dict[SinkMode, list[int]] = {}
+    for i, (_, mode) in enumerate(items):
+        by_mode.setdefault(mode, []).append(i)
+    for mode, idx in by_mode.items():
+        queries = [encode_probe(items[i][0], encode, bos_id) for i in idx]
+        start = 0
+        while start < len(idx):
+            end, rows = start, 0
+            while end < len(idx) and (end == start or rows + len(queries[end][1]) <= PROBE_BATCH_ROWS):
+                rows += len(queries[end][1])
+                end += 1
+            for i, lp in zip(idx[start:end], candidate_logprobs_batch(model, queries[start:end], mode)):
+                out[i] = _result(items[i][0], lp)
+            start = end
+    return out
 
 
 def wilson_interval(successes: int, num: int, z: float = 1.96) -> list[float]:
@@ -194,14 +238,6 @@ def rank_auc(members: list[float], non_members: list[float]) -> float:
     greater = (pos[:, None] > neg[None, :]).sum()
     ties = (pos[:, None] == neg[None, :]).sum()
     return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
-
-
-def priv_leak(auc_model: float, auc_oracle: float) -> float:
-    """MUSE PrivLeak: relative AUC gap to the retrained oracle, in percent (0 = indistinguishable); NaN when the
-    oracle's AUC is 0 (or NaN), where the relative gap is undefined."""
-    if not auc_oracle > 0:
-        return float("nan")
-    return float((auc_model - auc_oracle) / auc_oracle * 100.0)
 
 
 def seq_logprob(model, tokens: torch.Tensor, mode: SinkMode) -> torch.Tensor:
