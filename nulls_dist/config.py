@@ -13,6 +13,10 @@ from typing import Any
 SINK_PATHS = ("gathered", "masked")
 SINK_STRATEGIES = ("reference", "uniform", "code")
 MAX_SINK_POOL_SIZE = 2**31 - 1  # sink indices are int32-ranged (SinkAssignmentConfig.pool_size)
+# The parts of a NULL whose parameters train differently (per-kind learning-rate scales, `optim.lr_scale`): the
+# token embedding, attention, the MLP's always-on backbone units, the per-source sink tables, the RMSNorm
+# weights and the LM head (`nulls_dist.model.parameter_kind` maps a parameter name to its kind).
+PARAMETER_KINDS = ("embedding", "attention", "backbone", "sink", "norm", "lm_head")
 
 # litgpt fields whose value changes the computation: a released config must carry exactly these values
 # (the NULL model is Llama-style with a non-parallel residual), otherwise loading it would silently differ.

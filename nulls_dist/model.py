@@ -31,15 +31,15 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from nulls_dist.attention import AttentionMask, attend, build_mask, same_source_causal_mask
-from nulls_dist.config import NullConfig
+from nulls_dist.config import PARAMETER_KINDS, NullConfig
 from nulls_dist.kernels.sink_mlp import sink_mlp
 from nulls_dist.sink_plan import (MODE_KINDS, SinkMode, SinkPlan, plan_for_batch, plan_for_mode,
                                   plan_for_routes, remove_rows)
 from nulls_dist.sinks import SinkAssignment
 
-__all__ = ["MODE_KINDS", "SINK_STORAGES", "KVCache", "NullTransformer", "SinkMode", "SinkPlan",
-           "chunked_cross_entropy", "flops_per_token", "num_parameters_of", "remove_rows", "same_source_causal_mask",
-           "split_sink_rows"]
+__all__ = ["MODE_KINDS", "PARAMETER_KINDS", "SINK_STORAGES", "KVCache", "NullTransformer", "SinkMode", "SinkPlan",
+           "chunked_cross_entropy", "flops_per_token", "num_parameters_of", "parameter_kind", "remove_rows",
+           "same_source_causal_mask", "split_sink_rows"]
 
 IGNORE_INDEX = -100  # labels of tokens that count for no loss term (F.cross_entropy's default ignore_index)
 SINK_STORAGES = ("dense", "external")
@@ -447,6 +447,26 @@ class NullTransformer(nn.Module):
             raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
         return chunked_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, labels.reshape(-1),
                                      self.loss_chunk_tokens)
+
+
+# ------------------------------------------------------------------------------------------------ parameter kinds
+def parameter_kind(name: str) -> str:
+    """The part of the NULL (one of `PARAMETER_KINDS`) that the `named_parameters()` entry `name` belongs to."""
+    parts = name.split(".")
+    if name == "transformer.wte.weight":
+        return "embedding"
+    if name == "lm_head.weight":
+        return "lm_head"
+    if parts[0] == "transformer" and (parts[1] == "ln_f" or len(parts) > 3 and parts[3].startswith("norm_")):
+        return "norm"
+    if len(parts) > 4 and parts[:2] == ["transformer", "h"] and parts[3] == "attn":
+        return "attention"
+    if len(parts) > 4 and parts[:2] == ["transformer", "h"] and parts[3] == "mlp":
+        if parts[4].startswith("sink_"):
+            return "sink"
+        if parts[4].startswith("backbone_"):
+            return "backbone"
+    raise ValueError(f"parameter {name!r} belongs to none of the kinds {PARAMETER_KINDS}")
 
 
 # ------------------------------------------------------------------------------------------------ cost model

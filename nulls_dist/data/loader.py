@@ -71,6 +71,30 @@ def verify_shards(data_dir: str | Path, shards: list[dict]) -> None:
         verify_shard(Path(data_dir) / entry["name"], entry["sha256"], entry.get("bytes"))
 
 
+def token_source_counts(data_dir: str | Path, exclude_source_ids: Iterable[int] | None, vocab_size: int) -> np.ndarray:
+    """(vocab_size,) int64: in how many training sources each token id occurs (tokens that count for the loss:
+    loss_mask 1, `exclude_sources` left out). Each source lies in one train shard (the shard stage's tasks own
+    whole articles), so distinct (source, token) pairs per shard count each source once; memory is one
+    shard's pairs. Every shard is verified against the manifest as it is read."""
+    data_dir = Path(data_dir)
+    exclude = np.array(sorted({int(i) for i in exclude_source_ids or ()}), dtype=np.int64)
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    shards = split_shards(load_manifest(data_dir), schema.SPLIT_TRAIN)
+    for entry in tqdm(shards, desc="token counts", unit="shard", disable=len(shards) < 16 or None):
+        pairs = []
+        for sample in read_shard(data_dir / entry["name"], entry["sha256"], entry["samples"], entry.get("bytes")):
+            tokens = sample[schema.TOKENS_KEY].astype(np.int64)
+            sources = sample[schema.SOURCE_IDS_KEY].astype(np.int64)
+            keep = sample[schema.LOSS_MASK_KEY].astype(bool) & ~np.isin(sources, exclude)
+            if tokens[keep].size and tokens[keep].max() >= vocab_size:
+                raise ValueError(f"{data_dir / entry['name']}: token id {int(tokens[keep].max())} >= the model's "
+                                 f"vocabulary ({vocab_size})")
+            pairs.append(sources[keep] * vocab_size + tokens[keep])
+        if pairs:
+            np.add.at(counts, np.unique(np.concatenate(pairs)) % vocab_size, 1)
+    return counts
+
+
 # ------------------------------------------------------------------------------------------------ layout
 @dataclass(frozen=True)
 class StreamLayout:

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from nulls_dist.config import PARAMETER_KINDS
+
 WANDB_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
 SINK_PATHS = ("gathered", "masked")
@@ -78,7 +80,14 @@ class DataSection:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup to `lr`, then cosine decay to `min_lr` at `max_steps`."""
+    """AdamW with linear warmup to `lr`, then cosine decay to `min_lr` at `max_steps`.
+
+    `lr_scale` multiplies the learning rate (and so the schedule) of one part of the model, by kind
+    (`nulls_dist.config.PARAMETER_KINDS`: embedding, attention, backbone, sink, norm, lm_head), e.g.
+    {backbone: 0.1} for a slower backbone; each distinct scale is its own optimizer param group.
+    `freeze_rare_tokens` = n: the rows of the token embedding and the LM head of every token id that occurs in
+    at most n of the run's training sources get no gradient (docs/residue.md: their per-source knowledge then
+    has only the sinks to live in); None trains every row."""
 
     lr: float = 5e-4
     min_lr: float = 5e-5
@@ -86,6 +95,8 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     warmup_steps: int = 100
+    lr_scale: dict[str, float] = field(default_factory=dict)
+    freeze_rare_tokens: int | None = None
 
     def validate(self) -> None:
         # AdamW moves every weight by about lr per step: an lr above 1 diverges on any model (and inf/nan never
@@ -98,6 +109,16 @@ class OptimConfig:
         _finite("optim.weight_decay", self.weight_decay, 0.0, 10.0, "a finite number in [0, 10]")
         _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "optim.warmup_steps",
                self.warmup_steps, "a non-negative integer")
+        _check(isinstance(self.lr_scale, dict), "optim.lr_scale", self.lr_scale,
+               f"a mapping of parameter kinds {PARAMETER_KINDS} to scales")
+        for kind, scale in self.lr_scale.items():
+            _check(kind in PARAMETER_KINDS, "optim.lr_scale", kind, f"keyed by the parameter kinds {PARAMETER_KINDS}")
+            # 0 freezes a kind (weight decay scales with the lr, so it stops too); above 10 no lr stays sane
+            _finite(f"optim.lr_scale.{kind}", scale, 0.0, 10.0, "a finite number in [0, 10]")
+        if self.freeze_rare_tokens is not None:
+            _check(isinstance(self.freeze_rare_tokens, int) and not isinstance(self.freeze_rare_tokens, bool)
+                   and self.freeze_rare_tokens >= 0, "optim.freeze_rare_tokens", self.freeze_rare_tokens,
+                   "null or a non-negative integer (a number of training sources)")
 
 
 @dataclass

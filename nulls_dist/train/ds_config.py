@@ -87,29 +87,37 @@ def lr_scheduler_factory(cfg: TrainConfig):
 
 
 def restore_schedule(engine, cfg: TrainConfig, step: int, saved_optim: dict[str, Any],
-                     saved_max_steps: int | None) -> list[str]:
+                     saved_max_steps: int | None,
+                     group_specs: list[tuple[float, bool]] | None = None) -> list[str]:
     """After a resume: put the optimizer and the schedule where THIS config says they are at `step`.
 
     DeepSpeed restores the optimizer's param groups (lr, betas, eps, weight decay) from the checkpoint; the
     schedule is a pure function of (config, step), so it is rebuilt rather than restored. A changed `optim.*` or
     `train.max_steps` therefore takes effect from the resumed step (docs/training.md, "Resuming"); returns one
-    line per changed field for the log."""
+    line per changed field for the log. `group_specs`: (lr_scale, decay) of each param group as this run built
+    them (`param_groups.group_lr_scales`); None: two groups, decayed then not, unscaled."""
     scheduler, optimizer = engine.lr_scheduler, engine.optimizer
     schedule = WarmupCosine(cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr / cfg.optim.lr)
+    groups = optimizer.param_groups
+    specs = group_specs if group_specs is not None else [(1.0, i == 0) for i in range(len(groups))]
+    if len(specs) != len(groups):
+        raise RuntimeError(f"the checkpoint's optimizer has {len(groups)} param groups, this run builds "
+                           f"{len(specs)}: optim.lr_scale changed which parts of the model share a learning rate")
     scheduler.lr_lambdas = [schedule for _ in scheduler.lr_lambdas]
-    scheduler.base_lrs = [float(cfg.optim.lr) for _ in scheduler.base_lrs]
+    scheduler.base_lrs = [float(cfg.optim.lr) * scale for scale, _ in specs]
     scheduler.last_epoch = step
-    decays = [float(cfg.optim.weight_decay), 0.0]  # param_groups(): decayed matrices first, then the rest
-    for i, group in enumerate(optimizer.param_groups):
-        group["initial_lr"] = float(cfg.optim.lr)
-        group["lr"] = float(cfg.optim.lr) * schedule(step)
+    for group, (scale, decay) in zip(groups, specs):
+        group["initial_lr"] = float(cfg.optim.lr) * scale
+        group["lr"] = float(cfg.optim.lr) * scale * schedule(step)
+        group["lr_scale"], group["decay"] = scale, decay
         group["betas"] = tuple(float(b) for b in cfg.optim.betas)
         group["eps"] = float(cfg.optim.eps)
-        group["weight_decay"] = decays[i] if i < len(decays) else group["weight_decay"]
+        group["weight_decay"] = float(cfg.optim.weight_decay) if decay else 0.0
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
     changes = []
     current = {"lr": cfg.optim.lr, "min_lr": cfg.optim.min_lr, "warmup_steps": cfg.optim.warmup_steps,
-               "weight_decay": cfg.optim.weight_decay, "eps": cfg.optim.eps, "betas": list(cfg.optim.betas)}
+               "weight_decay": cfg.optim.weight_decay, "eps": cfg.optim.eps, "betas": list(cfg.optim.betas),
+               "lr_scale": dict(cfg.optim.lr_scale), "freeze_rare_tokens": cfg.optim.freeze_rare_tokens}
     for key, value in current.items():
         old = saved_optim.get(key)
         if old is not None and (list(old) if isinstance(old, (list, tuple)) else old) != value:

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from nulls_dist.config import NullConfig
-from nulls_dist.data.loader import StreamLayout, default_num_streams, merge_states
+from nulls_dist.data.loader import StreamLayout, default_num_streams, merge_states, token_source_counts
 from nulls_dist.formats import checkpoint as layout_fmt
 from nulls_dist.model import NullTransformer, SinkMode
 from nulls_dist.train import callbacks as cb
@@ -42,6 +42,7 @@ from nulls_dist.train.config import TrainConfig
 from nulls_dist.train.data import DataHandle, build_eval_batches, build_train_loader
 from nulls_dist.train.distributed import DistEnv
 from nulls_dist.train.ds_config import build_ds_config, lr_scheduler_factory, restore_schedule
+from nulls_dist.train.param_groups import freeze_token_rows, group_lr_scales, param_groups, rare_token_ids
 from nulls_dist.train.signals import REQUEUE_EXIT_CODE, StopFlag
 from nulls_dist.train.table_sinks import TableSinks, uses_sharded_tables
 
@@ -75,14 +76,6 @@ def enable_activation_checkpointing(model: NullTransformer) -> None:
 
     for block in model.transformer.h:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-
-
-def param_groups(model: NullTransformer, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices; never norms, nor sink tables: a source's rows must not shrink while it is absent."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        (decay if param.dim() >= 2 and ".sink_" not in name else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -149,6 +142,9 @@ class Trainer:
         if cfg.deepspeed.activation_checkpointing:
             enable_activation_checkpointing(model)
         self.sink_assignment = model.sink_assignment
+        self.frozen_token_ids = self._freeze_rare_tokens(model)
+        groups = param_groups(model, cfg.optim.weight_decay, cfg.optim.lr, cfg.optim.lr_scale)
+        self.group_specs = group_lr_scales(groups)
         world_changed = self.saved_meta is not None and self.saved_meta.get("world_size") != env.world_size
         self.ds_config = build_ds_config(cfg, env.world_size, on_gpu=device.type == "cuda",
                                          grad_accum=self.layout.grad_accum,
@@ -160,7 +156,7 @@ class Trainer:
                      self.layout.grad_accum, self.layout.micro_batch)
             log.info("deepspeed config: %s", self.ds_config)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=self.ds_config,
+            model=model, model_parameters=groups, config=self.ds_config,
             lr_scheduler=lr_scheduler_factory(cfg), dist_init_required=False)
         self.tables: TableSinks | None = None
         if self.sharded:  # beside the engine, not in it: the model holds no sink parameters
@@ -184,6 +180,20 @@ class Trainer:
         self.callbacks = self._callbacks()
 
     # ------------------------------------------------------------------ set-up helpers
+    def _freeze_rare_tokens(self, model: NullTransformer) -> list[int]:
+        """`optim.freeze_rare_tokens`: hook the token rows of ids in at most n of this run's training sources (the
+        counts leave `exclude_sources` out: a retrain oracle freezes by its own data); returns the frozen ids."""
+        limit = self.cfg.optim.freeze_rare_tokens
+        if limit is None:
+            return []
+        counts = token_source_counts(self.data.shard_dir, self.data.exclude_source_ids, model.cfg.padded_vocab_size)
+        ids = rare_token_ids(counts, limit)
+        freeze_token_rows(model, ids)
+        if self.env.is_main:
+            log.info("optim.freeze_rare_tokens=%d: %d of %d token rows (embedding and LM head) get no gradient",
+                     limit, len(ids), model.cfg.padded_vocab_size)
+        return ids.tolist()
+
     def meta(self) -> dict[str, Any]:
         """What nulls_meta.json records; the COMPAT_KEYS of checkpoint.py are checked on resume."""
         return {
@@ -194,6 +204,7 @@ class Trainer:
             "data_manifest_path": str(self.data.manifest_path),
             "registry_sha256": self.data.registry_sha256,
             "exclude_sources": list(self.data.exclude_source_ids),
+            "frozen_token_ids": self.frozen_token_ids,
             "world_size": self.env.world_size,
             "zero_stage": self.cfg.deepspeed.zero_stage,
             "tokens_seen": self.tokens_seen,
@@ -308,7 +319,7 @@ class Trainer:
         if blob is None:  # another world size: no per-rank RNG to restore; reseed deterministically
             seed_everything(self.cfg.seed + 1000003 * self.step + self.env.rank)
         changes = restore_schedule(self.engine, self.cfg, self.step, saved.get("config", {}).get("optim", {}),
-                                   saved.get("config", {}).get("train", {}).get("max_steps"))
+                                   saved.get("config", {}).get("train", {}).get("max_steps"), self.group_specs)
         if self.env.is_main:
             log.info("resumed from %s at step %d%s", point.tag_dir, self.step,
                      f" (world size {saved['world_size']} -> {self.env.world_size})" if blob is None else "")
@@ -382,13 +393,20 @@ class Trainer:
 
         return checked()
 
+    def _base_lr(self) -> float:
+        """The schedule's current lr (`optim.lr` x schedule): a group's lr divided by its `optim.lr_scale`."""
+        for group in self.engine.optimizer.param_groups:
+            if group.get("lr_scale", 1.0) > 0:
+                return float(group["lr"]) / float(group.get("lr_scale", 1.0))
+        return 0.0
+
     def _log_metrics(self, reduced: dict[str, float]) -> dict[str, Any]:
         elapsed = time.perf_counter() - self._window_start  # honest on a GPU: the reduction just synchronised
         steps = max(1, self._window_steps)
         grad_norm = self.engine.get_global_grad_norm()
         metrics = {
             "train/loss": reduced["loss_sum"] / max(1.0, reduced["tokens"]),
-            "train/lr": float(self.engine.get_lr()[0]),
+            "train/lr": self._base_lr(),
             "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "train/step_time_s": elapsed / steps,
             "train/tokens_per_step": self.layout.global_batch * self.seq_len,
