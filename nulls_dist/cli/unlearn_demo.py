@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--relearn-steps", type=int, default=20)
     p.add_argument("--relearn-lr", type=float, default=3e-4, help="relearning attack lr (the runs' final lr)")
     p.add_argument("--embedder", default="auto")
+    p.add_argument("--data", default=None,
+                   help="the prepared dataset nulls-eval reads (default: <workdir>/data/synthwiki, as training made it)")
+    p.add_argument("--probes", default=str(BUNDLED_PROBES), help="probes.jsonl of that dataset's corpus")
     args = p.parse_args(argv)
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -77,10 +80,10 @@ def main(argv: list[str] | None = None) -> None:
                               "--forget-set", str(work / fs)], work)
         report = json.loads(out[out.index("{\n"):])  # DeepSpeed may log a line to stdout on import
         print(f"verify {cert}: {'ok' if report['ok'] else 'FAILED'}")
-    data_dir = work / "data" / "synthwiki"
+    data_dir = Path(args.data).resolve() if args.data else work / "data" / "synthwiki"
     _tool("nulls_dist.cli.eval", [*base, "--forget-set", str(work / "forget.json"), "--oracle", str(oracle),
                                           "--hard", str(work / "deployed_hard"), "--data", str(data_dir),
-                                          "--probes", str(BUNDLED_PROBES), "--out", str(work / "eval"),
+                                          "--probes", str(Path(args.probes).resolve()), "--out", str(work / "eval"),
                                           "--baselines", args.baselines, "--threads", "1",
                                           "--steps", str(args.eval_steps), "--lr", str(args.eval_lr),
                                           "--relearn-steps", str(args.relearn_steps),
