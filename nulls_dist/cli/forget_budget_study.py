@@ -15,16 +15,15 @@ console tools in order, in `<workdir>/<config>/`:
    same before any forget, and at F = 10 and 100 the forgotten articles' unique facts in the original, the
    unlearned model and the oracle (both routed by title, as nulls-eval).
 
-Resumable: every stage is skipped when its output exists (a training run with `checkpoints/latest`, the
-manifest's index, a certificate, a step's JSON), so a stopped study continues where it stopped. Results:
-`<workdir>/results.json` and PNGs in `<workdir>/plots/`. A config that needs the TorchRec-sharded trainer
-(`large_table`, 2^20 rows per layer) is reported as pending with the command that runs it, unless
-`--sharded-trainer KEY=VALUE` (the trainer's override turning the sharded sink tables on) or `--allow-dense`
-(the dense trainer, measured at ~13 s per step on the 2-core box: hours) is given.
+Resumable: a training run is handed to `nulls-train` again (it resumes an interrupted run, returns at once from
+a finished one); the manifest's index, a certificate and a step's JSON are skipped when they exist, so a stopped
+study continues where it stopped. Results: `<workdir>/results.json` and PNGs in `<workdir>/plots/`. The
+`large_table` config (2^20 rows per layer) trains its sink rows in TorchRec row-wise sharded tables beside the
+DeepSpeed engine (`sink_tables.mode=sharded`, docs/sink_tables.md). `--shared-oracle CONFIG` compares every
+config's forgotten facts with one config's retrain oracles (models that never saw the forgotten articles).
 
-    python -m nulls_dist.cli.forget_budget_study --workdir runs/forget_budget
-    python -m nulls_dist.cli.forget_budget_study --workdir runs/forget_budget --configs large_table \
-        --sharded-trainer KEY=VALUE
+    python -m nulls_dist.cli.forget_budget_study --workdir runs/forget_budget [--shared-oracle paper_pool]
+    python -m nulls_dist.cli.forget_budget_study --workdir runs/forget_budget --plan-only   # data + plan.json
 """
 from __future__ import annotations
 
@@ -69,7 +68,6 @@ class StudyConfig:
     rows: int  # sink rows per layer
     k: float  # sinks per source (expected, for the analytic curve)
     overrides: tuple[str, ...] = ()  # nulls-train overrides on top of experiment=forget_budget
-    needs_sharded_trainer: bool = False
 
 
 def _pool_overrides(rows: int, k: int) -> tuple[str, ...]:
@@ -92,9 +90,9 @@ CONFIGS = {c.name: c for c in (
                 "(p_mem 0.01): the regime of the paper's 7,692 rows and ~100 sinks", 3968, 0.01 * 3968),
     StudyConfig("small_k", "the same 3,968-row pool with 4 sinks per source (uniform): the other lever of "
                 "exp(-F k / R), bought with 10x less sink capacity per source", 3968, 4, _pool_overrides(3968, 4)),
-    StudyConfig("large_table", f"a 2^20-row table with {SINKS_PER_SOURCE} sinks per source (uniform): needs the "
-                "TorchRec-sharded sink tables", LARGE_ROWS, SINKS_PER_SOURCE,
-                _table_overrides(LARGE_ROWS, SINKS_PER_SOURCE), needs_sharded_trainer=True),
+    StudyConfig("large_table", f"a 2^20-row table with {SINKS_PER_SOURCE} sinks per source (uniform), trained in "
+                "TorchRec row-wise sharded sink tables", LARGE_ROWS, SINKS_PER_SOURCE,
+                (*_table_overrides(LARGE_ROWS, SINKS_PER_SOURCE), "sink_tables.mode=sharded")),
 )}
 DEFAULT_CONFIGS = ("paper_pool", "small_k", "large_table")
 
@@ -302,13 +300,6 @@ def goal(steps: list[dict]) -> dict:
             "met": bool(ratio >= GOAL_RETAINED_ACCURACY_RATIO and at_oracle)}
 
 
-def pending(cfg: StudyConfig, work: Path) -> dict:
-    command = (f"python -m nulls_dist.cli.forget_budget_study --workdir {work} --configs {cfg.name} "
-               "--sharded-trainer KEY=VALUE   # the trainer's override that turns the TorchRec sink tables on")
-    return {"status": "pending: needs the TorchRec-sharded trainer", "config": asdict(cfg), "command": command,
-            "dense_alternative": f"... --configs {cfg.name} --allow-dense   (~13 s/step measured: hours)"}
-
-
 # --------------------------------------------------------------------------------------------- plots
 def write_plots(results: dict, out_dir: Path) -> list[str]:
     import matplotlib
@@ -400,9 +391,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="runs/forget_budget")
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma list of {sorted(CONFIGS)}")
-    p.add_argument("--sharded-trainer", action="append", default=[], metavar="KEY=VALUE",
-                   help="nulls-train override(s) that turn the sharded sink tables on: runs the configs that need them")
-    p.add_argument("--allow-dense", action="store_true", help="run configs that need the sharded trainer densely")
+    p.add_argument("--plan-only", action="store_true", help="prepare the data and write plan.json, train nothing")
     p.add_argument("--train-override", action="append", default=[], metavar="KEY=VALUE",
                    help="a nulls-train override for every run of the study (repeatable), e.g. train.max_steps=200")
     p.add_argument("--shared-oracle", default=None, metavar="CONFIG",
@@ -427,6 +416,8 @@ def run(args: argparse.Namespace) -> dict:
     if not (work / "data" / "manifest.json").is_file():
         _tool("nulls_dist.cli.data", ["data=synthwiki_1k", f"data.output_dir={work / 'data'}"], work)
     plan = make_plan(work, args.seed, args.retained_articles)
+    if args.plan_only:
+        return {"plan": plan}
     results_path = work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {"configs": {}}
     results.update(plan={k: plan[k] for k in ("seed", "steps", "oracle_steps", "num_trained")},
@@ -434,11 +425,6 @@ def run(args: argparse.Namespace) -> dict:
     for name in names:
         cfg = CONFIGS[name]
         extra = list(args.train_override)
-        if cfg.needs_sharded_trainer and not (args.sharded_trainer or args.allow_dense):
-            results["configs"][name] = pending(cfg, work)
-            continue
-        if cfg.needs_sharded_trainer:
-            extra += args.sharded_trainer
         oracle_cfg = CONFIGS[args.shared_oracle] if args.shared_oracle else cfg
         if oracle_cfg is not cfg:
             log.info("%s: forgotten facts compared with %s's retrain oracles (models that never saw them)",
@@ -451,6 +437,11 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _print_summary(results: dict) -> None:
+    if "configs" not in results:
+        plan = results["plan"]
+        print(json.dumps({k: plan[k] for k in ("seed", "steps", "oracle_steps", "num_trained")}
+                         | {"forget_order": len(plan["forget_order"]), "retained": len(plan["retained_ids"])}))
+        return
     for name, r in results["configs"].items():
         if r["status"] != "measured":
             print(f"{name}: {r['status']}\n    {r['command']}")
