@@ -15,11 +15,18 @@ so survivors lose in their Sink-On capacity exactly what they already lose in Si
 - with `remove=True` each artifact is removed instead (`atomic.remove_path`), and `latest` is repointed at the
   newest remaining complete tag (or removed with the last one).
 
-Nothing is written until every artifact has been parsed and every problem (an unknown file, TorchRec sink
-tables, an artifact of another dataset) is known: problems stop the purge, listing each by name, unless
-`remove_unrewritable=True` removes them. The certificate (`nulls-purge-certificate`) lists every artifact and
+A run trained with sharded sink tables (the meta's `sink_tables` record) has a `sink_tables/` DCP directory in
+every tag (and in a hard-deployed copy): it is staged with the forgotten rows and their optimizer state zero
+(`deploy.sink_tables_dcp.zero_sink_table_rows`, through its restricted readers); its `model.safetensors` (the
+whole model) is rewritten streaming, never loaded whole (`formats.weights.copy_zeroing_rows`); its DeepSpeed files
+hold no sink rows (the engine has external sink storage), which is checked by parsing them as that engine's, and
+they are kept with the reason in the certificate.
+
+Nothing is written until every artifact has been parsed and every problem (an unknown file, a file of
+`sink_tables/` its index does not list, an artifact of another dataset) is known: problems stop the purge,
+listing each by name, unless `remove_unrewritable=True` removes them. The certificate (`nulls-purge-certificate`) lists every artifact and
 every file of it with its sha256 before and after, the elements zeroed per role (module weights, fp32 master,
-exp_avg, exp_avg_sq), the forgotten rows, the collateral (a Parquet sidecar as in unlearning certificates) and
+exp_avg, exp_avg_sq; table_rows, table_state for sink-table files), the forgotten rows, the collateral (a Parquet sidecar as in unlearning certificates) and
 its own sha256 (HMAC-signed with a key when given); `purge_verify.verify_purge` re-checks all of it.
 """
 from __future__ import annotations
