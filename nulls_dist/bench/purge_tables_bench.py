@@ -1,6 +1,8 @@
 """`nulls-unlearn purge` and its `verify` on a run trained with sharded sink tables: wall time and peak RSS of each
 against the sizes of what they rewrite, and the peak RSS of loading the tag's `model.safetensors` whole (what
-purge did before it streamed), so the table's share of the memory shows.
+purge did before it streamed), so the table's share of the memory shows. Two peaks per process: `ru_maxrss`
+(which also counts the page-cache pages a memory map touched: a streamed digest touches the whole file) and the
+peak anonymous RSS sampled every 20 ms from /proc/self/status (the memory the process allocated).
 
 One `nulls-train` run (1 rank, ZeRO-1, one torch thread, the demo model: D = 64, 2 layers, a `uniform` pool of
 `--pool` rows per layer, k = `--k`, `--steps` steps, a tag at the end) on the bundled SynthWiki data; its manifest
@@ -26,7 +28,21 @@ from nulls_dist.bench.sharded_training_bench import _prepare, _train
 
 FORGET = ("49152", "49160")  # two SynthWiki articles (the bundled data numbers its sources from 49152)
 
-_PURGE = r"""
+_PEAK_ANON = r"""
+import threading, time
+def _anon_kb():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    return 0
+PEAK = [0]
+def _sample():
+    while True:
+        PEAK[0] = max(PEAK[0], _anon_kb())
+        time.sleep(0.02)
+threading.Thread(target=_sample, daemon=True).start()
+"""
+_PURGE = _PEAK_ANON + r"""
 import json, resource, sys, time
 from nulls_dist.audit.purge import purge
 from nulls_dist.train.checkpoint_rows import DeepSpeedRows
@@ -34,9 +50,10 @@ run, manifest, forget, cert = sys.argv[1:5]
 start = time.perf_counter()
 out = purge(run, [], manifest, forget, cert, DeepSpeedRows())
 print(json.dumps({"wall_s": time.perf_counter() - start, "zeroed": out["artifacts"][0]["zeroed"],
-                  "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+                  "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                  "peak_anon_rss_gb": max(PEAK[0], _anon_kb()) / 2**20}))
 """
-_VERIFY = r"""
+_VERIFY = _PEAK_ANON + r"""
 import json, resource, sys, time
 from pathlib import Path
 from nulls_dist.audit.purge_verify import load_purge_certificate, verify_purge
@@ -47,14 +64,16 @@ start = time.perf_counter()
 report = verify_purge(load_purge_certificate(cert), load_forget_set(forget), DeepSpeedRows(),
                       certificate_dir=Path(cert).parent)
 print(json.dumps({"wall_s": time.perf_counter() - start, "ok": report["ok"],
-                  "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+                  "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                  "peak_anon_rss_gb": max(PEAK[0], _anon_kb()) / 2**20}))
 """
-_LOAD_WHOLE = r"""
+_LOAD_WHOLE = _PEAK_ANON + r"""
 import json, resource, sys
 import nulls_dist.audit.purge  # the same imports as the purge process
 from nulls_dist.formats.weights import load_weights
 state = load_weights(sys.argv[1])
-print(json.dumps({"tensors": len(state), "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+print(json.dumps({"tensors": len(state), "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                  "peak_anon_rss_gb": max(PEAK[0], _anon_kb()) / 2**20}))
 """
 
 

@@ -232,6 +232,6 @@ def zero_sink_table_rows(source_dir: str | Path, out_dir: str | Path,
             raise CheckpointError(f"{source_dir / chunk.file}: chunk {chunk.key} saves to {buffer.tell()} bytes "
                                   f"instead of {chunk.length}; cannot edit it in place")
         f.seek(chunk.offset)
-        f.write(buffer.getvalue())
+        f.write(buffer.getbuffer())  # a view: no third copy of the chunk
     layout.write_sink_tables_meta(out_dir, {k: v for k, v in meta.items() if k not in ("format", "files")})
     return zeroed
