@@ -269,14 +269,16 @@ def test_what_purge_cannot_rewrite_is_refused_by_name_then_removed_on_request(ru
     info = runs[1]
     run = copy_run(info["run"], tmp_path / "run")
     (run / "checkpoints" / TAG(1) / "notes.pt").write_bytes(b"anything")
-    tables = run / "checkpoints" / TAG(3) / "sink_tables"
+    tables = run / "checkpoints" / TAG(1) / "sink_tables"  # TorchRec tables in a tag of a dense run
     tables.mkdir()
     (tables / "__0_0.distcp").write_bytes(b"rows")
+    (run / "checkpoints" / TAG(3) / "model.safetensors").unlink()  # a tag purge cannot rewrite at all
     (run / "checkpoints" / "stray.bin").write_bytes(b"weights?")
     before = _files(run)
     code, out, err = _cli(capsys, *_purge_argv(run, info, tmp_path / "c1.json"))
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    for name in ("notes.pt", "sink_tables", "stray.bin", "--remove-unrewritable"):
+    for name in ("notes.pt", "sink_tables/__0_0.distcp", "records no sharded sink tables", "no model.safetensors",
+                 "stray.bin", "--remove-unrewritable"):
         assert name in err, (name, err)
     assert _files(run) == before and not (tmp_path / "c1.json").exists()  # nothing was written
 
@@ -284,9 +286,11 @@ def test_what_purge_cannot_rewrite_is_refused_by_name_then_removed_on_request(ru
     assert json.loads(capsys.readouterr().out)["certificate"] == str(tmp_path / "c2.json")
     cert = json.loads((tmp_path / "c2.json").read_text())
     entries = {Path(a["path"]).name: a for a in cert["artifacts"]}
-    assert entries[TAG(3)]["action"] == "removed" and "sink_tables" in entries[TAG(3)]["reason"]
+    assert entries[TAG(3)]["action"] == "removed" and "model.safetensors" in entries[TAG(3)]["reason"]
     assert not (run / "checkpoints" / TAG(3)).exists() and not (run / "checkpoints" / TAG(1) / "notes.pt").exists()
-    assert any(f["file"] == "notes.pt" and f["action"] == "removed" for f in entries[TAG(1)]["files"])
+    assert not tables.exists() and entries[TAG(1)]["action"] == "rewritten"
+    removed = {f["file"] for f in entries[TAG(1)]["files"] if f["action"] == "removed"}
+    assert removed == {"notes.pt", "sink_tables/__0_0.distcp"}
     assert [r["path"] for r in cert["removed_strays"]] == [str((run / "checkpoints" / "stray.bin").resolve())]
     assert (run / "checkpoints" / "latest").read_text().strip() == TAG(2)  # repointed past the removed tag
     assert cert["latest"][0]["before"] == TAG(3) and cert["latest"][0]["after"] == TAG(2)

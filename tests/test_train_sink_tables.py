@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-from train_helpers import prepare_synthwiki
+from train_helpers import prepare_synthwiki, trained_sources
 
 from nulls_dist.formats import checkpoint as layout
 
@@ -182,18 +182,6 @@ def test_a_signal_checkpoints_the_tables_and_exits_resumable(data_dir, tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------ the tools
-def trained_sources(data_dir: Path, steps: int) -> list[int]:
-    """The sources whose tokens the first `steps` steps trained on (the loader's order is the same on any world
-    size: one rank's view of the 4 streams is the whole step)."""
-    from nulls_dist.data.loader import StreamLayout, build_step_loader
-
-    seen: set[int] = set()
-    for _, step in zip(range(steps), build_step_loader(data_dir, StreamLayout(4, 8, 2), seed=0)):
-        for micro in step:
-            seen |= set(micro["source_ids"][micro["labels"] != -100].tolist())
-    return sorted(seen)
-
-
 @pytest.fixture(scope="module")
 def tools(data_dir, straight, tmp_path_factory):
     """The straight run's manifest, a mask request and a hard request (two sources the run trained on) with their

@@ -52,3 +52,17 @@ def nulls_train(data_dir: Path, run_dir: Path, ranks: int, *overrides: str, chec
     if check:
         assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
+
+
+def trained_sources(data_dir: Path, steps: int, first: int = 0) -> list[int]:
+    """The sources whose tokens steps [first, steps) of a RUN_BASE run (4 streams, 8 samples a step, micro-batches
+    of 2) train on. The loader's order is the same on any world size: one rank's view of the 4 streams is the
+    whole step."""
+    from nulls_dist.data.loader import StreamLayout, build_step_loader
+
+    seen: set[int] = set()
+    for index, step in zip(range(steps), build_step_loader(data_dir, StreamLayout(4, 8, 2), seed=0)):
+        for micro in step:
+            if index >= first:
+                seen |= set(micro["source_ids"][micro["labels"] != -100].tolist())
+    return sorted(seen)

@@ -13,10 +13,12 @@ Artifacts (kinds):
   NullTransformer or litgpt names (`sink_tables.safetensors`, zero_to_fp32's `model*.safetensors`, ...).
 
 Every file of an artifact gets a role: `weights` (our safetensors), `deepspeed` (parsed by
-`train.checkpoint_rows`), `meta`, `no_weights` (JSON states, `latest`, DeepSpeed's scripts) or a *problem*: a file
-purge cannot rewrite (unknown, or a TorchRec `sink_tables/` directory, whose DCP `.metadata` is a pickle that
-torch reads without restriction, so purge never opens it). Problems are reported by name; they are removed only
-when the user asks (`--remove-unrewritable`), never left silently.
+`train.checkpoint_rows`), `sink_tables` (a file of the TorchRec tables' DCP directory `sink_tables/` of a
+sharded-table run, in a tag or a hard-deployed copy: edited by `deploy.sink_tables_dcp`, whose restricted
+unpickler reads DCP's `.metadata`), `meta`, `no_weights` (JSON states, `latest`, DeepSpeed's scripts) or a
+*problem*: a file purge cannot rewrite (unknown; a file of `sink_tables/` its `sink_tables.json` does not list;
+an incomplete `sink_tables/`, or one in a checkpoint whose meta records no sharded tables). Problems are reported
+by name; they are removed only when the user asks (`--remove-unrewritable`), never left silently.
 """
 from __future__ import annotations
 
@@ -39,9 +41,6 @@ EXPORT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 EXPORT_SIDE_SUFFIXES = (".json", ".yaml", ".yml", ".txt", ".md")  # configs and indexes beside exported weights
 # what may hold tensors: any such file outside an artifact is reported (never assumed harmless)
 WEIGHT_SUFFIXES = EXPORT_SUFFIXES + (".ckpt", ".distcp", ".npy", ".npz", ".h5", ".gguf", ".onnx", ".msgpack")
-SINK_TABLES_PROBLEM = ("TorchRec sink tables (DCP): their `.metadata` is a pickle torch reads without "
-                       "restriction, so purge never opens it and cannot rewrite them; the whole tag can only be "
-                       "removed (--remove-unrewritable)")
 
 
 class DeepSpeedFiles(Protocol):
@@ -49,10 +48,12 @@ class DeepSpeedFiles(Protocol):
 
     def owns(self, rel: str) -> bool: ...
 
-    def check(self, directory: Path, rel_files: list[str], model_cfg) -> None: ...
+    def check(self, directory: Path, rel_files: list[str], model_cfg, external_sinks: bool = False) -> None: ...
+
+    def params(self, directory: Path, rel_files: list[str], model_cfg, external_sinks: bool = False) -> list[str]: ...
 
     def nonzero(self, directory: Path, rel_files: list[str], rows: dict[str, np.ndarray],
-                model_cfg) -> dict[str, dict[str, int]]: ...
+                model_cfg, external_sinks: bool = False) -> dict[str, dict[str, int]]: ...
 
     def rewrite(self, directory: Path, rel_files: list[str], rows: dict[str, np.ndarray], model_cfg,
                 out_dir: Path) -> dict[str, dict[str, Any]]: ...
@@ -69,6 +70,12 @@ class Artifact:
 
     def of_role(self, role: str) -> list[str]:
         return sorted(rel for rel, r in self.files.items() if r == role)
+
+    @property
+    def sharded(self) -> bool:
+        """Its sink rows were trained in sharded tables (meta): the weights are streamed, never loaded whole, and
+        DeepSpeed's engine held every weight but the sink rows."""
+        return self.meta is not None and layout.sharded_sink_tables(self.meta) is not None
 
 
 @dataclass
@@ -87,13 +94,39 @@ def rel_files(directory: Path) -> list[str]:
     return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
 
 
+def _classify_sink_tables(art: Artifact, rels: list[str]) -> None:
+    """The files of `<artifact>/sink_tables/`: role `sink_tables` for those its complete `sink_tables.json` lists
+    (and itself), a problem for anything else."""
+    if not art.sharded:
+        art.problems.update({rel: f"a {layout.SINK_TABLES_DIR}/ directory in a checkpoint whose meta records no "
+                                  "sharded sink tables" for rel in rels})
+        return
+    try:
+        listed = set(layout.read_sink_tables_meta(layout.sink_tables_dir(art.path))["files"])
+    except layout.CheckpointError as exc:
+        art.problems.update({rel: f"part of an incomplete sink-table directory ({exc})" for rel in rels})
+        return
+    for rel in rels:
+        name = rel.split("/", 1)[1]
+        if name in listed | {layout.SINK_TABLES_META_NAME}:
+            art.files[rel] = "sink_tables"
+        else:
+            art.problems[rel] = (f"a file of {layout.SINK_TABLES_DIR}/ that its {layout.SINK_TABLES_META_NAME} does "
+                                 "not list; it may hold weights")
+
+
+def _split_sink_tables(rels: list[str]) -> tuple[list[str], list[str]]:
+    """(files of the sink-table directory, the others)."""
+    inside = [rel for rel in rels if rel.split("/")[0] == layout.SINK_TABLES_DIR and "/" in rel]
+    return inside, [rel for rel in rels if rel not in set(inside)]
+
+
 def classify_tag(tag_dir: Path, deepspeed: DeepSpeedFiles) -> Artifact:
     art = Artifact(tag_dir, TRAINING_TAG, layout.read_meta(tag_dir))
-    for rel in rel_files(tag_dir):
-        if rel.split("/")[0] == layout.SINK_TABLES_DIR:
-            art.whole = f"{layout.SINK_TABLES_DIR}/ holds {SINK_TABLES_PROBLEM}"
-            art.problems[rel] = "part of the sink-table directory"
-        elif rel == layout.WEIGHTS_NAME:
+    tables, rels = _split_sink_tables(rel_files(tag_dir))
+    _classify_sink_tables(art, tables)
+    for rel in rels:
+        if rel == layout.WEIGHTS_NAME:
             art.files[rel] = "weights"
         elif rel == layout.META_NAME:
             art.files[rel] = "meta"
@@ -120,7 +153,9 @@ def classify_universal(tag_dir: Path, deepspeed: DeepSpeedFiles) -> Artifact:
 
 def classify_deployed(directory: Path) -> Artifact:
     art = Artifact(directory, DEPLOYED, layout.read_meta(directory))
-    for rel in rel_files(directory):
+    tables, rels = _split_sink_tables(rel_files(directory))
+    _classify_sink_tables(art, tables)  # a hard-deployed copy of a sharded-table tag has them (audit/hard.py)
+    for rel in rels:
         role = {layout.WEIGHTS_NAME: "weights", layout.META_NAME: "meta"}.get(rel)
         if role:
             art.files[rel] = role

@@ -15,11 +15,18 @@ so survivors lose in their Sink-On capacity exactly what they already lose in Si
 - with `remove=True` each artifact is removed instead (`atomic.remove_path`), and `latest` is repointed at the
   newest remaining complete tag (or removed with the last one).
 
-Nothing is written until every artifact has been parsed and every problem (an unknown file, TorchRec sink
-tables, an artifact of another dataset) is known: problems stop the purge, listing each by name, unless
-`remove_unrewritable=True` removes them. The certificate (`nulls-purge-certificate`) lists every artifact and
+A run trained with sharded sink tables (the meta's `sink_tables` record) has a `sink_tables/` DCP directory in
+every tag (and in a hard-deployed copy): it is staged with the forgotten rows and their optimizer state zero
+(`deploy.sink_tables_dcp.zero_sink_table_rows`, through its restricted readers); its `model.safetensors` (the
+whole model) is rewritten streaming, never loaded whole (`formats.weights.copy_zeroing_rows`); its DeepSpeed files
+hold no sink rows (the engine has external sink storage), which is checked by parsing them as that engine's, and
+they are kept with the reason in the certificate.
+
+Nothing is written until every artifact has been parsed and every problem (an unknown file, a file of
+`sink_tables/` its index does not list, an artifact of another dataset) is known: problems stop the purge,
+listing each by name, unless `remove_unrewritable=True` removes them. The certificate (`nulls-purge-certificate`) lists every artifact and
 every file of it with its sha256 before and after, the elements zeroed per role (module weights, fp32 master,
-exp_avg, exp_avg_sq), the forgotten rows, the collateral (a Parquet sidecar as in unlearning certificates) and
+exp_avg, exp_avg_sq; table_rows, table_state for sink-table files), the forgotten rows, the collateral (a Parquet sidecar as in unlearning certificates) and
 its own sha256 (HMAC-signed with a key when given); `purge_verify.verify_purge` re-checks all of it.
 """
 from __future__ import annotations
@@ -39,17 +46,21 @@ from nulls_dist.audit.collateral import forget_sinks, sidecar_path, write_collat
 from nulls_dist.audit.manifest import manifest_digest, read_index
 from nulls_dist.audit.unlearn import sign
 from nulls_dist.config import NullConfig
+from nulls_dist.deploy.checkpoint_io import sink_table_keys
 from nulls_dist.formats import atomic
 from nulls_dist.formats import checkpoint as layout
 from nulls_dist.formats.digests import file_sha256, json_sha256
 from nulls_dist.formats.forget_set import check_belongs_to, load_forget_set
-from nulls_dist.formats.weights import RowReader, WeightsError, load_weights, save_weights, state_dict_digest
+from nulls_dist.deploy.sink_tables_dcp import check_sink_tables, tensor_role, zero_sink_table_rows
+from nulls_dist.formats.weights import (WeightsError, WeightsFile, copy_zeroing_rows, load_weights, save_weights,
+                                        state_dict_digest)
 from nulls_dist.sinks import SinkAssignment
 
 log = logging.getLogger(__name__)
 
 PURGE_CERTIFICATE_FORMAT = "nulls-purge-certificate"
 PURGE_CERTIFICATE_VERSION = 1
+TABLE_ROLES = {"rows": "table_rows", "state": "table_state"}  # a sink-table tensor's role in the certificate
 
 
 def _now() -> str:
@@ -207,12 +218,20 @@ def _rewrite_directory(art: L.Artifact, cfg: NullConfig, union: np.ndarray, forg
     files: dict[str, dict[str, Any]] = {}
     weights_sha: dict[str, str] = {}
     try:
+        if art.of_role("sink_tables"):
+            log.info("purging the sink tables of %s (rows and optimizer state)", art.path)
+            files.update(_rewrite_sink_tables(art, union, staged))
         ds_files = art.of_role("deepspeed")
-        if ds_files:
+        if ds_files and art.sharded:
+            files.update(_keep_sharded_deepspeed(art, cfg, deepspeed))
+        elif ds_files:
             log.info("purging %d DeepSpeed files of %s", len(ds_files), art.path)
             for rel, result in deepspeed.rewrite(art.path, ds_files, L.sink_rows(union), cfg, staged).items():
                 files[rel] = {"zeroed": result["zeroed"], "roles": result["roles"]}
         for rel in art.of_role("weights"):
+            if art.sharded:  # a sharded-table run's whole model: streamed, never loaded whole
+                files[rel] = _rewrite_weights_streamed(art.path / rel, staged / rel, L.sink_rows(union), weights_sha)
+                continue
             state = load_weights(art.path / rel)
             weights_sha["old"] = state_dict_digest(state)
             zeroed = zero_state_rows(state, {k: (0, v) for k, v in L.sink_rows(union).items()})
@@ -233,21 +252,81 @@ def _rewrite_directory(art: L.Artifact, cfg: NullConfig, union: np.ndarray, forg
             meta[layout.PURGE_KEY] = _purge_record(art.meta, forget, weights_sha.get("old"))
             layout.write_meta(staged, meta)
             files[layout.META_NAME] = {"zeroed": {}, "roles": []}
-        after = {rel: (before[rel] if not files[rel]["zeroed"] and rel != layout.META_NAME
-                       else file_sha256(staged / rel)) for rel in files}
+        written = {rel for rel in files if files[rel]["zeroed"] or rel == layout.META_NAME or
+                   art.files.get(rel) == "sink_tables"}  # the sink-table copy is written whole (copied, edited)
+        after = {rel: file_sha256(staged / rel) if rel in written else before[rel] for rel in files}
         atomic.replace_directory(staged, art.path)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
-    entries = [{"file": rel, "old_sha256": before.get(rel), "new_sha256": after[rel],
-                "action": "rewritten" if info["zeroed"] else ("updated" if rel == layout.META_NAME else "kept"),
-                "zeroed": info["zeroed"], "roles": info["roles"]} for rel, info in sorted(files.items())]
+    entries = []
+    for rel, info in sorted(files.items()):
+        changed = rel == layout.META_NAME or after[rel] != before.get(rel)
+        entry = {"file": rel, "old_sha256": before.get(rel), "new_sha256": after[rel],
+                 "action": "rewritten" if info["zeroed"] else ("updated" if changed else "kept"),
+                 "zeroed": info["zeroed"], "roles": info["roles"]}
+        entries.append({**entry, **{k: info[k] for k in ("tensors", "reason") if k in info}})
     entries += [{"file": rel, "old_sha256": before[rel], "new_sha256": None, "action": "removed", "zeroed": {},
                  "roles": [], "reason": art.problems.get(rel, "")} for rel in sorted(drop)]
     out = {"files": entries, "zeroed": _totals(entries)}
     if weights_sha:
         out["weights_state_sha256"] = weights_sha
     return out
+
+
+def _rewrite_sink_tables(art: L.Artifact, union: np.ndarray, staged: Path) -> dict[str, dict[str, Any]]:
+    """The staged copy of the artifact's `sink_tables/` with the forgotten rows zero in every table and every
+    optimizer-state tensor (`deploy.sink_tables_dcp.zero_sink_table_rows`); its certificate lines per file: the
+    elements zeroed per role (`table_rows`, `table_state`) and per tensor the rows and elements."""
+    units = {layer: np.nonzero(union[layer])[0] for layer in range(union.shape[0])}
+    zeroed = zero_sink_table_rows(layout.sink_tables_dir(art.path), layout.sink_tables_dir(staged), units)
+    out = {}
+    for rel in art.of_role("sink_tables"):
+        tensors = zeroed.get(rel.split("/", 1)[1], {})
+        totals: dict[str, int] = {}
+        for key, counts in tensors.items():
+            role = TABLE_ROLES[tensor_role(key)]
+            totals[role] = totals.get(role, 0) + counts["elements"]
+        out[rel] = {"zeroed": totals, "roles": sorted(totals), "tensors": tensors} if tensors else \
+            {"zeroed": {}, "roles": []}
+    return out
+
+
+def _keep_sharded_deepspeed(art: L.Artifact, cfg: NullConfig, deepspeed: L.DeepSpeedFiles) -> dict[str, Any]:
+    """A sharded-table run's DeepSpeed files hold no sink rows (the engine is built with external sink storage):
+    confirmed by parsing every file completely as that engine's (any sink-table element refuses the file by
+    name), then kept as they are."""
+    files = art.of_role("deepspeed")
+    params = deepspeed.params(art.path, files, cfg, external_sinks=True)
+    sinks = sorted(set(params) & {key for layer in range(cfg.n_layer) for key in sink_table_keys(layer)})
+    if sinks:  # the engine's table excludes them, so parsing refused them already; stated for the reader
+        raise ValueError(f"{art.path}: DeepSpeed's files hold the sink tables {sinks[:3]} in a sharded-table run")
+    reason = (f"a sharded-table run's DeepSpeed engine holds no sink rows: every file parsed (restricted "
+              f"unpickler) holds elements of {len(params)} parameters, none a sink table (those are in "
+              f"{layout.SINK_TABLES_DIR}/)")
+    log.info("keeping the %d DeepSpeed files of %s: %s", len(files), art.path, reason)
+    return {rel: {"zeroed": {}, "roles": [], "reason": reason} for rel in files}
+
+
+def _rewrite_weights_streamed(source: Path, target: Path, rows: dict[str, np.ndarray],
+                              weights_sha: dict[str, str]) -> dict[str, Any]:
+    """Our `model.safetensors` of a sharded-table run: the forgotten rows counted through the memory map, the
+    copy written block by block (`formats.weights.copy_zeroing_rows`) only when any was non-zero; both content
+    digests streamed into `weights_sha`."""
+    from safetensors import safe_open
+
+    weights = WeightsFile(source)
+    zeroed = {key: n for key, index in rows.items() if len(index) and
+              (n := int(torch.count_nonzero(weights.rows(key, index))))}
+    weights_sha["old"] = weights.digest()
+    if zeroed:
+        with safe_open(str(source), framework="pt") as f:
+            metadata = f.metadata()
+        copy_zeroing_rows(weights, target, rows, metadata=metadata)
+        weights_sha["new"] = WeightsFile(target).digest()
+    else:
+        weights_sha["new"] = weights_sha["old"]
+    return {"zeroed": {"module": sum(zeroed.values())} if zeroed else {}, "roles": ["module"]}
 
 
 def _rewrite_export(art: L.Artifact, cfg: NullConfig, union: np.ndarray) -> dict[str, Any]:
@@ -280,12 +359,18 @@ def _validate(art: L.Artifact, cfg: NullConfig, union: np.ndarray, deepspeed: L.
             raise ValueError(f"{art.path}: {exc}") from None
         return
     for rel in art.of_role("weights"):
-        keys = RowReader(art.path / rel).names  # parses and checks the header only
-        missing = [k for k in L.sink_rows(union) if k not in keys]
+        weights = WeightsFile(art.path / rel)  # parses and checks the header only
+        missing = [k for k in L.sink_rows(union) if k not in weights]
         if missing:
             raise ValueError(f"{art.path / rel}: lacks the sink tables {missing[:3]} of its model")
+        wrong = [k for k in weights if weights.dtype(k) != torch.float32]
+        if art.sharded and wrong:
+            raise ValueError(f"{art.path / rel}: {wrong[:3]} are not float32; a sharded-table run's weights are "
+                             "rewritten streaming, which keeps float32 (as the trainer writes them) only")
+    if art.of_role("sink_tables"):
+        check_sink_tables(layout.sink_tables_dir(art.path), cfg.n_layer, cfg.n_sink)
     if art.of_role("deepspeed"):
-        deepspeed.check(art.path, art.of_role("deepspeed"), cfg)
+        deepspeed.check(art.path, art.of_role("deepspeed"), cfg, external_sinks=art.sharded)
 
 
 def _repoint_latest(ckpt_dirs: list[Path]) -> list[dict[str, Any]]:

@@ -8,7 +8,11 @@ Checks (each with ok/detail; the verdict is their conjunction):
   (and for the manifest's assignment equal the certificate's `forgotten_rows`);
 - per artifact: removed ones are gone; the others hold exactly the certified files, each with the certified new
   sha256, and every file's forgotten rows are zero: our safetensors, exports, and DeepSpeed's module weights,
-  fp32 masters and Adam moments (re-parsed by `train.checkpoint_rows`, through the restricted unpickler);
+  fp32 masters and Adam moments (re-parsed by `train.checkpoint_rows`, through the restricted unpickler); for a
+  sharded-table run, the forgotten rows of `model.safetensors` (read through the memory map, nothing else), the
+  same rows of every table and optimizer-state tensor of `sink_tables/` (DCP's index through the restricted
+  unpickler, each chunk holding one through torch's weights-only loader), and DeepSpeed's files parsed as the
+  engine of such a run (any sink-table element in them fails the check);
 - the run directory, scanned again: an artifact the certificate does not list (a tag written since, by training
   resumed from a purged checkpoint) must hold the forgotten rows as zeros too;
 - the collateral sidecar (as for unlearning certificates) and, with a manifest, its digest and the collateral
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from nulls_dist.audit import lineage as L
 from nulls_dist.audit.purge import (PURGE_CERTIFICATE_FORMAT, forgotten_union, export_row_map, nonzero_state_rows,
@@ -29,7 +34,9 @@ from nulls_dist.audit.verify import add_check, certified_state, check_collateral
 from nulls_dist.audit.manifest import manifest_digest
 from nulls_dist.deploy.checkpoint_io import model_config_from_meta
 from nulls_dist.formats.digests import file_sha256, json_sha256
-from nulls_dist.formats.weights import load_weights
+from nulls_dist.deploy.sink_tables_dcp import nonzero_sink_table_rows
+from nulls_dist.formats import checkpoint as layout
+from nulls_dist.formats.weights import RowReader, load_weights
 from nulls_dist.sinks import SinkAssignment
 
 
@@ -46,11 +53,21 @@ def _nonzero(art: L.Artifact, cfg, union: np.ndarray, deepspeed: L.DeepSpeedFile
         found = nonzero_state_rows(state, export_row_map(list(state), cfg, union))
         return {art.path.name: found} if found else {}
     for rel in art.of_role("weights"):
-        found = nonzero_state_rows(load_weights(art.path / rel), rows)
+        if art.sharded:  # only the forgotten rows are read, through the memory map
+            reader = RowReader(art.path / rel)
+            found = {key: n for key, (_, index) in rows.items() if len(index) and
+                     (n := int(torch.count_nonzero(reader.rows(key, index))))}
+        else:
+            found = nonzero_state_rows(load_weights(art.path / rel), rows)
         if found:
             out[rel] = found
-    if art.of_role("deepspeed"):
-        out.update(deepspeed.nonzero(art.path, art.of_role("deepspeed"), L.sink_rows(union), cfg))
+    if art.of_role("sink_tables"):
+        units = {layer: np.nonzero(union[layer])[0] for layer in range(union.shape[0])}
+        for name, tensors in nonzero_sink_table_rows(layout.sink_tables_dir(art.path), units).items():
+            out[f"{layout.SINK_TABLES_DIR}/{name}"] = {key: counts["elements"] for key, counts in tensors.items()}
+    if art.of_role("deepspeed"):  # a sharded-table run's engine: any sink-table element refuses the file
+        out.update(deepspeed.nonzero(art.path, art.of_role("deepspeed"), L.sink_rows(union), cfg,
+                                     external_sinks=art.sharded))
     return out
 
 
@@ -87,7 +104,7 @@ def _check_artifact(checks: list[dict], entry: dict[str, Any], ids: list[int], d
         add_check(checks, f"{name}: forgotten rows zero", False, str(exc))
         return
     add_check(checks, f"{name}: forgotten rows zero", not found, f"non-zero: {found}" if found else
-              "module weights, fp32 masters and Adam moments in every file")
+              "module weights, fp32 masters, Adam moments, sink-table rows and their optimizer state in every file")
 
 
 def verify_purge(cert: dict[str, Any], forget: dict[str, Any], deepspeed: L.DeepSpeedFiles,

@@ -66,13 +66,15 @@ class ParamTable:
     groups: list[list[str]]  # names per optimizer parameter group, in order
 
 
-def param_table(model_cfg) -> ParamTable:
-    """Parameter shapes and the trainer's optimizer groups, from a model built on the meta device (no memory)."""
+def param_table(model_cfg, external_sinks: bool = False) -> ParamTable:
+    """Parameter shapes and the trainer's optimizer groups, from a model built on the meta device (no memory).
+    `external_sinks`: the engine of a sharded-table run, built as the trainer builds it (sink_storage="external":
+    every parameter but the sink tables, which live in the TorchRec tables)."""
     from nulls_dist.model import NullTransformer
     from nulls_dist.train.trainer import param_groups
 
     with torch.device("meta"):
-        model = NullTransformer(model_cfg)
+        model = NullTransformer(model_cfg, sink_storage="external" if external_sinks else "dense")
     names = {id(p): n for n, p in model.named_parameters()}
     groups = [[names[id(p)] for p in g["params"]] for g in param_groups(model, 0.0)]
     return ParamTable({n: tuple(p.shape) for n, p in model.named_parameters()}, groups)
@@ -303,6 +305,9 @@ def parse_directory(directory: Path, rel_files: list[str], table: ParamTable) ->
     parsed += parsed_common
     for item in parsed:
         _check_accounted(item, directory)
+        for fragment in item.fragments:  # ZeRO 1-3 name parameters in the file itself
+            _need(fragment.param in table.shapes, directory / item.rel, f"holds elements of {fragment.param!r}, "
+                  "which is not a parameter of the engine the trainer builds for this model")
     return parsed
 
 
@@ -377,14 +382,20 @@ class DeepSpeedRows:
     def owns(self, rel: str) -> bool:
         return is_deepspeed_file(rel)
 
-    def check(self, directory: Path, rel_files: list[str], model_cfg) -> None:
-        """Parse without writing (CheckpointError naming the file for anything unknown)."""
-        parse_directory(directory, rel_files, param_table(model_cfg))
+    def check(self, directory: Path, rel_files: list[str], model_cfg, external_sinks: bool = False) -> None:
+        """Parse without writing (CheckpointError naming the file for anything unknown); `external_sinks`: the
+        engine of a sharded-table run (`param_table`)."""
+        parse_directory(directory, rel_files, param_table(model_cfg, external_sinks))
+
+    def params(self, directory: Path, rel_files: list[str], model_cfg, external_sinks: bool = False) -> list[str]:
+        """The parameters whose elements (module weights, masters, moments) the files hold, parsed completely."""
+        parsed = parse_directory(directory, rel_files, param_table(model_cfg, external_sinks))
+        return sorted({f.param for item in parsed for f in item.fragments if f.numel})
 
     def nonzero(self, directory: Path, rel_files: list[str], rows: dict[str, np.ndarray],
-                model_cfg) -> dict[str, dict[str, int]]:
+                model_cfg, external_sinks: bool = False) -> dict[str, dict[str, int]]:
         """file -> {`role/param`: non-zero elements in the chosen rows}, for files where any are."""
-        table = param_table(model_cfg)
+        table = param_table(model_cfg, external_sinks)
         out = {}
         for item in parse_directory(directory, rel_files, table):
             found = nonzero_rows(item, rows, table)
