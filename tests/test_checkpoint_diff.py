@@ -41,10 +41,11 @@ def pair(tmp_path_factory):
             "before": load_checkpoint(before), "after": load_checkpoint(run)}
 
 
-def _tokenizer(data: Path):
-    from nulls_dist.cli.eval import _tokenizer as tokenizer
+def load_data_tokenizer(data: Path):
+    from nulls_dist.cli.eval import load_data_tokenizer as tokenizer
 
-    return tokenizer(data, None)
+    encode, _, bos = tokenizer(data, None)
+    return encode, bos
 
 
 def _brute_force(pair) -> tuple[float, int]:
@@ -67,7 +68,7 @@ def _brute_force(pair) -> tuple[float, int]:
 
 
 def test_a_purge_diff_is_exactly_the_forgotten_rows_and_names_the_forget_set(pair):
-    encode, bos = _tokenizer(pair["data"])
+    encode, bos = load_data_tokenizer(pair["data"])
     result = compare_checkpoints(pair["before"], pair["after"], pair["manifest"], forget_ids=list(FORGET),
                                  probes=read_jsonl(PROBES), encode=encode, bos_id=bos)
     rows = result["rows"]

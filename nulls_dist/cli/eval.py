@@ -93,7 +93,7 @@ def _manifest_table(manifest_dir) -> dict[int, tuple[str, bool, str]]:
     return out
 
 
-def _tokenizer(data_dir: Path, override: str | None):
+def load_data_tokenizer(data_dir: Path, override: str | None):
     import sentencepiece as spm
 
     doc = read_manifest(data_dir)
@@ -182,7 +182,7 @@ def run(args) -> dict:
     holdout = sorted(s for s, (_, _, split) in table.items() if split == "holdout")[: args.max_holdout]
     probes = read_jsonl(args.probes, "probes file") if args.probes else []
     retained = sorted(trained - set(forget))  # retained at every request: what every stage's oracle trained on
-    encode, decode, bos = _tokenizer(data_dir, args.tokenizer)
+    encode, decode, bos = load_data_tokenizer(data_dir, args.tokenizer)
     successive = [] if args.no_successive else requests[:-1]
     related_all = set(_related(probes, set(forget), trained))
     for st in successive:
