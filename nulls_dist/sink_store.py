@@ -44,6 +44,9 @@ class SinkRowStore(nn.Module):
         self.index: list[np.ndarray] = [np.zeros(0, dtype=np.int64) for _ in range(cfg.n_layer)]  # (n,) sorted
         self._device_index: list[torch.Tensor | None] = [None] * cfg.n_layer
         self.rows_read = 0  # rows copied out of the file so far, summed over layers (each row: gate, up, down)
+        # applied to each part's (n, D) rows as they are read (e.g. the quantization attack's per-row fake
+        # quantization): a row's value depends on that row alone, so reading on demand changes nothing
+        self.row_transform = None
 
     # -------------------------------------------------------------------------------------------- host side
     def ensure(self, table_rows: tuple[torch.Tensor, ...]) -> None:
@@ -63,7 +66,10 @@ class SinkRowStore(nn.Module):
         if missing.min() < 0 or missing.max() >= self.num_pool:
             raise ValueError(f"sink rows must lie in [0, {self.num_pool}) (layer {layer})")
         old = self.values[layer]
-        new = torch.cat([self.reader.rows(sink_table_key(layer, part), missing) for part in SINK_PARTS], dim=1)
+        parts = [self.reader.rows(sink_table_key(layer, part), missing) for part in SINK_PARTS]  # 3 x (n, D)
+        if self.row_transform is not None:
+            parts = [self.row_transform(rows) for rows in parts]
+        new = torch.cat(parts, dim=1)  # (n, 3D)
         index = np.concatenate([self.index[layer], missing])
         order = np.argsort(index, kind="stable")
         merged = torch.cat([old.detach(), new.to(old.device, old.dtype)])[torch.from_numpy(order).to(old.device)]
@@ -71,6 +77,16 @@ class SinkRowStore(nn.Module):
         self.index[layer] = index[order]
         self._device_index[layer] = None
         self.rows_read += int(missing.size)
+
+    def transform_rows(self, transform) -> None:
+        """Apply `transform` ((n, D) -> (n, D), row by row) to every resident row and to every row read later."""
+        with torch.no_grad():
+            for layer in range(self.num_layers):
+                values = self.values[layer]
+                if values.numel():
+                    parts = values.detach().split(self.dim, dim=1)  # gate, up, down: 3 x (n, D)
+                    values.copy_(torch.cat([transform(part) for part in parts], dim=1))
+        self.row_transform = transform
 
     # -------------------------------------------------------------------------------------------- forward
     def gather(self, layer: int, rows: torch.Tensor) -> torch.Tensor:

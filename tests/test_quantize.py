@@ -163,3 +163,32 @@ def test_same_values_as_torchao_for_a_given_scale():
         codes = quant.quantize_affine(w, (1, g), scale, zero, torch.int8, -qmax, qmax)
         ours = quant.dequantize_affine(codes, (1, g), scale, zero, torch.int8, -qmax, qmax, output_dtype=torch.float32)
         assert torch.equal(ours, fake_quantize(w, bits, g))
+
+
+def test_an_external_storage_model_quantizes_every_row_it_reads(tmp_path):
+    """A deployment that reads its sink rows on demand (sharded-table runs, nulls_dist/sink_store.py): the
+    quantized copy equals the whole model quantized, for rows resident before the copy and rows read after it,
+    and the original store keeps full-precision rows."""
+    from nulls_dist.formats.weights import RowReader, save_weights
+    from nulls_dist.sink_store import SinkRowStore
+
+    cfg = NullConfig.from_preset("debug", sink_strategy="uniform", sink_k=6, sink_pool_size=300)
+    torch.manual_seed(0)
+    dense = NullTransformer(cfg)
+    save_weights(tmp_path / "model.safetensors", dense.state_dict())
+    external = NullTransformer(cfg, sink_storage="external")
+    external.load_state_dict({k: v for k, v in dense.state_dict().items() if ".sink_" not in k})
+    external.attach_sink_store(SinkRowStore(cfg, RowReader(tmp_path / "model.safetensors")))
+    external.eval()
+    x = torch.randint(0, cfg.vocab_size, (1, 32), generator=torch.Generator().manual_seed(3))
+    first, later = SinkMode.sink_on(4096 + 1), SinkMode.sink_on(4096 + 7)
+    with torch.no_grad():
+        full = external(x, None, mode=first)  # its rows become resident before the copy
+        for bits, g in ((8, None), (4, 32)):
+            whole, lazy = quantize_model(dense, bits, g), quantize_model(external, bits, g)
+            for mode in (first, later):
+                assert torch.allclose(lazy(x, None, mode=mode), whole(x, None, mode=mode), atol=1e-5, rtol=1e-5)
+        assert torch.equal(external(x, None, mode=first), full)  # the original is untouched
+        assert not torch.allclose(quantize_model(external, 4, 32)(x, None, mode=first), full, atol=1e-3)
+    with pytest.raises(ValueError, match="no sink row store attached"):
+        quantize_model(NullTransformer(cfg, sink_storage="external"), 8)

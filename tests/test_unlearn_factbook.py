@@ -32,7 +32,7 @@ def test_factbook_chain_end_to_end(tmp_path):
     proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "verify certificate_mask.json: ok" in proc.stdout and "verify certificate_hard.json: ok" in proc.stdout
+    assert "verify certificate_mask_1.json: ok" in proc.stdout and "verify certificate_hard.json: ok" in proc.stdout
     forget = [int(s) for s in re.search(r"forget set \(3 articles\): ([0-9,]+)", proc.stdout).group(1).split(",")]
 
     data = work / "data" / "factbook_unlearn"

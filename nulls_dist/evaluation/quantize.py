@@ -42,6 +42,7 @@ embeddings, head), and for GA / NPO the fine-tuning updates.
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 import torch.nn as nn
@@ -109,13 +110,16 @@ def quantize_model(model: nn.Module, bits: int, group_size: int | None = None, e
     in place (module docstring); the norms and the original model are left as they are. Deployment modes,
     routing and forget sets apply to the copy unchanged."""
     _check(bits, group_size)
-    if getattr(model, "external_sinks", False):
-        # its sink rows are a cache of a file (nulls_dist/sink_store.py), filled as plans ask: quantizing the rows
-        # read so far would leave every later one at full precision
-        raise ValueError("quantize_model needs the sink tables inside the model: load the checkpoint whole "
-                         "(NullTransformer(cfg) + load_state_dict), not with external sink storage")
-    out = copy.deepcopy(model)
+    store = getattr(model, "sink_store", None)
+    if getattr(model, "external_sinks", False) and store is None:
+        raise ValueError("quantize_model: this external-storage model has no sink row store attached "
+                         "(attach_sink_store): its sink rows come from the caller and cannot be quantized here")
+    # an external-storage model's sink rows are a cache of a file (nulls_dist/sink_store.py), filled as plans ask:
+    # the copy shares the file reader and quantizes every row, resident or read later, per row as below
+    out = copy.deepcopy(model, {id(store.reader): store.reader} if store is not None else None)
     params = dict(out.named_parameters())
     for name in quantized_parameters(out, embeddings):
         params[name].copy_(fake_quantize(params[name], bits, group_size))
+    if out.sink_store is not None:
+        out.sink_store.transform_rows(functools.partial(fake_quantize, bits=bits, group_size=group_size))
     return out
