@@ -42,9 +42,10 @@ def pair(tmp_path_factory):
 
 
 def _tokenizer(data: Path):
-    from nulls_dist.cli.eval import _tokenizer as tokenizer
+    from nulls_dist.cli.eval import dataset_tokenizer
 
-    return tokenizer(data, None)
+    tokenizer = dataset_tokenizer(data, None)
+    return tokenizer.encode, tokenizer.bos_id
 
 
 def _brute_force(pair) -> tuple[float, int]:
