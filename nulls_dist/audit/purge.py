@@ -280,7 +280,7 @@ def _validate(art: L.Artifact, cfg: NullConfig, union: np.ndarray, deepspeed: L.
             raise ValueError(f"{art.path}: {exc}") from None
         return
     for rel in art.of_role("weights"):
-        keys = RowReader(art.path / rel).keys  # parses and checks the header only
+        keys = RowReader(art.path / rel).names  # parses and checks the header only
         missing = [k for k in L.sink_rows(union) if k not in keys]
         if missing:
             raise ValueError(f"{art.path / rel}: lacks the sink tables {missing[:3]} of its model")

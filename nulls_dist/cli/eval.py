@@ -303,11 +303,14 @@ def run(args) -> dict:
                    for st, res, oracle, model in stage_results]} if successive else None
     sections = []
     if residue:
+        started = time.perf_counter()
         oracle_dep = next(d for d in deployments if d.name == "oracle")
         corpus = CorpusIndex.build([tokens[s] for s in own[args.oracle, tuple(forget)] if s in tokens],
                                    tokenizer.pieces(), tokenizer.special_ids)
-        sections.append(residue_audit.report_section(
-            residue_audit.measure_residue(deployments[1], oracle_dep, orig_dep, data, corpus, cfg.min_k)))
+        corpus_seconds = time.perf_counter() - started
+        res = residue_audit.measure_residue(deployments[1], oracle_dep, orig_dep, data, corpus, cfg.min_k)
+        res["seconds_corpus_index"] = corpus_seconds
+        sections.append(residue_audit.report_section(res))
     if compare:
         started = time.perf_counter()
         log.info("comparing %s with %s", *compare)

@@ -222,7 +222,8 @@ def markdown_body(result: dict[str, Any]) -> str:
     other = sum(rows["other_elements_changed"].values())
     lines = ["**What an attacker holding both learns:** " + _meaning(result), "",
              f"Before `{result['before']['path']}` (sha256 {result['before']['sha256'][:16]}...), after "
-             f"`{result['after']['path']}` ({result['after']['sha256'][:16]}...).", "",
+             f"`{result['after']['path']}` ({result['after']['sha256'][:16]}...)"
+             + (f"; compared in {result['seconds']:.1f} s" if "seconds" in result else "") + ".", "",
              f"- Changed: {rows['changed_total']} of {total} sink rows ({rows['layers']} layers x "
              f"{rows['rows_per_layer']}), {other} elements outside the sink tables; {rows['zero_after_total']} sink "
              "rows are exactly zero after."]

@@ -212,7 +212,7 @@ def _successive_finding(succ: dict | None) -> list[dict]:
 
 
 def _comparison_finding(diff: dict | None) -> list[dict]:
-    if not diff:
+    if not diff or not {"rows", "identification"} <= set(diff):  # another study's section under the same key
         return []
     rows, ident = diff["rows"], diff["identification"]["diff"]
     pair = f"`{diff['before']['path']}` and `{diff['after']['path']}`"
@@ -240,7 +240,7 @@ def _comparison_finding(diff: dict | None) -> list[dict]:
 
 
 def _residue_finding(res: dict | None) -> list[dict]:
-    if not res:
+    if not res or not {"auc", "signal", "families"} <= set(res):  # another study's section under the same key
         return []
     auc_u, auc_o, signal = res["auc"]["model"]["min_k"], res["auc"]["reference"]["min_k"], res["signal"]["min_k"]
     text = (f"Min-K% AUC {auc_u:.2f} on the {res['deployment']} deployment vs {auc_o:.2f} on the {res['reference']}, "

@@ -90,7 +90,9 @@ def markdown_body(res: dict) -> str:
              f"that unlearning removed. Token classes from {res['num_corpus_texts']} retained texts.", "",
              f"AUC forgotten vs holdout: Min-K% {_f(auc_u['min_k'])} ({res['reference']} {_f(auc_o['min_k'])}), "
              f"LOSS {_f(auc_u['loss'])} ({_f(auc_o['loss'])}); signal: Min-K% {_f(res['signal']['min_k'], 3)}, "
-             f"LOSS {_f(res['signal']['loss'], 3)} nats. Measured in {res['seconds']:.1f} s.", ""]
+             f"LOSS {_f(res['signal']['loss'], 3)} nats. Measured in {res['seconds']:.1f} s"
+             + (f" (+ {res['seconds_corpus_index']:.1f} s for the token classes' corpus index)"
+                if "seconds_corpus_index" in res else "") + ".", ""]
     tops = [(f, R.strongest(res, f)) for f in ("name", "word_spread", "input_spread", "mention", "piece")]
     parts = [f"{f}: `{c}` ({_f(r['share']['min_k'])} of the Min-K% signal on {_f(R.token_fraction(res, f, c))} of "
              f"the forgotten tokens)" for f, top in tops if top for c, r in [top]]
