@@ -34,7 +34,7 @@ GAPS_PNG = "residue_token_gaps.png"
 def measure_residue(unlearned, oracle, original, data, corpus: R.CorpusIndex, k: float) -> dict[str, Any]:
     """The attribution (`residue.attribute`) of `data`'s forgotten vs holdout texts, unlearned vs oracle (each a
     `evaluate.Deployment`; `original` may be None: then no sink share), plus one forgotten text token by token
-    and the seconds it took. JSON-ready."""
+    and the seconds it took. JSON-ready (`attribute` returns Python numbers)."""
     started = time.perf_counter()
     members = [s for s in data.forget_ids if s in data.tokens]
     non_members = [s for s in data.holdout_ids if s in data.tokens]
@@ -56,19 +56,8 @@ def measure_residue(unlearned, oracle, original, data, corpus: R.CorpusIndex, k:
                "pieces": [corpus.pieces[int(t)] for t in data.tokens[first.source_id][1:]],
                "gap": np.round(first.lp_model - first.lp_reference, 3).tolist(), "name": first.classes["name"].tolist()}
     num_tokens = int(sum(len(t.lp_model) for t in texts_m))
-    return _json({**attribution, "deployment": unlearned.name, "reference": oracle.name,
-                  "num_member_tokens": num_tokens, "num_corpus_texts": corpus.num_texts, "example": example,
-                  "seconds": time.perf_counter() - started})
-
-
-def _json(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    return value
+    return {**attribution, "deployment": unlearned.name, "reference": oracle.name, "num_member_tokens": num_tokens,
+            "num_corpus_texts": corpus.num_texts, "example": example, "seconds": time.perf_counter() - started}
 
 
 def _f(x, digits: int = 2) -> str:
