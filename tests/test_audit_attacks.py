@@ -231,9 +231,9 @@ def test_full_audit_of_a_memorised_model(world, tmp_path):
 
 
 def _empty_png(path) -> str:
-    from nulls_dist.evaluation.report_plots import _plt, save_png
+    from nulls_dist.evaluation.report_plots import pyplot, save_png
 
-    fig, _ = _plt().subplots()
+    fig, _ = pyplot().subplots()
     return save_png(fig, path)
 
 

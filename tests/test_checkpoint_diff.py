@@ -41,11 +41,11 @@ def pair(tmp_path_factory):
             "before": load_checkpoint(before), "after": load_checkpoint(run)}
 
 
-def load_data_tokenizer(data: Path):
-    from nulls_dist.cli.eval import load_data_tokenizer as tokenizer
+def _tokenizer(data: Path):
+    from nulls_dist.cli.eval import dataset_tokenizer
 
-    encode, _, bos = tokenizer(data, None)
-    return encode, bos
+    tokenizer = dataset_tokenizer(data, None)
+    return tokenizer.encode, tokenizer.bos_id
 
 
 def _brute_force(pair) -> tuple[float, int]:
@@ -68,7 +68,7 @@ def _brute_force(pair) -> tuple[float, int]:
 
 
 def test_a_purge_diff_is_exactly_the_forgotten_rows_and_names_the_forget_set(pair):
-    encode, bos = load_data_tokenizer(pair["data"])
+    encode, bos = _tokenizer(pair["data"])
     result = compare_checkpoints(pair["before"], pair["after"], pair["manifest"], forget_ids=list(FORGET),
                                  probes=read_jsonl(PROBES), encode=encode, bos_id=bos)
     rows = result["rows"]

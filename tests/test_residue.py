@@ -94,6 +94,30 @@ def test_attribution_is_an_exact_decomposition():
     assert report["auc"]["model"]["loss"] > 0.95
 
 
+def _section(report: dict) -> dict:
+    tokens = sum(r["num_tokens_members"] for r in report["families"]["name"].values())
+    return {**report, "deployment": "unlearned", "reference": "oracle", "num_member_tokens": tokens}
+
+
+def test_the_report_finding_follows_the_attribution():
+    from nulls_dist.evaluation.findings import _residue_finding
+
+    rng = np.random.default_rng(0)
+    planted = R.attribute(_texts(rng, 12, 57, gap_on="title"), _texts(rng, 20, 43), k=0.2)
+    title = planted["families"]["name"]["title"]
+    assert R.token_fraction(planted, "name", "title") < R.CONCENTRATED_TOKEN_SHARE < 0.5 < title["share"]["min_k"]
+    assert R.strongest(planted, "name")[0] == "title"
+    (finding,) = _residue_finding(_section(planted))
+    # in _texts the title tokens are also the `own` ones (equal shares): the first family of the rule's order wins
+    assert finding["verdict"] == "concentrated in name `title` tokens"
+    assert f"{title['auc_without']['min_k']:.2f}" in finding["text"]
+    # the deployment below the oracle on the members: no residue to place
+    flat = R.attribute(_texts(rng, 12, 57), _texts(rng, 20, 43, gap_on="title"), k=0.2)
+    assert flat["signal"]["min_k"] < 0
+    (finding,) = _residue_finding(_section(flat))
+    assert finding["verdict"] == "none beyond the oracle's"
+
+
 # ------------------------------------------------------------------------------------------------ real models
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):

@@ -20,6 +20,7 @@ from unlearn_helpers import (  # noqa: E402
     ID_OFFSET, NUM_HOLDOUT, NUM_TRAIN, make_checkpoint_with_manifest, make_ds_checkpoint, write_dataset_manifest,
 )
 
+from nulls_dist.cli.eval import main as eval_main  # noqa: E402
 from nulls_dist.formats.dataset import LOSS_MASK_KEY, SOURCE_IDS_KEY, TOKENS_KEY  # noqa: E402
 from nulls_dist.audit.unlearn import unlearn  # noqa: E402
 from nulls_dist.evaluation.evaluate import PROBE_GROUPS  # noqa: E402
@@ -86,6 +87,9 @@ def setup(tmp_path_factory):
     unlearn(ckpt, root / "manifest", [f"Article {FORGET_2}"], "mask", root / "forget.json", root / "cert2.json")
     make_ds_checkpoint(root / "oracle", zero_stage=0, seed=1,
                        extra_meta={"exclude_sources": [ID_OFFSET + FORGET, f"Article {FORGET_2}"]})
+    # the same forget set once with `hard`: the deployment the two-checkpoint comparison holds against the original
+    unlearn(ckpt, root / "manifest", [f"Article {FORGET}", f"Article {FORGET_2}"], "hard", root / "forget_hard.json",
+            root / "cert_hard.json", root / "hard")
     return root
 
 
@@ -175,3 +179,80 @@ def test_nulls_eval_refuses_a_shard_that_does_not_match_the_manifest(setup, tmp_
 def test_nulls_eval_names_a_missing_checkpoint(setup, tmp_path):
     _one_error_line(_nulls_eval(setup, tmp_path / "eval", setup / "data", tmp_path / "no-such-run"),
                     str(tmp_path / "no-such-run"))
+
+
+# ------------------------------------------------------------------------------------------------ report sections
+LIGHT = ["--embedder", "model", "--baselines", "", "--relearn-steps", "0", "--quantize", "", "--worst-case-groups", "",
+         "--no-successive", "--bootstrap", "50", "--max-retained", "4"]  # the sections only, the rest switched off
+
+
+def _eval_args(root: Path, out: Path, *extra: str) -> list[str]:
+    return ["--checkpoint", str(root / "run"), "--manifest", str(root / "manifest"), "--forget-set",
+            str(root / "forget.json"), "--data", str(root / "data"), "--probes", str(root / "probes.jsonl"), "--out",
+            str(out), *LIGHT, *extra]
+
+
+def test_the_comparison_and_the_residue_land_in_the_report(setup, tmp_path, capsys):
+    root, out = setup, tmp_path / "eval"
+    eval_main(_eval_args(root, out, "--oracle", str(root / "oracle"), "--compare-before", str(root / "run"),
+                         "--compare-after", str(root / "hard")))
+    printed = json.loads(capsys.readouterr().out)
+    doc = json.loads((out / "report.json").read_text())
+    assert set(doc["sections"]) == {"checkpoint_diff", "residue"}
+    forgotten = [ID_OFFSET + FORGET, ID_OFFSET + FORGET_2]
+    # the comparison: the hard deployment differs from the original in exactly the forgotten sinks
+    diff = doc["sections"]["checkpoint_diff"]
+    assert diff["before"]["path"].startswith(str(root / "run")) and diff["after"]["path"] == str(root / "hard")
+    assert diff["rows"]["exact"] is True and diff["rows"]["changed_total"] == diff["rows"]["forgotten_total"] > 0
+    assert diff["identification"]["diff"]["candidates_recall"] == 1.0
+    assert {t["source_id"] for t in diff["identification"]["diff"]["top"] if t["score"] == 1.0} >= set(forgotten)
+    knowledge = diff["knowledge"]
+    assert knowledge["grafted_equals_before"] and knowledge["sink_on_unique_forget"]["before"]["num"] == 2
+    assert knowledge["sink_on_unique_forget"]["after_with_diff_grafted"] == knowledge["sink_on_unique_forget"]["before"]
+    # the residue: the forgotten vs holdout texts of the audit, the same Min-K% AUCs as its membership table
+    res = doc["sections"]["residue"]
+    assert res["num_members"] == 2 and res["num_non_members"] == NUM_HOLDOUT and res["deployment"] == "unlearned"
+    attacks = {n: doc["deployments"][n]["membership"]["attacks"] for n in ("unlearned", "oracle")}
+    assert res["auc"]["model"]["min_k"] == pytest.approx(attacks["unlearned"]["min_k"]["auc"])
+    assert res["auc"]["reference"]["min_k"] == pytest.approx(attacks["oracle"]["min_k"]["auc"])
+    assert res["auc"]["model"]["loss"] == pytest.approx(attacks["unlearned"]["loss"]["auc"])
+    for family, rows in res["families"].items():
+        assert sum(r["num_tokens_members"] for r in rows.values()) == res["num_member_tokens"], family
+        for score in ("loss", "min_k"):
+            assert sum(r["share"][score] for r in rows.values()) == pytest.approx(1.0), (family, score)
+    assert res["num_corpus_texts"] == NUM_TRAIN - 2  # the oracle's training texts: every retained one
+    assert res["example"]["source_id"] == forgotten[0] and len(res["example"]["gap"]) == len(res["example"]["pieces"])
+    md = (out / "report.md").read_text()
+    findings = md[md.index("## What NULLs do and do not remove"):md.index("## Fact probes")]
+    assert "**two checkpoints (before and after): names the forget set and restores the forgotten rows.**" in findings
+    assert f"{diff['identification']['diff']['auc']:.3f}" in findings
+    assert "**where the membership residue lives:" in findings
+    assert "## Two checkpoints: what an attacker holding both learns" in md
+    assert "## Where the membership residue lives" in md and "| name | title |" in md
+    for png in ("checkpoint_diff.png", "residue_classes.png", "residue_token_gaps.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        assert f"({png})" in md and png in printed["files"]["plots"]
+    assert not [p.name for p in out.iterdir() if p.suffix not in (".json", ".md", ".png")]  # no temporaries left
+
+
+def test_the_residue_is_on_with_an_oracle_and_off_on_request(setup, tmp_path):
+    eval_main(_eval_args(setup, tmp_path / "off", "--oracle", str(setup / "oracle"), "--no-residue"))
+    doc = json.loads((tmp_path / "off" / "report.json").read_text())
+    assert "sections" not in doc and not (tmp_path / "off" / "residue_classes.png").exists()
+    assert "## Where the membership residue lives" not in (tmp_path / "off" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("extra, names", [
+    (["--oracle", "ORACLE", "--compare-before", "MISSING", "--compare-after", "RUN"], ["--compare-before", "MISSING"]),
+    (["--oracle", "ORACLE", "--compare-before", "RUN"], ["--compare-after", "missing"]),
+    (["--residue"], ["--residue needs --oracle"]),
+])
+def test_bad_section_arguments_give_one_line(setup, tmp_path, capsys, extra, names):
+    paths = {"ORACLE": str(setup / "oracle"), "RUN": str(setup / "run"), "MISSING": str(tmp_path / "no-such-ckpt")}
+    names = [paths.get(n, n) for n in names]
+    with pytest.raises(SystemExit) as exc:
+        eval_main(_eval_args(setup, tmp_path / "eval", *[paths.get(a, a) for a in extra]))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exc.value.code == 2 and len(lines) == 1 and lines[0].startswith("nulls-eval: error: ")
+    assert all(n in lines[0] for n in names), lines[0]
+    assert not (tmp_path / "eval").exists()

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nulls_dist.evaluation.residue_plots import class_shares_png, token_gaps_png
 from nulls_dist.formats import atomic
-
-FAMILIES_SHOWN = ("name", "word_spread", "input_spread", "mention", "piece")
 
 
 def _save(fig, path: Path) -> str:
@@ -25,27 +24,6 @@ def _aucs(r: dict) -> dict[str, float]:
     plain, cal = r["membership"]["plain"]["min_k"], r["membership"]["reference_calibrated"]["ref_loss"]
     return {"min_k": plain["auc"], "min_k_oracle": plain["auc_retrain"], "cal": cal["auc"],
             "cal_oracle": cal["auc_retrain"]}
-
-
-def _classes(plt, pair: dict, path: Path) -> str:
-    fams = pair["residue"]["families"]
-    fig, axes = plt.subplots(1, len(FAMILIES_SHOWN), figsize=(3.2 * len(FAMILIES_SHOWN), 3.0), sharey=True)
-    for ax, family in zip(axes, FAMILIES_SHOWN):
-        names = list(fams[family])
-        x = np.arange(len(names))
-        for i, (score, colour) in enumerate((("min_k", "tab:red"), ("loss", "tab:blue"))):
-            ax.bar(x + (i - 0.5) * 0.38, [fams[family][c]["share"][score] for c in names], 0.38, color=colour,
-                   label={"min_k": "Min-K% signal", "loss": "LOSS signal"}[score])
-        ax.set_xticks(x, names, rotation=30, fontsize=8)
-        ax.axhline(0, color="grey", lw=0.6)
-        ax.set_title(family, fontsize=9)
-    axes[0].set_ylabel("share of the signal")
-    axes[0].legend(fontsize=7)
-    fig.suptitle("Which tokens carry the membership signal (unlearned vs oracle, forgotten vs holdout)", fontsize=10,
-                 y=1.04)
-    out = _save(fig, path)
-    plt.close(fig)
-    return out
 
 
 def _scan(plt, pairs: dict, path: Path) -> str:
@@ -115,26 +93,10 @@ def _mitigations(plt, pairs: dict, path: Path) -> str:
     return out
 
 
-def _token_gaps(plt, pairs: dict, path: Path) -> str | None:
+def _token_gaps(pairs: dict, path: Path) -> str | None:
     shown = [n for n in ("s500_pgen32", *[n for n, r in pairs.items() if r["group"] == "mitigation"])
              if n in pairs and "example" in pairs[n]] or [n for n in pairs if "example" in pairs[n]][:1]
-    if not shown:
-        return None
-    fig, axes = plt.subplots(len(shown), 1, figsize=(14, 1.9 * len(shown)), sharex=True, squeeze=False)
-    for ax, name in zip(axes[:, 0], shown):
-        ex = pairs[name]["example"]
-        gap = np.asarray(ex["gap"])
-        colours = np.where(np.asarray(ex["name"]) == "title", "tab:red", "tab:grey")
-        ax.bar(np.arange(len(gap)), gap, color=colours)
-        ax.axhline(0, color="black", lw=0.5)
-        ax.set_ylabel(name.replace("s500_pgen32", "unmitigated"), fontsize=8)
-    ex = pairs[shown[0]]["example"]
-    axes[-1, 0].set_xticks(np.arange(len(ex["pieces"])), ex["pieces"], rotation=90, fontsize=6)
-    axes[0, 0].set_title(f"log-prob gap per token (unlearned - oracle, nats) along forgotten article "
-                         f"{ex['source_id']} ({ex['title']}); red: its title's words", fontsize=9)
-    out = _save(fig, path)
-    plt.close(fig)
-    return out
+    return token_gaps_png([(n.replace("s500_pgen32", "unmitigated"), pairs[n]["example"]) for n in shown], path)
 
 
 def write_plots(results: dict, out_dir: Path) -> list[str]:
@@ -146,9 +108,9 @@ def write_plots(results: dict, out_dir: Path) -> list[str]:
     pairs = results["pairs"]
     files = []
     if "s500_pgen32" in pairs:
-        files.append(_classes(plt, pairs["s500_pgen32"], out_dir / "residue_classes.png"))
+        files.append(class_shares_png(pairs["s500_pgen32"]["residue"], out_dir / "residue_classes.png"))
     files.append(_scan(plt, pairs, out_dir / "residue_scan.png"))
     if any(r["group"] == "mitigation" for r in pairs.values()):
         files.append(_mitigations(plt, pairs, out_dir / "mitigations.png"))
-    gaps = _token_gaps(plt, pairs, out_dir / "token_gaps.png")
+    gaps = _token_gaps(pairs, out_dir / "token_gaps.png")
     return files + ([gaps] if gaps else [])

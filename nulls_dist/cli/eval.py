@@ -5,14 +5,21 @@ relearning, and -- when the forget set holds several requests -- every metric af
 
     nulls-eval --checkpoint runs/demo --manifest runs/demo/manifest --forget-set forget.json \
         --oracle runs/oracle --data data/synthwiki --probes data_pipeline/bundled/synthwiki/probes.jsonl \
-        --out runs/eval [--hard deployed/] [--reference runs/reference] [--stage-oracles ORACLE_1 ORACLE_2]
+        --out runs/eval [--hard deployed/] [--reference runs/reference] [--stage-oracles ORACLE_1 ORACLE_2] \
+        [--compare-before runs/demo --compare-after deployed/] [--no-residue]
+
+Extra report sections (`evaluation/report.ReportSection`): the two-checkpoint comparison (`--compare-before` /
+`--compare-after`: what an attacker holding both learns, `evaluation/checkpoint_diff.py`) and the residue
+attribution (`--residue`, on by default with an oracle: which tokens carry the membership signal,
+`evaluation/residue_audit.py`).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-from dataclasses import replace
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +36,10 @@ from nulls_dist.audit.manifest import check_manifest_belongs, iter_manifest, man
 from nulls_dist.deploy.forget import apply_forget_set
 from nulls_dist.evaluation.posthoc import FinetuneConfig
 from nulls_dist.evaluation.relearning import CONDITIONS, RelearnConfig
+from nulls_dist.evaluation import checkpoint_diff, residue_audit
+from nulls_dist.evaluation.checkpoint_diff import compare_checkpoints
 from nulls_dist.evaluation.report import write_report
+from nulls_dist.evaluation.residue import CorpusIndex
 from nulls_dist.evaluation.successive import stage_summary, stages, survivor_capacity
 from nulls_dist.deploy.routing import SourceIndex, make_embedder
 from nulls_dist.evaluation.source_text import read_source_tokens
@@ -79,6 +89,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the membership intervals")
     p.add_argument("--max-retained", type=int, default=32)
     p.add_argument("--max-holdout", type=int, default=256)
+    p.add_argument("--compare-before", default=None, metavar="CKPT",
+                   help="the two-checkpoint comparison (with --compare-after): the checkpoint before unlearning, e.g. "
+                        "the original or a training tag before `nulls-unlearn purge`")
+    p.add_argument("--compare-after", default=None, metavar="CKPT",
+                   help="... and after it, e.g. the hard-unlearned deployment or the purged tag; the report states "
+                        "what an attacker holding both learns (this evaluation's manifest, forget set and probes)")
+    p.add_argument("--residue", action=argparse.BooleanOptionalAction, default=None,
+                   help="the residue attribution: which token classes carry the LOSS / Min-K%% gap between the "
+                        "unlearned deployment and the oracle (default: on when --oracle is given)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 avoids OpenMP spin-waits on a busy small machine)")
     return p
@@ -93,7 +112,26 @@ def _manifest_table(manifest_dir) -> dict[int, tuple[str, bool, str]]:
     return out
 
 
-def load_data_tokenizer(data_dir: Path, override: str | None):
+@dataclass(frozen=True)
+class DatasetTokenizer:
+    """The sentencepiece model a prepared dataset names, with the ids its manifest records."""
+
+    processor: object  # sentencepiece.SentencePieceProcessor
+    bos_id: int | None
+    special_ids: tuple[int, ...]  # bos / eos / pad / unk: pieces that are words of their own
+
+    def encode(self, text: str) -> list[int]:
+        return self.processor.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.processor.decode(ids)
+
+    def pieces(self) -> list[str]:
+        return [self.processor.id_to_piece(i) for i in range(self.processor.get_piece_size())]
+
+
+def dataset_tokenizer(data_dir: Path, override: str | None) -> DatasetTokenizer:
+    """The tokenizer of `data_dir`'s manifest (or `override`); ValueError naming the file when there is none."""
     import sentencepiece as spm
 
     doc = read_manifest(data_dir)
@@ -104,9 +142,11 @@ def load_data_tokenizer(data_dir: Path, override: str | None):
     if not path.is_file():
         raise ValueError(f"tokenizer model not found: {path}")
     sp = spm.SentencePieceProcessor(model_file=str(path))
-    bos = doc.get("special_ids", {}).get("bos", sp.bos_id())
-    return (lambda text: sp.encode(text)), (lambda ids: sp.decode(ids)), \
-        (int(bos) if bos is not None and bos >= 0 else None)
+    recorded = doc.get("special_ids") or {}
+    bos = recorded.get("bos", sp.bos_id())
+    special = {v for v in recorded.values() if isinstance(v, int) and v >= 0}
+    special |= {i for i in (sp.bos_id(), sp.eos_id(), sp.pad_id(), sp.unk_id()) if i >= 0}
+    return DatasetTokenizer(sp, int(bos) if bos is not None and bos >= 0 else None, tuple(sorted(special)))
 
 
 def _related(probes: list[dict], forget: set[int], trained: set[int]) -> list[int]:
@@ -172,6 +212,10 @@ def run(args) -> dict:
         raise ValueError(f"--stage-oracles: give {len(requests) - 1} checkpoint(s), one per request before the last "
                          f"({args.forget_set} holds {len(requests)} requests), or none")
     trained = {s for s, (_, t, _) in table.items() if t}
+    compare = _comparison_paths(args)
+    residue = args.oracle is not None if args.residue is None else args.residue
+    if residue and not args.oracle:
+        raise ValueError("--residue needs --oracle: the residue is the unlearned deployment's gap to the oracle")
     # every oracle / reference must have left the forget set out: checked from the metas before loading weights
     data_sha = _meta(args.checkpoint).get("data_manifest_sha256")
     own = {}
@@ -182,12 +226,15 @@ def run(args) -> dict:
     holdout = sorted(s for s, (_, _, split) in table.items() if split == "holdout")[: args.max_holdout]
     probes = read_jsonl(args.probes, "probes file") if args.probes else []
     retained = sorted(trained - set(forget))  # retained at every request: what every stage's oracle trained on
-    encode, decode, bos = load_data_tokenizer(data_dir, args.tokenizer)
+    tokenizer = dataset_tokenizer(data_dir, args.tokenizer)
+    encode, decode, bos = tokenizer.encode, tokenizer.decode, tokenizer.bos_id
     successive = [] if args.no_successive else requests[:-1]
     related_all = set(_related(probes, set(forget), trained))
     for st in successive:
         related_all |= set(_related(probes, set(st["source_ids"]), trained))
-    tokens = read_source_tokens(data_dir, set(forget) | related_all | set(retained[: args.max_retained]) | set(holdout))
+    # the residue's token classes count the retained texts (the oracle's training set): all of them are read
+    wanted_retained = retained if residue else retained[: args.max_retained]
+    tokens = read_source_tokens(data_dir, set(forget) | related_all | set(wanted_retained) | set(holdout))
     titles = {s: v[0] for s, v in table.items()}
 
     def data_for(ids: list[int]) -> EvalData:
@@ -254,11 +301,45 @@ def run(args) -> dict:
                     "survivor_capacity": survivor_capacity(model, retained, st["source_ids"]),
                     **stage_summary(res), "detail": None if res is result else _stage_detail(res)}
                    for st, res, oracle, model in stage_results]} if successive else None
+    sections = []
+    if residue:
+        started = time.perf_counter()
+        oracle_dep = next(d for d in deployments if d.name == "oracle")
+        corpus = CorpusIndex.build([tokens[s] for s in own[args.oracle, tuple(forget)] if s in tokens],
+                                   tokenizer.pieces(), tokenizer.special_ids)
+        corpus_seconds = time.perf_counter() - started
+        res = residue_audit.measure_residue(deployments[1], oracle_dep, orig_dep, data, corpus, cfg.min_k)
+        res["seconds_corpus_index"] = corpus_seconds
+        sections.append(residue_audit.report_section(res))
+    if compare:
+        started = time.perf_counter()
+        log.info("comparing %s with %s", *compare)
+        diff = compare_checkpoints(load_checkpoint(compare[0]), load_checkpoint(compare[1]), args.manifest,
+                                   forget_ids=forget, probes=probes or None, encode=encode, bos_id=bos)
+        diff["seconds"] = time.perf_counter() - started
+        sections.append(checkpoint_diff.report_section(diff))
     result["embedder"] = embedder.name
     result["checkpoint"] = str(original_ckpt.path)
     result["oracle"] = args.oracle
-    result["files"] = write_report(result, args.out)
+    result["files"] = write_report(result, args.out, sections)
     return result
+
+
+def _comparison_paths(args) -> tuple[str, str] | None:
+    """(before, after) of the two-checkpoint comparison, both given or neither; their metas are read now, so a bad
+    path is reported before any weights are loaded."""
+    given = {"--compare-before": args.compare_before, "--compare-after": args.compare_after}
+    if not any(given.values()):
+        return None
+    missing = [flag for flag, path in given.items() if not path]
+    if missing:
+        raise ValueError(f"{missing[0]} is missing: the two-checkpoint comparison needs --compare-before and "
+                         "--compare-after")
+    for flag, path in given.items():
+        if not Path(path).exists():
+            raise ValueError(f"{flag} {path}: no such checkpoint")
+        _meta(path)
+    return args.compare_before, args.compare_after
 
 
 def _stage_detail(res: dict) -> dict:

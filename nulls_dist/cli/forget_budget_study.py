@@ -41,7 +41,7 @@ import torch
 
 from nulls_dist import forget_budget as budget
 from nulls_dist.cli.errors import report_errors
-from nulls_dist.cli.eval import _manifest_table, load_data_tokenizer
+from nulls_dist.cli.eval import _manifest_table, dataset_tokenizer
 from nulls_dist.deploy.checkpoint_io import build_model, load_checkpoint
 from nulls_dist.deploy.forget import apply_forget_set
 from nulls_dist.deploy.routing import SourceIndex, make_embedder
@@ -203,7 +203,8 @@ class Measurer:
         self.model = build_model(self.ckpt)
         self.table = _manifest_table(run.dir / "manifest")
         self.trained = sorted(s for s, (_, trained, _) in self.table.items() if trained)
-        encode, _, bos = load_data_tokenizer(data_dir, None)
+        tokenizer = dataset_tokenizer(data_dir, None)
+        encode, bos = tokenizer.encode, tokenizer.bos_id
         probes = read_jsonl(next((data_dir / "generated").glob("synthwiki-*/probes.jsonl")), "probes file")
         wanted = set(run.plan["retained_ids"]) | set(run.plan["forget_order"])
         self.data = study.StudyData(probes, read_source_tokens(data_dir, wanted), encode, bos)

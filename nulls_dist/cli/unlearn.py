@@ -158,7 +158,7 @@ def _purge(argv: list[str]) -> None:
 def _diff(argv: list[str]) -> None:
     import torch
 
-    from nulls_dist.cli.eval import load_data_tokenizer
+    from nulls_dist.cli.eval import dataset_tokenizer
     from nulls_dist.evaluation.checkpoint_diff import compare_checkpoints, write_diff
     from nulls_dist.formats.documents import read_jsonl
 
@@ -171,7 +171,8 @@ def _diff(argv: list[str]) -> None:
             raise ValueError("--probes needs --data (the dataset directory: its manifest names the tokenizer and "
                              "the bos id)")
         probes = read_jsonl(args.probes, "probes file")
-        encode, _, bos = load_data_tokenizer(Path(args.data), args.tokenizer)
+        tokenizer = dataset_tokenizer(Path(args.data), args.tokenizer)
+        encode, bos = tokenizer.encode, tokenizer.bos_id
     result = compare_checkpoints(load_checkpoint(args.before), load_checkpoint(args.after), args.manifest,
                                  forget_ids=forget["source_ids"] if forget else None, probes=probes, encode=encode,
                                  bos_id=bos)

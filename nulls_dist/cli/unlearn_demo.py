@@ -9,7 +9,9 @@
    whole forget set once with `hard`, and `nulls-unlearn verify` of the first and last mask certificates (an
    older certificate verifies against the later forget set) and of the hard one;
 4. `nulls-eval`: the full audit (probes, losses, extraction, membership inference, worst-case routing, the
-   quantization attack, relearning, every metric after each request) against the oracle;
+   quantization attack, relearning, every metric after each request) against the oracle, with two extra report
+   sections: the two-checkpoint comparison of the original against its hard-unlearned deployment (what an
+   attacker holding both learns) and the residue attribution (which tokens carry the membership signal);
 and prints the report's "What NULLs do and do not remove" lines and a headline table.
 
 The forget set is chosen after the data is prepared, so that it avoids the holdout: the k-th forgotten article is
@@ -179,7 +181,8 @@ def main(argv: list[str] | None = None) -> None:
                  "--data", str(data_dir), "--probes", str(Path(args.probes).resolve()), "--out", str(work / "eval"),
                  "--baselines", args.baselines, "--threads", "1", "--steps", str(args.eval_steps),
                  "--lr", str(args.eval_lr), "--relearn-steps", str(args.relearn_steps),
-                 "--relearn-lr", str(args.relearn_lr), "--embedder", args.embedder]
+                 "--relearn-lr", str(args.relearn_lr), "--embedder", args.embedder,
+                 "--compare-before", str(original), "--compare-after", str(hard_dir), "--residue"]
     if args.full:
         eval_args += ["--stage-oracles", *map(str, stage_oracles), "--reference", str(reference),
                       "--worst-case-groups", "unique_forget,shared_forget",

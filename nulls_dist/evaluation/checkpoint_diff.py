@@ -15,7 +15,8 @@ What is measured (`compare_checkpoints`):
   the masks), of `after`, and of `after` with the changed rows grafted back from `before`; collateral sources'
   facts in Sink-On of both show what survivors lose.
 
-`markdown_section(result)` renders it for the evaluation report; `write_diff` writes `diff.json`, `diff.md` and
+`report_section(result)` is its section of the evaluation report (`nulls-eval --compare-before/--compare-after`),
+`markdown_section(result)` the markdown with its heading; `write_diff` (`nulls-unlearn diff --out`) writes `diff.json`, `diff.md` and
 `diff.png` (the attackers' score histograms, forgotten sources against the others).
 
 Shapes: L layers, P sink-pool rows per layer, S trained sources, K sinks per source.
@@ -35,6 +36,7 @@ from nulls_dist.audit.manifest import iter_manifest, read_index, sinks_array
 from nulls_dist.deploy.checkpoint_io import LoadedCheckpoint, build_model, sink_table_keys
 from nulls_dist.evaluation import metrics as M
 from nulls_dist.evaluation.membership import auc
+from nulls_dist.evaluation.report import ReportSection
 from nulls_dist.formats import atomic
 from nulls_dist.formats.weights import state_dict_digest
 from nulls_dist.model import SinkMode
@@ -42,6 +44,9 @@ from nulls_dist.model import SinkMode
 MAX_PROBES = 64  # per group: the forward passes dominate the comparison's time on a CPU
 TOP_CANDIDATES = 20
 HISTOGRAM_EDGES = np.linspace(0.0, 1.0, 21)  # the attacker's score (a share of sinks) in 20 bins; 1.0 in the last
+TITLE = "Two checkpoints: what an attacker holding both learns"
+SECTION_KEY = "checkpoint_diff"  # report.json: sections.checkpoint_diff
+SECTION_PNG = "checkpoint_diff.png"
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -206,13 +211,19 @@ def _f(x: Any) -> str:
 
 
 def markdown_section(result: dict[str, Any]) -> str:
-    """The comparison as a markdown section (for the evaluation report and `diff.md`)."""
+    """The comparison as a markdown section with its heading (`diff.md`)."""
+    return f"## {TITLE}\n\n" + markdown_body(result)
+
+
+def markdown_body(result: dict[str, Any]) -> str:
+    """The comparison's markdown under its heading (the evaluation report's section, `diff.md`)."""
     rows = result["rows"]
     total = rows["layers"] * rows["rows_per_layer"]
     other = sum(rows["other_elements_changed"].values())
-    lines = ["## Two checkpoints: what an attacker holding both learns", "",
+    lines = ["**What an attacker holding both learns:** " + _meaning(result), "",
              f"Before `{result['before']['path']}` (sha256 {result['before']['sha256'][:16]}...), after "
-             f"`{result['after']['path']}` ({result['after']['sha256'][:16]}...).", "",
+             f"`{result['after']['path']}` ({result['after']['sha256'][:16]}...)"
+             + (f"; compared in {result['seconds']:.1f} s" if "seconds" in result else "") + ".", "",
              f"- Changed: {rows['changed_total']} of {total} sink rows ({rows['layers']} layers x "
              f"{rows['rows_per_layer']}), {other} elements outside the sink tables; {rows['zero_after_total']} sink "
              "rows are exactly zero after."]
@@ -237,8 +248,7 @@ def markdown_section(result: dict[str, Any]) -> str:
             c = k["sink_on_unique_collateral"].get(name)
             collateral = f"{_f(c['accuracy'])} (n={c['num']})" if c else "-"
             lines.append(f"| {name} | {_f(f['accuracy'])} (n={f['num']}) | {collateral} |")
-    lines += ["", "What it means: " + _meaning(result), ""]
-    return "\n".join(lines)
+    return "\n".join(lines + [""])
 
 
 def _meaning(result: dict[str, Any]) -> str:
@@ -246,7 +256,14 @@ def _meaning(result: dict[str, Any]) -> str:
     if rows["changed_total"] == 0 and not rows["other_elements_changed"]:
         return ("the weights did not change (the mask method): the pair tells nothing the after checkpoint does not, "
                 "and the forgotten rows are still in both -- anyone holding them can re-enable the masks.")
-    text = (f"the diff names the forgotten rows directly; ranking sources by the share of their sinks that changed "
+    if rows.get("exact"):
+        where = f"the diff is exactly the forget set's {rows['forgotten_total']} sink rows"
+    elif "exact" in rows:
+        where = (f"the diff is not exactly the forget set's sink rows ({rows['changed_outside_forgotten']} changed "
+                 f"rows outside them, {rows['forgotten_unchanged']} of them unchanged)")
+    else:
+        where = f"the diff names {rows['changed_total']} changed sink rows"
+    text = (f"{where}; ranking sources by the share of their sinks that changed "
             f"identifies the forget set with AUC {_f(diff.get('auc'))}, and the after checkpoint alone (its zero rows) "
             f"with AUC {_f(result['identification']['after_only'].get('auc'))}. ")
     if "knowledge" in result:
@@ -286,6 +303,13 @@ def plot_scores(result: dict[str, Any], path: str | Path) -> Path:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return Path(path)
+
+
+def report_section(result: dict[str, Any]) -> ReportSection:
+    """The comparison as a section of the evaluation report: `sections.checkpoint_diff` in report.json, the
+    markdown body, and `checkpoint_diff.png` (the attackers' scores) in the report directory."""
+    return ReportSection(SECTION_KEY, TITLE, markdown_body(result) + f"\n![the attacker's scores]({SECTION_PNG})",
+                         result, lambda out_dir: [plot_scores(result, Path(out_dir) / SECTION_PNG).name])
 
 
 def write_diff(result: dict[str, Any], out_dir: str | Path) -> dict[str, str]:

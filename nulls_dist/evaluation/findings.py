@@ -8,13 +8,24 @@ Decision rules (95% intervals throughout):
   oracle's does not);
 - extraction: within one token of the oracle's exact-match length;
 - relearning: "no faster than the oracle" when the deployment needs at least as many steps to reach the
-  threshold as the oracle (or neither reaches it).
+  threshold as the oracle (or neither reaches it);
+- two checkpoints (the report's `checkpoint_diff` section): the pair "names the forget set" when ranking sources
+  by the share of their sinks that changed gives AUC >= `NAMES_AUC`, and "restores the forgotten rows" when
+  grafting the diff back into the after checkpoint gives the before checkpoint's sink tables bit for bit (the
+  text gives the forgotten facts' accuracy before, after and grafted);
+- the residue (the `residue` section): "concentrated" when a token class holding under
+  `residue.CONCENTRATED_TOKEN_SHARE` of the forgotten tokens carries over half of the Min-K% signal;
+  "none beyond the oracle's" when the signal is not positive.
 """
 from __future__ import annotations
 
 import math
 
 from nulls_dist.evaluation import metrics as M
+from nulls_dist.evaluation import residue as R
+
+NAMES_AUC = 0.9
+RESIDUE_FAMILIES = ("name", "word_spread", "token_spread", "input_spread", "mention", "piece", "position")
 
 
 def _ok(x) -> bool:
@@ -200,9 +211,69 @@ def _successive_finding(succ: dict | None) -> list[dict]:
              f"not removed at request(s) {bad}", "text": "; ".join(parts) + "."}]
 
 
+def _comparison_finding(diff: dict | None) -> list[dict]:
+    if not diff or not {"rows", "identification"} <= set(diff):  # another study's section under the same key
+        return []
+    rows, ident = diff["rows"], diff["identification"]["diff"]
+    pair = f"`{diff['before']['path']}` and `{diff['after']['path']}`"
+    if rows["changed_total"] == 0 and not rows["other_elements_changed"]:
+        return [{"topic": "two checkpoints (before and after)", "verdict": "nothing beyond either checkpoint",
+                 "text": f"{pair} hold the same weights (the mask method): the forgotten rows are in both."}]
+    auc = ident.get("auc")
+    names = auc is not None and not math.isnan(auc) and auc >= NAMES_AUC
+    text = (f"an attacker holding {pair} sees {rows['changed_total']} changed sink rows"
+            + (f" ({'exactly' if rows['exact'] else 'not exactly'} the forget set's {rows['forgotten_total']})"
+               if "exact" in rows else "")
+            + (f" and ranks the forget set with AUC {auc:.3f} (precision at |F| "
+               f"{ident['precision_at_num_forgotten']:.2f}); the after checkpoint alone with AUC "
+               f"{diff['identification']['after_only']['auc']:.3f}" if auc is not None else ""))
+    verdict = "names the forget set" if names else "does not name the forget set"
+    k = diff.get("knowledge")
+    if k:
+        acc = {n: v["accuracy"] for n, v in k["sink_on_unique_forget"].items()}
+        text += (f"; grafting the diff back into the after checkpoint answers {acc['after_with_diff_grafted']:.2f} "
+                 f"of the forgotten unique facts Sink-On (before {acc['before']:.2f}, after {acc['after']:.2f})")
+        verdict += (" and restores the forgotten rows" if k["grafted_equals_before"] else
+                    ", does not restore the forgotten rows")
+    return [{"topic": "two checkpoints (before and after)", "verdict": verdict,
+             "text": text + ". Whoever keeps the before checkpoint keeps what was forgotten."}]
+
+
+def _residue_finding(res: dict | None) -> list[dict]:
+    if not res or not {"auc", "signal", "families"} <= set(res):  # another study's section under the same key
+        return []
+    auc_u, auc_o, signal = res["auc"]["model"]["min_k"], res["auc"]["reference"]["min_k"], res["signal"]["min_k"]
+    text = (f"Min-K% AUC {auc_u:.2f} on the {res['deployment']} deployment vs {auc_o:.2f} on the {res['reference']}, "
+            f"signal {signal:+.3f} nats (LOSS {res['signal']['loss']:+.3f})")
+    if not signal > 0:
+        return [{"topic": "where the membership residue lives", "verdict": "none beyond the oracle's",
+                 "text": text + "."}]
+    candidates = []
+    for family in RESIDUE_FAMILIES:
+        for cls, r in res["families"].get(family, {}).items():
+            fraction = R.token_fraction(res, family, cls)
+            if fraction < R.CONCENTRATED_TOKEN_SHARE and r["share"]["min_k"] > 0.5:
+                candidates.append((r["share"]["min_k"], family, cls, fraction, r))
+    tops = [(f, R.strongest(res, f)) for f in ("name", "word_spread", "input_spread")]
+    text += "; largest share per family: " + "; ".join(
+        f"{f} `{c}` {r['share']['min_k']:.2f} of the Min-K% signal on {R.token_fraction(res, f, c):.2f} "
+        f"of the tokens (Min-K AUC without it {r['auc_without']['min_k']:.2f})" for f, top in tops if top
+        for c, r in [top])
+    if candidates:
+        share, family, cls, fraction, r = max(candidates, key=lambda c: c[0])
+        verdict = f"concentrated in {family} `{cls}` tokens"
+        text += (f". {fraction:.0%} of the forgotten tokens ({family} `{cls}`) carry {share:.0%} of it; with the "
+                 f"oracle's log-probs on them the Min-K% AUC is {r['auc_without']['min_k']:.2f}")
+    else:
+        verdict = "spread over the text"
+    return [{"topic": "where the membership residue lives", "verdict": verdict, "text": text + "."}]
+
+
 def findings(result: dict) -> list[dict]:
-    """[{topic, verdict, text}] from an audit result (empty topics are left out)."""
-    deps = result["deployments"]
-    return (_probes_finding(deps) + _weights_finding(deps) + _extraction_finding(deps) + _membership_finding(deps)
+    """[{topic, verdict, text}] from an audit result (empty topics are left out); the report's extra sections
+    (`result["sections"]`: the two-checkpoint comparison, the residue) add theirs."""
+    deps, sections = result["deployments"], result.get("sections") or {}
+    return (_probes_finding(deps) + _weights_finding(deps) + _comparison_finding(sections.get("checkpoint_diff"))
+            + _extraction_finding(deps) + _membership_finding(deps) + _residue_finding(sections.get("residue"))
             + _worst_case_finding(result.get("worst_case")) + _quantization_finding(result.get("quantization"))
             + _relearning_finding(result.get("relearning")) + _successive_finding(result.get("successive")))

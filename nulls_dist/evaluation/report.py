@@ -4,7 +4,10 @@ do and do not remove" from the measured numbers, then one table per attack) and 
 
 Other studies add their own sections without touching this module: `write_report(result, out, sections=[...])`
 with `ReportSection`s (a key under `report.json`'s "sections", a markdown body, optional plots written by the
-section itself with `report_plots.save_png`)."""
+section itself with `report_plots.save_png`). `nulls-eval` adds two: the two-checkpoint comparison
+(`--compare-before/--compare-after`: `checkpoint_diff.report_section`) and the residue attribution (`--residue`,
+on with an oracle: `residue_audit.report_section`); "What NULLs do and do not remove" reads their numbers from
+`result["sections"]` (`findings.py`)."""
 from __future__ import annotations
 
 import math

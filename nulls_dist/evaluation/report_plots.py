@@ -14,7 +14,8 @@ ROC_ATTACKS = ("min_k", "ref_oracle_loss")
 ROC_DEPLOYMENTS = ("original", "unlearned", "oracle", "ga", "npo")
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display; every report figure is a PNG file)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,12 +28,12 @@ def save_png(fig, path: Path) -> str:
     """Write `fig` to `path` atomically and close it; returns the file name (extra report sections use it too)."""
     with atomic.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
-    _plt().close(fig)
+    pyplot().close(fig)
     return path.name
 
 
 def probes_plot(result: dict, out_dir: Path, groups) -> str:
-    plt = _plt()
+    plt = pyplot()
     deps = result["deployments"]
     names = list(deps)
     x = np.arange(len(names))
@@ -57,7 +58,7 @@ def probes_plot(result: dict, out_dir: Path, groups) -> str:
 
 
 def loss_plot(result: dict, out_dir: Path) -> str:
-    plt = _plt()
+    plt = pyplot()
     deps = result["deployments"]
     names = list(deps)
     x = np.arange(len(names))
@@ -77,7 +78,7 @@ def roc_plot(result: dict, out_dir: Path) -> str | None:
     rows = [a for a in ROC_ATTACKS if any(a in deps[n].get("membership", {}).get("attacks", {}) for n in deps)]
     if not rows:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(len(rows), 2, figsize=(10, 4 * len(rows)), squeeze=False)
     for (ax_lin, ax_log), attack in zip(axes, rows):
         floor = None
@@ -108,7 +109,7 @@ def roc_plot(result: dict, out_dir: Path) -> str | None:
 def worst_case_plot(wc: dict | None, out_dir: Path) -> str | None:
     if not wc or not wc["deployments"]:
         return None
-    plt = _plt()
+    plt = pyplot()
     names = list(wc["deployments"])
     groups = wc["groups"]
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 3.5), squeeze=False)
@@ -129,7 +130,7 @@ def worst_case_plot(wc: dict | None, out_dir: Path) -> str | None:
 def quantization_plot(q: dict | None, result: dict, out_dir: Path) -> str | None:
     if not q or not q["deployments"]:
         return None
-    plt = _plt()
+    plt = pyplot()
     base = sorted({n.split("@")[0] for n in q["deployments"]}, key=lambda n: list(result["deployments"]).index(n)
                   if n in result["deployments"] else 99)
     levels = ["fp32"] + [f"int{b}" for b in q["bits"]]
@@ -152,7 +153,7 @@ def relearning_plot(rl: dict | None, out_dir: Path) -> str | None:
     """Recovery on one axis for every deployment: forgotten unique-fact accuracy against fine-tuning steps."""
     if not rl or not rl["conditions"]:
         return None
-    plt = _plt()
+    plt = pyplot()
     conds = list(rl["conditions"])
     fig, axes = plt.subplots(1, len(conds), figsize=(6 * len(conds), 3.8), squeeze=False, sharey=True)
     for ax, cond in zip(axes[0], conds):
@@ -172,7 +173,7 @@ def relearning_plot(rl: dict | None, out_dir: Path) -> str | None:
 def successive_plot(succ: dict | None, out_dir: Path) -> str | None:
     if not succ or not succ["stages"]:
         return None
-    plt = _plt()
+    plt = pyplot()
     stages = succ["stages"]
     x = [s["num_forgotten"] for s in stages]
     panels = (("unique_forget_accuracy", "forgotten unique-fact accuracy"),

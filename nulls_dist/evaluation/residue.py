@@ -39,6 +39,7 @@ Shape legend:  T tokens of a text (T-1 predicted)   V vocabulary
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
@@ -51,6 +52,7 @@ SPACE = "\u2581"  # sentencepiece's word-boundary marker
 SPREAD_EDGES = (1, 4, 32)  # retained texts containing it: 0 own | 1-3 rare | 4-31 medium | >= 32 common
 SPREAD_CLASSES = ("own", "rare", "medium", "common")
 POSITION_EDGES = (16, 64, 128)  # token index buckets: [0,16) [16,64) [64,128) [128, ...)
+CONCENTRATED_TOKEN_SHARE = 0.25  # findings: a class under this share of the tokens with over half the signal
 FAMILIES = ("token_spread", "word_spread", "input_spread", "name", "mention", "piece", "position")
 SENTENCE_END = re.compile(r"[.!?]$")
 
@@ -278,6 +280,19 @@ def attribute(members: Sequence[TextResidue], non_members: Sequence[TextResidue]
             rows[cls] = row
         out["families"][family] = rows
     return out
+
+
+# ------------------------------------------------------------------------------------------------ reading it
+def token_fraction(res: dict, family: str, cls: str) -> float:
+    """The share of the member texts' predicted tokens in a class of an `attribute` result."""
+    rows = res["families"][family]
+    return rows[cls]["num_tokens_members"] / max(1, sum(r["num_tokens_members"] for r in rows.values()))
+
+
+def strongest(res: dict, family: str, score: str = "min_k") -> tuple[str, dict] | None:
+    """The class of `family` (in an `attribute` result) carrying the largest share of `score`'s signal (None when the shares are NaN)."""
+    rows = [(c, r) for c, r in res["families"][family].items() if not math.isnan(r["share"][score])]
+    return max(rows, key=lambda cr: cr[1]["share"][score]) if rows else None
 
 
 def text_residues(model_lps: Mapping[int, np.ndarray], reference_lps: Mapping[int, np.ndarray],
