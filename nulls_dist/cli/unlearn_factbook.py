@@ -32,7 +32,7 @@ from nulls_dist.formats.dataset import REGISTRY_NAME, SPLIT_TRAIN
 DATA_CONFIG = "factbook_unlearn"  # conf/data/: where its output_dir and raw input live, relative to the workdir
 DATA_DIR = Path("data") / "factbook_unlearn"
 # 138 articles (90 trained, 48 held out), 186K characters, 32K training tokens: a 500-step CPU run memorises it
-CORPUS = dict(max_countries=24, max_chars=1500, unique_per_article=6, shared_per_article=2)
+CORPUS = dict(max_countries=24, max_chars=1500, unique_per_article=6, shared_per_article=4)
 
 
 def convert(raw: Path, cfg: reference_corpus.ReferenceCorpusConfig) -> dict:
