@@ -333,7 +333,9 @@ class NullTransformer(nn.Module):
         """Sink-Off on many routes in one batch (`sink_plan.plan_for_routes`): route r's `rows_per_route` rows
         use r's sinks minus those of `forget_ids` and of the forget set in force; a forgotten route is refused."""
         plan = plan_for_routes(route_ids, rows_per_route, row_len, self.cfg, self.sink_assignment,
-                               forgotten=set(self.forgotten) | {int(s) for s in forget_ids})
+                               forgotten=set(self.forgotten) | {int(s) for s in forget_ids}, compact=self.external_sinks)
+        if self.sink_store is not None and plan.compact:
+            self.sink_store.ensure(plan.table_rows)  # read now, on the host: the forward only gathers
         return plan if device is None else plan.to(device)
 
     # ------------------------------------------------------------------ forward

@@ -345,7 +345,7 @@ def plan_for_mode(mode: SinkMode, shape: tuple[int, int], cfg: NullConfig, assig
 
 
 def plan_for_routes(route_ids, rows_per_route: int, row_len: int, cfg: NullConfig, assignment,
-                    block_m: int | None = None, forgotten: Iterable[int] = ()) -> SinkPlan:
+                    block_m: int | None = None, forgotten: Iterable[int] = (), compact: bool = False) -> SinkPlan:
     """Sink-Off on several routes in ONE batch: route r's `rows_per_route` consecutive rows use r's rows minus every
     forgotten source's rows (what `plan_for_mode(SinkMode.sink_off(r, forgotten))` gives each of them alone), for
     a (len(route_ids) * rows_per_route, row_len) batch. One segment per route spans its rows: the MLP is per
@@ -355,7 +355,8 @@ def plan_for_routes(route_ids, rows_per_route: int, row_len: int, cfg: NullConfi
     `forgotten`: the forget set in force (plus the deployment's own); a forgotten route is refused, as in
     `plan_for_mode`. Without a forget set every route is its own Sink-On. `block_m` (default: the segment's
     length rounded up to a power of two in [MIN_BLOCK_M, PLAN_BLOCK_M]): a tile never spans two segments, so
-    64-token tiles over 6-token segments would compute ten times what they keep."""
+    64-token tiles over 6-token segments would compute ten times what they keep. `compact` as in `plan_for_batch`
+    (an external-storage model's plans)."""
     routes = np.asarray(route_ids, dtype=np.int64).reshape(-1)  # (R,)
     if rows_per_route < 1 or row_len < 0:
         raise ValueError(f"rows_per_route must be >= 1 and row_len >= 0, got {rows_per_route}, {row_len}")
@@ -374,7 +375,7 @@ def plan_for_routes(route_ids, rows_per_route: int, row_len: int, cfg: NullConfi
     token_source = np.repeat(seg_source, rows_per_route * row_len)  # (N,)
     rows = _rows(assignment, sources, cfg, np.asarray(forgotten, dtype=np.int64))  # (L', U, K)
     return _as_plan(cfg.sink_path, cfg, shape, offsets, seg_source.astype(np.int64), sources, token_source, rows,
-                    True, block_m, tuple(forgotten))
+                    True, block_m, tuple(forgotten), compact=compact)
 
 
 def active_rows(plan: SinkPlan, layer: int = 0, num_pool: int | None = None) -> set[int]:

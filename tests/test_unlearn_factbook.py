@@ -50,7 +50,7 @@ def test_factbook_chain_end_to_end(tmp_path):
     assert report["num_probes"]["unique_forget"] == unique_of(set(forget)) >= 2 * len(forget)
     assert report["num_probes"]["unique_holdout"] == unique_of(set(holdout)) > 0
     deployments = report["deployments"]
-    assert set(deployments) == {"original", "unlearned", "hard", "oracle"}
+    assert set(deployments) == {"original", "unlearned", "hard", "hard_sinks_on", "oracle"}
     for group in ("unique_forget", "unique_holdout", "unique_retained"):  # hard (zeroed rows) = mask, exactly
         assert deployments["hard"]["probes"][group]["per_probe"] == deployments["unlearned"]["probes"][group]["per_probe"]
     assert deployments["hard"]["loss"] == deployments["unlearned"]["loss"]
