@@ -264,6 +264,15 @@ def test_findings_follow_the_numbers():
     assert kept["unique facts of the forgotten sources"]["verdict"] == "not removed"
     assert "0.90 before -> 0.90 unlearned, oracle 0.20" in kept["unique facts of the forgotten sources"]["text"]
     assert removed["facts the forgotten sources share with surviving ones"]["verdict"] == "kept"
+    # relearning: fewer steps than the oracle is "not removed"; a condition with no text to fine-tune on is not
+    # measured (and never reported as removed)
+    runs = lambda u, o: {"unlearned": {"steps_to_threshold": u}, "oracle": {"steps_to_threshold": o}}  # noqa: E731
+    relearn = {"threshold": 0.5, "level_oracle": 0.1, "level_original": 0.9, "num_probes": 8, "config": {"steps": 64},
+               "attacked_sources": [1, 2], "conditions": {"forget_text": {"deployments": runs(4, None), "num_tokens": 300},
+                                                          "related_text": {"deployments": runs(None, None), "num_tokens": 0}}}
+    topics = {f["topic"]: f for f in findings({**result(unknown), "relearning": relearn})}
+    assert topics["relearning on forget text"]["verdict"] == "not removed"
+    assert topics["relearning on related text"]["verdict"] == "not measured"
 
 
 def test_batched_probe_scores_equal_one_probe_at_a_time(world):

@@ -156,6 +156,10 @@ def _relearning_finding(rl: dict | None) -> list[dict]:
         runs = res["deployments"]
         if "unlearned" not in runs or "oracle" not in runs:
             continue
+        if not res.get("num_tokens"):  # e.g. no retained article is related to the attacked ones
+            out.append({"topic": f"relearning on {cond.replace('_', ' ')}", "verdict": "not measured",
+                        "text": "no text to fine-tune on (0 tokens): nothing was attacked."})
+            continue
         steps = {n: r["steps_to_threshold"] for n, r in runs.items()}
         inf = float("inf")
         su, so = (inf if steps[n] is None else steps[n] for n in ("unlearned", "oracle"))
