@@ -256,3 +256,26 @@ def test_bad_section_arguments_give_one_line(setup, tmp_path, capsys, extra, nam
     assert exc.value.code == 2 and len(lines) == 1 and lines[0].startswith("nulls-eval: error: ")
     assert all(n in lines[0] for n in names), lines[0]
     assert not (tmp_path / "eval").exists()
+
+
+def test_stage_oracles_are_used_per_request_and_counted(setup, tmp_path):
+    """`--stage-oracles` (what `unlearn_demo --full` passes): request i's metrics use oracle i; a wrong count is
+    one line naming the flag and writes nothing."""
+    root = setup
+    base = [sys.executable, "-m", "nulls_dist.cli.eval", "--checkpoint", str(root / "run"), "--manifest",
+            str(root / "manifest"), "--forget-set", str(root / "forget.json"), "--oracle", str(root / "oracle"),
+            "--data", str(root / "data"), "--probes", str(root / "probes.jsonl"), "--embedder", "model",
+            "--baselines", "", "--relearn-steps", "1", "--max-retained", "4", "--bootstrap", "20", "--quantize", "",
+            "--worst-case-groups", "", "--no-residue"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    wrong = subprocess.run([*base, "--out", str(tmp_path / "bad"), "--stage-oracles", str(root / "oracle"),
+                            str(root / "oracle")], capture_output=True, text=True, timeout=300, env=env)
+    assert wrong.returncode == 2 and "--stage-oracles: give 1 checkpoint(s)" in wrong.stderr
+    assert "Traceback" not in wrong.stderr and not (tmp_path / "bad").exists()
+    out = tmp_path / "eval"
+    proc = subprocess.run([*base, "--out", str(out), "--stage-oracles", str(root / "oracle")], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    successive = json.loads((out / "report.json").read_text())["successive"]
+    assert successive["oracle_per_stage"] is True
+    assert [s["oracle_checkpoint"] for s in successive["stages"]] == [str(root / "oracle")] * 2
