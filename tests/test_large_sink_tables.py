@@ -264,8 +264,9 @@ def test_rows_never_read_come_back_nan_and_a_training_store_reads_nothing(lazy_c
     assert copy.deepcopy(model).sink_store.reader is ckpt.state_dict  # copies share the read-only file
     from nulls_dist.evaluation.quantize import quantize_model
 
-    with pytest.raises(ValueError, match="quantize_model needs the sink tables inside the model"):
-        quantize_model(model, 8)  # it would quantize only the rows read so far
+    quantized = quantize_model(model, 8)  # rows read so far and every later one, per row (tests/test_quantize.py)
+    assert quantized.sink_store.reader is ckpt.state_dict and quantized.sink_store.row_transform is not None
+    assert model.sink_store.row_transform is None  # the original keeps full-precision rows
 
 
 def test_fine_tuning_a_lazy_model_trains_its_rows_as_the_dense_model_does(lazy_checkpoint):
