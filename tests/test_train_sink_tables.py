@@ -17,10 +17,8 @@ model with a 2**16-row uniform pool, k = 16, and every downstream tool on the re
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,7 +26,8 @@ import numpy as np
 import pytest
 import torch
 
-from train_helpers import prepare_synthwiki, trained_sources
+from train_helpers import nulls_train_command, prepare_synthwiki, train_env, trained_sources
+from train_helpers import nulls_train as run_nulls_train
 
 from nulls_dist.formats import checkpoint as layout
 
@@ -45,18 +44,11 @@ RTOL = 2e-5  # another world size reorders fp32 sums (tests/test_train_steps.py 
 
 
 def nulls_train(data_dir: Path, run_dir: Path, ranks: int, *overrides: str, wait: bool = True):
-    from nulls_dist.train.distributed import free_port
-
-    args = [*BASE, f"data.output_dir={data_dir}", f"train.run_dir={run_dir}", *overrides]
-    if ranks == 1:
-        cmd = [sys.executable, "-m", "nulls_dist.cli.train", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), "-m", "nulls_dist.cli.train", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if not wait:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
+    """A sharded-table `nulls-train` run (BASE); `wait=False` returns the running process."""
+    if wait:
+        return run_nulls_train(data_dir, run_dir, ranks, *overrides, check=False, base=tuple(BASE))
+    return subprocess.Popen(nulls_train_command(data_dir, run_dir, ranks, overrides, BASE), cwd=REPO, env=train_env(),
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -36,19 +36,27 @@ RUN_BASE = ["experiment=demo", "logging.wandb_mode=disabled", "logging.log_every
             "deepspeed.zero_stage=1", "data_loader.num_streams=4", "deepspeed.global_batch=8"]
 
 
-def nulls_train(data_dir: Path, run_dir: Path, ranks: int, *overrides: str, check: bool = True,
-                base: tuple[str, ...] = tuple(RUN_BASE)) -> subprocess.CompletedProcess:
-    """`nulls-train` on `ranks` processes (torchrun for 2); asserts success unless `check=False`."""
+def nulls_train_command(data_dir: Path, run_dir: Path, ranks: int, overrides, base) -> list[str]:
+    """The `nulls-train` command line on `ranks` processes (torchrun for more than one)."""
     from nulls_dist.train.distributed import free_port
 
     args = [*base, f"data.output_dir={data_dir}", f"train.run_dir={run_dir}", *overrides]
     if ranks == 1:
-        cmd = [sys.executable, "-m", "nulls_dist.cli.train", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), "-m", "nulls_dist.cli.train", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
+        return [sys.executable, "-m", "nulls_dist.cli.train", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
+            "127.0.0.1", "--master_port", str(free_port()), "-m", "nulls_dist.cli.train", *args]
+
+
+def train_env() -> dict:
+    """The environment of a test training run: one OpenMP thread per process."""
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def nulls_train(data_dir: Path, run_dir: Path, ranks: int, *overrides: str, check: bool = True,
+                base: tuple[str, ...] = tuple(RUN_BASE)) -> subprocess.CompletedProcess:
+    """`nulls-train` on `ranks` processes (torchrun for 2); asserts success unless `check=False`."""
+    cmd = nulls_train_command(data_dir, run_dir, ranks, overrides, base)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env=train_env())
     if check:
         assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc

@@ -44,12 +44,12 @@ import torch
 from nulls_dist.audit import lineage as L
 from nulls_dist.audit.collateral import forget_sinks, sidecar_path, write_collateral
 from nulls_dist.audit.manifest import manifest_digest, read_index
-from nulls_dist.audit.unlearn import sign
+from nulls_dist.audit.unlearn import seal
 from nulls_dist.config import NullConfig
 from nulls_dist.deploy.checkpoint_io import sink_table_keys
 from nulls_dist.formats import atomic
 from nulls_dist.formats import checkpoint as layout
-from nulls_dist.formats.digests import file_sha256, json_sha256
+from nulls_dist.formats.digests import file_sha256
 from nulls_dist.formats.forget_set import check_belongs_to, load_forget_set
 from nulls_dist.deploy.sink_tables_dcp import check_sink_tables, tensor_role, zero_sink_table_rows
 from nulls_dist.formats.weights import (WeightsError, WeightsFile, copy_zeroing_rows, load_weights, save_weights,
@@ -511,9 +511,7 @@ def purge(run_dir: str | Path | None, paths: list[str | Path], manifest_dir: str
                            **collateral},
             "artifacts": entries, "removed_strays": removed_strays, "latest": latest, "recovered": recovered,
         }
-        cert["certificate_sha256"] = json_sha256(cert)
-        if signing_key is not None:
-            cert["signature"] = sign(cert, signing_key)
+        seal(cert, signing_key)
         atomic.commit(tmp_sidecar, sidecar)
     finally:
         tmp_sidecar.unlink(missing_ok=True)

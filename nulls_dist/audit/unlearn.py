@@ -223,6 +223,13 @@ def sign(cert: dict[str, Any], key: bytes) -> dict[str, str]:
             "value": hmac.new(key, canonical_json(body), hashlib.sha256).hexdigest()}
 
 
+def seal(cert: dict[str, Any], signing_key: bytes | None) -> None:
+    """Seal a certificate in place: its `certificate_sha256`, then (with a key) its HMAC signature."""
+    cert["certificate_sha256"] = json_sha256(cert)
+    if signing_key is not None:
+        cert["signature"] = sign(cert, signing_key)
+
+
 def read_signing_key(path: str | Path) -> bytes:
     """A signing key file (raw bytes; at least 16). Keep it away from the people whose requests it signs."""
     path = Path(path)
@@ -292,9 +299,7 @@ def unlearn(ckpt: LoadedCheckpoint, manifest_dir: str | Path, requests: list[str
                 output_sha = state_dict_digest(state)
             cert["output_checkpoint"] = {"path": str(output_checkpoint), "sha256": output_sha}
             cert["collateral"]["meaning"] += " (hard: each loses `shared_rows` sink rows of capacity)"
-        cert["certificate_sha256"] = json_sha256(cert)
-        if signing_key is not None:
-            cert["signature"] = sign(cert, signing_key)
+        seal(cert, signing_key)
         # the sidecar, forget set and certificate land only after every check above passed
         atomic.commit(tmp_sidecar, sidecar)
     finally:

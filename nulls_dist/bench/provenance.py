@@ -32,7 +32,9 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+    memory = psutil.virtual_memory()
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(memory.total / 2**30, 1),
+            "available_gb_at_start": round(memory.available / 2**30, 1),
             "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 

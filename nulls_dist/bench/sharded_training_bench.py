@@ -26,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from nulls_dist.bench.sink_table_bench import _commit, _machine, _versions
+from nulls_dist.bench import provenance
+from nulls_dist.bench.sink_table_bench import versions
 
 DIM, LAYERS = 64, 2  # the demo model
 DENSE_OVER_TABLE = 5.0  # weights + gradients + two AdamW moments + the ZeRO fp32 master: 5 table-sized copies
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
         weights = next((Path(tmp) / f"sharded-{largest}" / "checkpoints").glob("step_*/model.safetensors"))
         generation.update(rows=largest, table_rows_in_file=LAYERS * 3 * largest,
                           weights_file_gb=round(weights.stat().st_size / 1e9, 3))
-    report = {"machine": _machine(), "versions": _versions(), **_commit(),
+    report = {"machine": provenance.machine(), "versions": versions(), **provenance.commit(),
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "points": points, "generation": generation}
     print(json.dumps(report, indent=2))

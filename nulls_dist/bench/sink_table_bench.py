@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -29,39 +28,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from nulls_dist.bench import provenance
+
 WORLD = 2
 
 
-def _commit() -> dict:
-    root = Path(__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
-
-
-def _machine() -> dict:
-    import psutil
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            "available_gb_at_start": round(psutil.virtual_memory().available / 2**30, 1)}
-
-
-def _versions() -> dict:
-    from importlib.metadata import version
-
-    return {"python": platform.python_version(), **{name: version(name) for name in
-                                                    ("torch", "torchrec", "fbgemm_gpu_cpu", "numpy")}}
+def versions() -> dict:
+    """The versions the sparse tables depend on."""
+    return provenance.versions("torch", "torchrec", "fbgemm_gpu_cpu", "numpy")
 
 
 # What one rank's process holds besides its tables (torch, TorchRec, the micro-batch): measured 0.4-0.45 GB.
@@ -217,7 +191,8 @@ def main(argv=None) -> dict | None:
         _worker(args)
         return None
     paths = args.paths.split(",")
-    record = {"benchmark": "sink_table_bench", "machine": _machine(), "versions": _versions(), **_commit(),
+    record = {"benchmark": "sink_table_bench", "machine": provenance.machine(), "versions": versions(),
+              **provenance.commit(),
               "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "world_size": WORLD, "backend": "gloo",
               "settings": {k: getattr(args, k) for k in ("dim", "tokens", "segments", "k", "steps", "warmup")},
               "optimizers": {"sparse": "fused exact row-wise Adagrad (looked-up rows only)",
